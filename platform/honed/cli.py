@@ -1,0 +1,108 @@
+"""The `honed` command: one subcommand per stage, each reading one YAML config plus `key=value` overrides.
+
+    honed demo                                    # the whole slice on the embedded default model
+    honed prepare jobs/prepare_icd10.yaml output_dir=runs/data
+    honed train jobs/train_lora.yaml optim.lr=1e-3 --address ray://head:10001
+    ray job submit --working-dir . -- honed train jobs/train_lora.yaml
+
+Local Ray by default; `--address` or `RAY_ADDRESS` points the same command at a cluster. Configs are
+validated before Ray starts: a bad key, type or value exits with status 2 and names what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from honed.config import CONFIGS, ConfigError, dump_config, load_config
+
+COMMANDS = {
+    "prepare": "clean, template, tokenize and split a corpus with Ray Data",
+    "train": "fine-tune with Ray Train (LoRA) from a prepared dataset",
+    "eval": "score base vs base+adapter on the held-out sets",
+    "merge": "merge an adapter into its base and verify the logits",
+    "serve": "serve base + adapters behind an OpenAI-compatible endpoint (Ray Serve)",
+    "demo": "prepare → train → eval → merge → serve on the embedded default model",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="honed", description="Turn a general LLM into a domain specialist on Ray.")
+    subs = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        sub = subs.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("config", nargs="?", help="YAML config (a Serve config file for `serve`)")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="override a config value, e.g. optim.lr=1e-3")
+        sub.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+        sub.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+        if name == "serve":
+            sub.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
+    return top
+
+
+def split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """`honed train optim.lr=1` has no config file: argparse puts the first override in `config`."""
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    path, overrides = split_config_arg(args)
+    try:
+        cfg = load_config(CONFIGS[args.command], path, overrides)
+    except ConfigError as err:
+        print(f"honed {args.command}: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    from honed.runtime import init_ray
+
+    started = time.time()
+    init_ray(args.address)
+    try:
+        run(args.command, cfg, detach=getattr(args, "detach", False))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"honed {args.command}: {err}", file=sys.stderr)
+        return 1
+    print(f"[honed] {args.command} finished in {time.time() - started:.0f}s", flush=True)
+    return 0
+
+
+def run(command: str, cfg, detach: bool = False) -> None:
+    if command == "prepare":
+        from honed.data.pipeline import prepare
+
+        counts = prepare(cfg)["counts"]["total"]
+        print(f"[honed.prepare] {counts} → {cfg.output_dir}", flush=True)
+    elif command == "train":
+        from honed.train.trainer import train
+
+        train(cfg)
+        print(f"[honed.train] adapter → {cfg.output_dir}/adapter", flush=True)
+    elif command == "eval":
+        from honed.eval.evaluate import evaluate
+
+        evaluate(cfg)
+    elif command == "merge":
+        from honed.merge import merge
+        from honed.runtime import run_task
+
+        report = run_task(merge, cfg)
+        print(f"[honed.merge] max |Δlogit| {report['max_abs_logit_diff']:.2e} ≤ {cfg.tolerance:.0e} → "
+              f"{cfg.output_dir}", flush=True)
+    elif command == "serve":
+        from honed.serve.deploy import serve_forever
+
+        serve_forever(cfg, detach)
+    elif command == "demo":
+        from honed.demo import run_demo
+
+        run_demo(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

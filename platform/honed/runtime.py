@@ -1,0 +1,31 @@
+"""Connecting to Ray: local by default, a cluster with `--address` or `RAY_ADDRESS`, and the driver of a
+`ray job submit` attaches to its cluster on its own."""
+
+from __future__ import annotations
+
+import os
+
+
+def init_ray(address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Local runs keep their logs quiet; worker prints (training progress) still reach the driver.
+    ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    _quiet_data_logs()
+
+
+def _quiet_data_logs() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.print_on_execution_start = False
+
+
+def run_task(fn, *args, num_cpus: float = 1, **kwargs):
+    """Run `fn` as a Ray task (on the cluster when connected to one) and wait for its result."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=num_cpus)(fn).remote(*args, **kwargs))

@@ -1,0 +1,235 @@
+"""The Serve app: one OpenAI-compatible endpoint for a base model and its domain adapters.
+
+    serve run serving/demo.yaml            # Ray Serve's own CLI, through `build_app`
+    honed serve serving/demo.yaml adapters.icd10=runs/demo/train/adapter
+
+Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions. The request's `model` picks the
+base (`base_name`) or an adapter; adapters load on demand through `@serve.multiplexed` (LRU per replica)
+and are answered with the system prompt and template they were trained with (their honed.json).
+"""
+
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from honed.config import ServeConfig
+from honed.generation import Completion, generate, render_chat
+from honed.models import load_model, resolve_model, weights_hash
+from honed.train.trainer import read_adapter_meta
+
+
+# ------------------------------------------------------------------------------------------ request types
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str
+
+
+class APIError(Exception):
+    """Answered in the OpenAI error format with this HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+# ---------------------------------------------------------------------------------------------- the model
+class LoadedAdapter:
+    """An adapter resident in the replica's PeftModel; Serve calls __del__ when LRU evicts it."""
+
+    def __init__(self, server, name: str, meta: dict):
+        self.server, self.name, self.meta = server, name, meta
+
+    def __del__(self):
+        if self.server is not None:
+            self.server.unload_adapter(self.name)
+            self.server = None
+
+
+@serve.deployment
+class ModelServer:
+    """Holds the base model once and the adapters on top of it; decodes one request at a time."""
+
+    def __init__(self, cfg: dict, loader: Callable = load_model):
+        import torch
+
+        self.cfg = ServeConfig.model_validate(cfg)
+        torch.set_num_threads(self.cfg.torch_threads)
+        model_path = resolve_model(self.cfg.model.name_or_path)
+        self.model, self.tokenizer = loader(model_path, self.cfg.model.dtype)
+        self.model.eval()
+        self.base_sha256 = weights_hash(model_path)
+        self.context_len = getattr(self.model.config, "max_position_embeddings", 2048)
+        self.peft = None  # becomes a PeftModel when the first adapter loads
+
+        async def load(name: str) -> LoadedAdapter:
+            return self._load_adapter(name)
+
+        # Wrapped here rather than decorated so the LRU size comes from the config.
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.max_adapters_per_replica)(load)
+
+    def _load_adapter(self, name: str) -> LoadedAdapter:
+        path = self.cfg.adapters[name]
+        meta = read_adapter_meta(path)
+        expected = meta.get("base_weights_sha256")
+        if expected and expected != self.base_sha256:
+            raise APIError(400, f"adapter '{name}' was trained on other base weights ({expected[:12]}…) than "
+                                f"the served base ({self.base_sha256[:12]}…)", "model", "base_mismatch")
+        if self.peft is None:
+            from peft import PeftModel
+
+            self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+        else:
+            self.peft.load_adapter(path, adapter_name=name)
+        return LoadedAdapter(self, name, meta)
+
+    def unload_adapter(self, name: str) -> None:
+        if self.peft is not None and name in self.peft.peft_config:
+            self.peft.delete_adapter(name)
+
+    async def complete(self, request: dict) -> dict:
+        """`request`: {"messages" | "prompt", sampling fields}; the multiplexed id names the adapter."""
+        name = serve.get_multiplexed_model_id()
+        system_prompt, model = None, self.model
+        if name != self.cfg.base_name:
+            adapter = await self.get_adapter(name)
+            system_prompt = (adapter.meta.get("template") or {}).get("system_prompt")
+            self.peft.set_adapter(name)
+            model = self.peft
+        prompt = (render_chat(self.tokenizer, request["messages"], system_prompt)
+                  if "messages" in request else request["prompt"])
+        n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        max_tokens = request.get("max_tokens") or min(self.cfg.max_tokens, self.context_len - n_prompt)
+        if n_prompt + max_tokens > self.context_len:
+            raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                                f"length {self.context_len}", "messages", "context_length_exceeded")
+        if self.peft is not None and model is self.model:
+            with self.peft.disable_adapter():
+                return self._decode(self.peft, prompt, max_tokens, request)
+        return self._decode(model, prompt, max_tokens, request)
+
+    def _decode(self, model, prompt: str, max_tokens: int, request: dict) -> dict:
+        (done,) = generate(model, self.tokenizer, [prompt], max_tokens, request.get("temperature", 0.0),
+                           request.get("top_p", 1.0), request.get("stops"), request.get("seed"))
+        return done.__dict__
+
+
+# -------------------------------------------------------------------------------------------- the router
+api = FastAPI(title="honed", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0]
+    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+    return error_response(400, f"invalid request: {param}: {first['msg']}", param, "invalid_request")
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, err: APIError) -> JSONResponse:
+    return error_response(err.status, err.message, err.param, err.code)
+
+
+@serve.deployment
+@serve.ingress(api)
+class OpenAIRouter:
+    """OpenAI routes; checks `model` and limits, then routes to the model replicas by adapter id."""
+
+    def __init__(self, server, cfg: dict):
+        self.server = server
+        self.cfg = ServeConfig.model_validate(cfg)
+
+    def served_names(self) -> list[str]:
+        return [self.cfg.base_name, *self.cfg.adapters]
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        now = int(time.time())
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": now, "owned_by": "honed",
+             "root": self.cfg.model.name_or_path, "parent": None if name == self.cfg.base_name else self.cfg.base_name}
+            for name in self.served_names()]}
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: ChatRequest) -> dict:
+        done = await self._run(body, {"messages": [m.model_dump() for m in body.messages]})
+        return self._response(body, "chat.completion",
+                              {"message": {"role": "assistant", "content": done.text}}, done)
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> dict:
+        done = await self._run(body, {"prompt": body.prompt})
+        return self._response(body, "text_completion", {"text": done.text}, done)
+
+    async def _run(self, body: SamplingFields, payload: dict[str, Any]) -> Completion:
+        if body.model not in self.served_names():
+            raise APIError(404, f"model '{body.model}' does not exist; served models: "
+                                f"{', '.join(self.served_names())}", "model", "model_not_found")
+        if body.stream:
+            raise APIError(400, "stream=true is not supported yet; send stream=false", "stream", "unsupported")
+        if body.max_tokens and body.max_tokens > self.cfg.max_tokens:
+            raise APIError(400, f"max_tokens {body.max_tokens} exceeds this server's limit {self.cfg.max_tokens}",
+                           "max_tokens", "max_tokens_too_large")
+        payload |= {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+                    "stops": body.stops(), "seed": body.seed}
+        result = await self.server.options(multiplexed_model_id=body.model).complete.remote(payload)
+        return Completion(**result)
+
+    @staticmethod
+    def _response(body: SamplingFields, kind: str, choice: dict, done: Completion) -> dict:
+        return {
+            "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": kind, "created": int(time.time()), "model": body.model,
+            "choices": [{"index": 0, **choice, "finish_reason": done.finish_reason, "logprobs": None}],
+            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                      "total_tokens": done.prompt_tokens + done.completion_tokens},
+        }
+
+
+def build_app(args: dict) -> serve.Application:
+    """Serve's `import_path` builder: validates the args as a `ServeConfig` before anything starts."""
+    cfg = ServeConfig.model_validate(args)
+    for name, path in cfg.adapters.items():
+        read_adapter_meta(path)  # a missing or non-adapter dir fails here, not on the first request
+        cfg.adapters[name] = str(Path(path).resolve())
+    cfg_dict = cfg.model_dump()
+    server = ModelServer.options(
+        ray_actor_options={"num_cpus": cfg.num_cpus},
+    ).bind(cfg_dict)
+    return OpenAIRouter.options(ray_actor_options={"num_cpus": 0}).bind(server, cfg_dict)

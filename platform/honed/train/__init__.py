@@ -1,0 +1,1 @@
+"""Ray Train fine-tuning: the per-worker loop and the driver."""

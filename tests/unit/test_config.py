@@ -1,0 +1,123 @@
+"""Configs: defaults validate, overrides win, bad input names the key, value and what is allowed, every
+shipped YAML validates, and the CLI refuses a bad config before any Ray work."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from honed.config import (
+    CONFIGS, ConfigError, DemoConfig, ServeConfig, TrainConfig, apply_override, load_config,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("command", sorted(CONFIGS))
+def test_defaults_validate(command):
+    assert load_config(CONFIGS[command]) is not None
+
+
+def test_overrides_parse_yaml_values_and_win_over_the_file(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("optim:\n  lr: 0.1\n  batch_size: 4\n")
+    cfg = load_config(TrainConfig, path, ["optim.lr=3e-4", "method.lora.target_modules=[q_proj,v_proj]",
+                                          "scaling.use_gpu=true"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.optim.batch_size == 4
+    assert cfg.method.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.scaling.use_gpu is True
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lrr=1", ["optim.lrr", "unknown key", "allowed here: lr,"]),
+    ("optim.lr=fast", ["optim.lr = 'fast'", "valid number"]),
+    ("method.name=qlora", ["method.name = 'qlora'", "'lora'"]),
+    ("method.lora.r=0", ["method.lora.r = 0", "greater than 0"]),
+    ("scaling.num_workers=-1", ["scaling.num_workers = -1", "greater than 0"]),
+    ("optim.schedule=step", ["optim.schedule = 'step'", "'cosine', 'linear' or 'constant'"]),
+])
+def test_bad_values_name_key_value_and_allowed(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, None, [override])
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_nested_unknown_key_lists_that_sections_fields():
+    with pytest.raises(ConfigError, match=r"data.sources.0.chapter: unknown key; allowed here: name, kind"):
+        load_config(DemoConfig, None, ["data.sources=[{name: a, kind: icd10, chapter: ['4']}]"])
+
+
+def test_jsonl_source_needs_a_path():
+    with pytest.raises(ConfigError, match="kind 'jsonl' needs `path`"):
+        load_config(DemoConfig, None, ["data.sources=[{name: a, kind: jsonl}]"])
+
+
+def test_serve_adapter_name_cannot_shadow_the_base():
+    with pytest.raises(ConfigError, match="collides with base_name"):
+        load_config(ServeConfig, None, ["adapters={base: /x}"])
+
+
+@pytest.mark.parametrize("item", ["noequals", "=3", "a..b=1"])
+def test_malformed_override(item):
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        apply_override({}, item)
+
+
+def test_missing_and_non_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(TrainConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(TrainConfig, bad)
+
+
+def shipped_job_configs():
+    return sorted(p for p in (ROOT / "jobs").glob("*.yaml") if p.name != "runtime_env.yaml")
+
+
+def test_runtime_env_ships_the_package():
+    env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
+    assert env["py_modules"] == ["platform/honed"] and (ROOT / env["py_modules"][0] / "__init__.py").is_file()
+    assert ".venv" in env["excludes"]
+
+
+def test_there_are_shipped_configs():
+    assert len(shipped_job_configs()) >= 4
+    assert sorted((ROOT / "serving").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", shipped_job_configs(), ids=lambda p: p.name)
+def test_every_job_config_validates_and_is_headed_by_its_command(path):
+    command = path.stem.split("_")[0]
+    assert command in CONFIGS, f"{path.name}: name must start with one of {sorted(CONFIGS)}"
+    load_config(CONFIGS[command], path)
+    assert f"honed {command} jobs/{path.name}" in path.read_text().split("\n\n")[0]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "serving").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_serve_config_validates(path):
+    spec = yaml.safe_load(path.read_text())
+    for app in spec["applications"]:
+        assert app["import_path"] == "honed.serve.app:build_app"
+        ServeConfig.model_validate(app["args"])
+
+
+def test_cli_rejects_bad_config_before_ray_starts(capsys):
+    import ray
+
+    from honed.cli import main
+
+    assert main(["train", "optim.lr=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr = -1" in err and "greater than 0" in err
+    assert not ray.is_initialized()
+
+
+def test_cli_print_config_roundtrips(capsys):
+    from honed.cli import main
+
+    assert main(["train", "optim.lr=0.5", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["optim"]["lr"] == 0.5
