@@ -18,10 +18,15 @@ def init_ray(address: str | None = None) -> None:
 
 
 def _quiet_data_logs() -> None:
+    import sys
+
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.print_on_execution_start = False
+    # Off a terminal (CI, `ray job submit` logs) Ray Data's progress bars become a line per update;
+    # honed prints its own stage and step progress instead.
+    ctx.enable_progress_bars = sys.stdout.isatty()
 
 
 def run_task(fn, *args, num_cpus: float = 1, **kwargs):

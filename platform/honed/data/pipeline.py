@@ -120,11 +120,13 @@ def prepare(cfg: PrepareConfig) -> dict:
         "val": {s.name: (s.val_fraction if s.val_fraction is not None else cfg.data.val_fraction, s.eval_only)
                 for s in cfg.data.sources},
     }
+    print(f"[honed.prepare] sources {', '.join(s.name for s in cfg.data.sources)} → {out}", flush=True)
     processed = read_rows(cfg).map_batches(
         ExampleProcessor, fn_constructor_kwargs={"model_path": model_path, "cfg": proc_cfg},
         batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
     ).materialize()
 
+    print(f"[honed.prepare] {processed.count()} records parsed, cleaned and tokenized; writing shards", flush=True)
     kept = processed.filter(expr="status == 'kept'")
     train = kept.filter(expr="split == 'train'").select_columns(SHARD_COLUMNS)
     train.random_shuffle(seed=cfg.data.seed).write_parquet(str((out / "shards" / "train").resolve()))

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,7 +59,7 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             step, history = load_state(ckpt_dir, model, optimizer, scheduler)
         if rank == 0:
-            print(f"[honed.train] resumed at step {step}/{total_steps}", flush=True)
+            progress(f"resumed at step {step}/{total_steps}")
 
     pad_id = tokenizer.pad_token_id
     shard = ray.train.get_dataset_shard("train")
@@ -96,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
                                peak_rss_mb=round(peak_rss_mb(), 1))
                 history.append(metrics)
                 if rank == 0:
-                    print("[honed.train] " + format_metrics(metrics, total_steps), flush=True)
+                    progress(format_metrics(metrics, total_steps))
                 report(metrics, history, model, optimizer, scheduler, step, rank, save)
                 window = {"tokens": 0, "loss_tokens": 0, "loss_sum": 0.0, "start": time.perf_counter()}
 
@@ -192,6 +193,12 @@ def window_metrics(window: dict, step: int, epoch: int, lr: float, world: int) -
         # every worker runs the same number of steps on same-sized batches, so tokens scale with world size
         "tokens_per_s": round(window["tokens"] * world / max(elapsed, 1e-9), 1),
     }
+
+
+def progress(message: str) -> None:
+    # Straight to the process's stdout: Ray Train patches `print` to go through its logger *and* the
+    # console, which shows every line twice on the driver.
+    print(f"[honed.train] {message}", file=sys.__stdout__, flush=True)
 
 
 def format_metrics(m: dict, total_steps: int) -> str:
