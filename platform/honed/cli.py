@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from honed.config import CONFIGS, ConfigError, dump_config, load_config
 
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    missing = missing_inputs(args.command, cfg)
+    if missing:
+        print(f"honed {args.command}: {missing}", file=sys.stderr)
+        return 1
     from honed.runtime import init_ray
 
     started = time.time()
@@ -70,6 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"[honed] {args.command} finished in {time.time() - started:.0f}s", flush=True)
     return 0
+
+
+def missing_inputs(command: str, cfg) -> str | None:
+    """The artifact an earlier stage should have written, checked before Ray starts."""
+    dataset = (Path(cfg.data_dir) / "manifest.json", "prepared dataset", "honed prepare") if command in (
+        "train", "eval") else None
+    adapter_dir = getattr(cfg, "adapter", None) if command in ("eval", "merge") else None
+    adapter = (Path(adapter_dir) / "adapter_config.json", "adapter", "honed train") if adapter_dir else None
+    for path, kind, producer in filter(None, (dataset, adapter)):
+        if not path.is_file():
+            return f"no {kind} at {path.parent} ({path.name} not found; `{producer}` writes one)"
+    return None
 
 
 def run(command: str, cfg, detach: bool = False) -> None:

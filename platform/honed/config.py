@@ -145,6 +145,8 @@ class TrainConfig(Section):
     log_every: int = Field(default=10, gt=0)
     checkpoint_every: int = Field(default=50, gt=0)
     keep_checkpoints: int = Field(default=2, gt=0)
+    val_max_examples: int = Field(default=256, gt=0)
+    """Validation rows per source used during training (`honed eval` scores its own sample)."""
     validate_at_checkpoints: bool = False
     """Compute per-source validation loss at every checkpoint (always done at the end)."""
 

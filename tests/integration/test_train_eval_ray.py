@@ -37,3 +37,13 @@ def test_eval_compares_base_and_tuned(trained, prepared, tmp_path):
     assert result["probe_sources"] == ["kjv"] and "icd10" in result["domain_sources"]
     assert len(result["samples"]["tuned"]) == 8
     assert "| loss/icd10 |" in (tmp_path / "eval.md").read_text()
+
+
+def test_training_validation_keeps_every_source_capped(prepared):
+    from honed.train.trainer import validation_dataset
+
+    rows = validation_dataset(Path(prepared["dir"], "shards", "val"), prepared["manifest"], 10).take_all()
+    per_source = {}
+    for row in rows:
+        per_source[row["source"]] = per_source.get(row["source"], 0) + 1
+    assert per_source["icd10"] == 10 and per_source["kjv"] == 10

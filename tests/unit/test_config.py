@@ -117,6 +117,21 @@ def test_cli_rejects_bad_config_before_ray_starts():
     assert proc.stdout.strip() == "no ray"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "data_dir=/no/such/dir"], "no prepared dataset at /no/such/dir (manifest.json not found; `honed prepare` writes one)"),
+    (["merge", "adapter=/no/adapter"], "no adapter at /no/adapter (adapter_config.json not found"),
+])
+def test_cli_refuses_missing_inputs_before_ray_starts(argv, message, capsys):
+    import sys as _sys
+
+    from honed.cli import main
+
+    had_ray = "ray" in _sys.modules
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+    assert ("ray" in _sys.modules) == had_ray
+
+
 def test_cli_print_config_roundtrips(capsys):
     from honed.cli import main
 

@@ -39,7 +39,7 @@ def train(cfg: TrainConfig) -> dict:
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         datasets={"train": ray.data.read_parquet(str(shards / "train")),
-                  "val": ray.data.read_parquet(str(shards / "val"))},
+                  "val": validation_dataset(shards / "val", manifest, cfg.val_max_examples)},
         run_config=RunConfig(name=cfg.name, storage_path=storage_path(cfg),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
@@ -47,6 +47,16 @@ def train(cfg: TrainConfig) -> dict:
           f"({loop_config['steps_per_epoch']} per epoch)", flush=True)
     result = trainer.fit()
     return export_result(result, cfg, manifest, model_path)
+
+
+def validation_dataset(path: Path, manifest: dict, per_source: int):
+    """At most `per_source` rows of each source's validation set, so every source keeps its voice."""
+    import ray.data
+
+    val = ray.data.read_parquet(str(path))
+    sources = [name for name, c in manifest["counts"]["by_source"].items() if c["val"]]
+    parts = [val.filter(expr=f"source == '{name}'").limit(per_source) for name in sources]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def build_loop_config(cfg: TrainConfig, manifest: dict, model_path: str) -> dict:
