@@ -77,3 +77,10 @@ def test_malformed_json_is_400(client):
         urllib.request.urlopen(request, timeout=60)
     assert err.value.code == 400
     assert json.loads(err.value.read())["error"]["type"] == "invalid_request_error"
+
+
+def test_prompt_beyond_the_context_is_400(client):
+    # the tiny model's context is 512 positions; its byte-level BPE spends about one token per character
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="base", prompt="x " * 2000, max_tokens=4)
+    assert err.value.body["code"] == "context_length_exceeded"

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayTaskError
 
 from honed.config import ServeConfig
 from honed.generation import Completion, generate, render_chat
@@ -61,6 +62,9 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+
+    def __reduce__(self):  # raised in a model replica, unpickled in the router
+        return APIError, (self.status, self.message, self.param, self.code)
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -135,6 +139,9 @@ class ModelServer:
         prompt = (render_chat(self.tokenizer, request["messages"], system_prompt)
                   if "messages" in request else request["prompt"])
         n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n_prompt >= self.context_len:
+            raise APIError(400, f"prompt ({n_prompt} tokens) does not fit the context length {self.context_len}",
+                           "messages", "context_length_exceeded")
         max_tokens = request.get("max_tokens") or min(self.cfg.max_tokens, self.context_len - n_prompt)
         if n_prompt + max_tokens > self.context_len:
             raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "
@@ -208,7 +215,12 @@ class OpenAIRouter:
                            "max_tokens", "max_tokens_too_large")
         payload |= {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
                     "stops": body.stops(), "seed": body.seed}
-        result = await self.server.options(multiplexed_model_id=body.model).complete.remote(payload)
+        try:
+            result = await self.server.options(multiplexed_model_id=body.model).complete.remote(payload)
+        except RayTaskError as err:  # a refusal raised in the model replica reaches the client as itself
+            if isinstance(err.cause, APIError):
+                raise err.cause from None
+            raise
         return Completion(**result)
 
     @staticmethod

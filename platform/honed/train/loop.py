@@ -64,7 +64,7 @@ def train_loop_per_worker(config: dict) -> None:
     pad_id = tokenizer.pad_token_id
     shard = ray.train.get_dataset_shard("train")
     steps_per_epoch = config["steps_per_epoch"]
-    window = {"tokens": 0, "loss_tokens": 0, "loss_sum": 0.0, "start": time.perf_counter()}
+    window = new_window()
     ddp_model.train()
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
@@ -99,7 +99,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     progress(format_metrics(metrics, total_steps))
                 report(metrics, history, model, optimizer, scheduler, step, rank, save)
-                window = {"tokens": 0, "loss_tokens": 0, "loss_sum": 0.0, "start": time.perf_counter()}
+                window = new_window()
 
 
 def scored_token_losses(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +183,11 @@ def all_reduce_sums(sums: dict[str, list[float]]) -> dict[str, tuple[float, floa
             acc[0] += loss
             acc[1] += n
     return {k: tuple(v) for k, v in sorted(merged.items())}
+
+
+def new_window() -> dict:
+    """Counters between two reports: throughput and loss are averaged over this window."""
+    return {"tokens": 0, "loss_tokens": 0, "loss_sum": 0.0, "start": time.perf_counter()}
 
 
 def window_metrics(window: dict, step: int, epoch: int, lr: float, world: int) -> dict:
