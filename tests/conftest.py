@@ -3,6 +3,7 @@ integration chain (prepare → train → eval/merge/serve), each built once per 
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,18 @@ def ray_local():
     _quiet_data_logs()
     yield ray
     ray.shutdown()
+
+
+def pick_free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a loopback port nothing listens on right now."""
+    return pick_free_port
 
 
 def write_jsonl(path: Path, lines: list) -> Path:

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,14 +15,8 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def head_node():
+def head_node(free_port):
     """A separate Ray cluster (its own GCS and dashboard ports); `--block` ties its life to this process."""
     gcs, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # Ray's socket paths must stay under 107 bytes

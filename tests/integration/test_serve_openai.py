@@ -2,7 +2,6 @@
 base and a trained adapter, and errors in the OpenAI format."""
 
 import json
-import socket
 import urllib.error
 import urllib.request
 
@@ -10,14 +9,8 @@ import openai
 import pytest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def client(ray_local, trained):
+def client(ray_local, trained, free_port):
     from honed.config import ServeConfig
     from honed.serve import deploy
 
