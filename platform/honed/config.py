@@ -197,6 +197,9 @@ class ServeConfig(Section):
     """Upper bound for a request's `max_tokens`; larger requests are refused with 400."""
     num_cpus: float = Field(default=1.0, gt=0)
     torch_threads: int = Field(default=1, gt=0)
+    api_keys_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Name of an environment variable holding comma-separated API keys (read where the app is built);
+    when set, every request needs `Authorization: Bearer <key>` or gets 401. Keys never enter the config."""
 
     @model_validator(mode="after")
     def _check_names(self) -> "ServeConfig":

@@ -10,15 +10,22 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def client(ray_local, trained, free_port):
+def client(ray_local, trained, free_port, monkeypatch_module):
     from honed.config import ServeConfig
     from honed.serve import deploy
 
+    monkeypatch_module.setenv("HONED_TEST_KEYS", "first-key, second-key")
     cfg = ServeConfig(model=trained["config"].model, adapters={"icd10": trained["adapter"]},
-                      port=free_port(), max_tokens=64)
+                      port=free_port(), max_tokens=64, api_keys_env="HONED_TEST_KEYS")
     url = deploy.start(cfg)
-    yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    yield openai.OpenAI(base_url=url, api_key="second-key", max_retries=0, timeout=120)
     deploy.stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
 
 
 def ask(client, model: str, **kw):
@@ -63,9 +70,27 @@ def test_invalid_fields_are_400(client, kwargs, param):
     assert err.value.body["param"] == param
 
 
+def test_wrong_or_missing_api_key_is_401(client):
+    intruder = client.with_options(api_key="not-a-key")
+    with pytest.raises(openai.AuthenticationError) as err:
+        intruder.models.list()
+    assert err.value.body["code"] == "invalid_api_key"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(str(client.base_url) + "models", timeout=60)
+    assert err.value.code == 401
+
+
+def test_unset_key_variable_is_refused_when_building(trained):
+    from honed.serve.app import build_app
+
+    with pytest.raises(ValueError, match="HONED_NO_SUCH_KEYS.*holds no keys"):
+        build_app({"model": trained["config"].model.model_dump(), "api_keys_env": "HONED_NO_SUCH_KEYS"})
+
+
 def test_malformed_json_is_400(client):
     request = urllib.request.Request(str(client.base_url) + "chat/completions", data=b"{not json",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": "Bearer first-key"})
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=60)
     assert err.value.code == 400

@@ -9,6 +9,9 @@ and are answered with the system prompt and template they were trained with (the
 """
 
 
+import hashlib
+import hmac
+import os
 import time
 import uuid
 from pathlib import Path
@@ -65,6 +68,11 @@ class APIError(Exception):
 
     def __reduce__(self):  # raised in a model replica, unpickled in the router
         return APIError, (self.status, self.message, self.param, self.code)
+
+
+def hash_key(key: str) -> str:
+    # Defined above the deployments: Serve serialises their classes as the module is imported.
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -176,17 +184,28 @@ async def _api_error(request: Request, err: APIError) -> JSONResponse:
 @serve.deployment
 @serve.ingress(api)
 class OpenAIRouter:
-    """OpenAI routes; checks `model` and limits, then routes to the model replicas by adapter id."""
+    """OpenAI routes; checks the API key, `model` and limits, then routes to the model replicas by adapter id."""
 
-    def __init__(self, server, cfg: dict):
+    def __init__(self, server, cfg: dict, key_hashes: list[str] = ()):
         self.server = server
         self.cfg = ServeConfig.model_validate(cfg)
+        self.key_hashes = list(key_hashes)
+
+    def authorize(self, request: Request) -> None:
+        if not self.key_hashes:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        digest = hash_key(key.strip()) if scheme.lower() == "bearer" and key.strip() else ""
+        if not any(hmac.compare_digest(digest, known) for known in self.key_hashes):
+            raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                           None, "invalid_api_key")
 
     def served_names(self) -> list[str]:
         return [self.cfg.base_name, *self.cfg.adapters]
 
     @api.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request) -> dict:
+        self.authorize(request)
         now = int(time.time())
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": now, "owned_by": "honed",
@@ -194,13 +213,15 @@ class OpenAIRouter:
             for name in self.served_names()]}
 
     @api.post("/v1/chat/completions")
-    async def chat(self, body: ChatRequest) -> dict:
+    async def chat(self, body: ChatRequest, request: Request) -> dict:
+        self.authorize(request)
         done = await self._run(body, {"messages": [m.model_dump() for m in body.messages]})
         return self._response(body, "chat.completion",
                               {"message": {"role": "assistant", "content": done.text}}, done)
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest) -> dict:
+    async def completions(self, body: CompletionRequest, request: Request) -> dict:
+        self.authorize(request)
         done = await self._run(body, {"prompt": body.prompt})
         return self._response(body, "text_completion", {"text": done.text}, done)
 
@@ -244,4 +265,16 @@ def build_app(args: dict) -> serve.Application:
     server = ModelServer.options(
         ray_actor_options={"num_cpus": cfg.num_cpus},
     ).bind(cfg_dict)
-    return OpenAIRouter.options(ray_actor_options={"num_cpus": 0}).bind(server, cfg_dict)
+    return OpenAIRouter.options(ray_actor_options={"num_cpus": 0}).bind(server, cfg_dict, api_key_hashes(cfg))
+
+
+def api_key_hashes(cfg: ServeConfig) -> list[str]:
+    """sha256 of each key in `cfg.api_keys_env`: the deployment holds hashes, never the keys."""
+    if not cfg.api_keys_env:
+        return []
+    keys = [k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",") if k.strip()]
+    if not keys:
+        raise ValueError(f"api_keys_env names '{cfg.api_keys_env}', but that environment variable holds no keys "
+                         "(set it to comma-separated keys, or drop api_keys_env to serve without keys)")
+    return [hash_key(k) for k in keys]
+
