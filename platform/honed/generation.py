@@ -30,8 +30,10 @@ def render_chat(tokenizer, messages: list[dict], system_prompt: str | None) -> s
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> list[Completion]:
-    """Batched decoding of already-rendered prompts (left-padded); greedy when temperature is 0."""
+             top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+             streamer=None) -> list[Completion]:
+    """Batched decoding of already-rendered prompts (left-padded); greedy when temperature is 0.
+    A `transformers` streamer, if given, receives the text as it is decoded (batch of one)."""
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     sampling = temperature > 0
@@ -40,7 +42,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     out = model.generate(
         **enc, max_new_tokens=max_new_tokens, do_sample=sampling, temperature=temperature if sampling else None,
         top_p=top_p if sampling else None, top_k=None, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, stop_strings=stop or None, tokenizer=tokenizer if stop else None,
+        streamer=streamer,
     )
     new_tokens = out[:, enc["input_ids"].shape[1]:]
     return [_finish(tokenizer, row, int(mask.sum()), stop or [])

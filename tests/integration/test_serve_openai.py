@@ -48,6 +48,25 @@ def test_base_and_adapter_answer_differently(client):
     assert ask(client, "icd10").choices[0].message.content == tuned.choices[0].message.content  # greedy
 
 
+def test_streaming_chat_gives_the_same_greedy_answer(client):
+    whole = ask(client, "icd10").choices[0].message.content
+    chunks = list(ask(client, "icd10", stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == whole
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
+    assert chunks[-1].usage.completion_tokens > 0 and not chunks[-1].choices
+
+
+def test_streaming_completion_and_refusal_before_the_stream(client):
+    pieces = list(client.completions.create(model="base", prompt="Code E11", max_tokens=5, temperature=0,
+                                            stream=True))
+    assert pieces and all(p.object == "text_completion" for p in pieces)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="base", prompt="x " * 2000, max_tokens=4, stream=True)
+
+
 def test_text_completion_route(client):
     out = client.completions.create(model="icd10", prompt="Code E11", max_tokens=5, temperature=0)
     assert out.object == "text_completion" and out.usage.completion_tokens <= 5

@@ -9,7 +9,10 @@ and are answered with the system prompt and template they were trained with (the
 """
 
 
+import asyncio
+import contextlib
 import hashlib
+import json
 import hmac
 import os
 import time
@@ -19,7 +22,7 @@ from typing import Any, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayTaskError
@@ -45,6 +48,8 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: dict | None = None
+    """`{"include_usage": true}` adds a final chunk with token counts."""
     n: int = Field(default=1, ge=1, le=1)
 
     def stops(self) -> list[str]:
@@ -73,6 +78,11 @@ class APIError(Exception):
 def hash_key(key: str) -> str:
     # Defined above the deployments: Serve serialises their classes as the module is imported.
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def usage_of(done: Completion) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -109,6 +119,7 @@ class ModelServer:
         self.base_sha256 = weights_hash(model_path)
         self.context_len = getattr(self.model.config, "max_position_embeddings", 2048)
         self.peft = None  # becomes a PeftModel when the first adapter loads
+        self.lock = asyncio.Lock()
 
         async def load(name: str) -> LoadedAdapter:
             return self._load_adapter(name)
@@ -137,13 +148,41 @@ class ModelServer:
 
     async def complete(self, request: dict) -> dict:
         """`request`: {"messages" | "prompt", sampling fields}; the multiplexed id names the adapter."""
+        async with self.lock:  # one decode at a time: the active adapter is replica-wide state
+            model, prompt, max_tokens, adapter_scope = await self._prepare(request)
+            with adapter_scope:
+                return self._decode(model, prompt, max_tokens, request).__dict__
+
+    async def stream(self, request: dict):
+        """Like `complete`, as a stream: {"ready"} once checks pass, then {"text"} pieces, then {"done"}: the
+        finished Completion. A refusal (APIError) comes before the first item, so it can still be a 400."""
+        from transformers import TextIteratorStreamer
+
+        async with self.lock:
+            model, prompt, max_tokens, adapter_scope = await self._prepare(request)
+            yield {"ready": True}
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            with adapter_scope:
+                decoding = asyncio.get_running_loop().run_in_executor(
+                    None, lambda: self._decode(model, prompt, max_tokens, request, streamer))
+                while (piece := await asyncio.to_thread(next, streamer, None)) is not None:
+                    if piece:
+                        yield {"text": piece}
+                done = await decoding
+            yield {"done": done.__dict__}
+
+    async def _prepare(self, request: dict):
+        """The model to decode with (base or adapter), the rendered prompt, the token budget and the scope
+        in which the adapter is switched on or off; refuses prompts that do not fit the context."""
         name = serve.get_multiplexed_model_id()
-        system_prompt, model = None, self.model
+        system_prompt, model, scope = None, self.model, contextlib.nullcontext()
         if name != self.cfg.base_name:
             adapter = await self.get_adapter(name)
             system_prompt = (adapter.meta.get("template") or {}).get("system_prompt")
             self.peft.set_adapter(name)
             model = self.peft
+        elif self.peft is not None:  # adapters were injected into the base: decode the base with them off
+            model, scope = self.peft, self.peft.disable_adapter()
         prompt = (render_chat(self.tokenizer, request["messages"], system_prompt)
                   if "messages" in request else request["prompt"])
         n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -154,15 +193,12 @@ class ModelServer:
         if n_prompt + max_tokens > self.context_len:
             raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "
                                 f"length {self.context_len}", "messages", "context_length_exceeded")
-        if self.peft is not None and model is self.model:
-            with self.peft.disable_adapter():
-                return self._decode(self.peft, prompt, max_tokens, request)
-        return self._decode(model, prompt, max_tokens, request)
+        return model, prompt, max_tokens, scope
 
-    def _decode(self, model, prompt: str, max_tokens: int, request: dict) -> dict:
+    def _decode(self, model, prompt: str, max_tokens: int, request: dict, streamer=None) -> Completion:
         (done,) = generate(model, self.tokenizer, [prompt], max_tokens, request.get("temperature", 0.0),
-                           request.get("top_p", 1.0), request.get("stops"), request.get("seed"))
-        return done.__dict__
+                           request.get("top_p", 1.0), request.get("stops"), request.get("seed"), streamer)
+        return done
 
 
 # -------------------------------------------------------------------------------------------- the router
@@ -213,45 +249,83 @@ class OpenAIRouter:
             for name in self.served_names()]}
 
     @api.post("/v1/chat/completions")
-    async def chat(self, body: ChatRequest, request: Request) -> dict:
+    async def chat(self, body: ChatRequest, request: Request):
         self.authorize(request)
-        done = await self._run(body, {"messages": [m.model_dump() for m in body.messages]})
-        return self._response(body, "chat.completion",
-                              {"message": {"role": "assistant", "content": done.text}}, done)
+        payload = self._payload(body, {"messages": [m.model_dump() for m in body.messages]})
+        if body.stream:
+            return await self._stream(body, payload, "chat.completion.chunk")
+        done = await self._call(self.server.options(multiplexed_model_id=body.model).complete.remote(payload))
+        return self._response(body, "chat.completion", Completion(**done))
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request) -> dict:
+    async def completions(self, body: CompletionRequest, request: Request):
         self.authorize(request)
-        done = await self._run(body, {"prompt": body.prompt})
-        return self._response(body, "text_completion", {"text": done.text}, done)
+        payload = self._payload(body, {"prompt": body.prompt})
+        if body.stream:
+            return await self._stream(body, payload, "text_completion")
+        done = await self._call(self.server.options(multiplexed_model_id=body.model).complete.remote(payload))
+        return self._response(body, "text_completion", Completion(**done))
 
-    async def _run(self, body: SamplingFields, payload: dict[str, Any]) -> Completion:
+    def _payload(self, body: SamplingFields, prompt: dict[str, Any]) -> dict[str, Any]:
         if body.model not in self.served_names():
             raise APIError(404, f"model '{body.model}' does not exist; served models: "
                                 f"{', '.join(self.served_names())}", "model", "model_not_found")
-        if body.stream:
-            raise APIError(400, "stream=true is not supported yet; send stream=false", "stream", "unsupported")
         if body.max_tokens and body.max_tokens > self.cfg.max_tokens:
             raise APIError(400, f"max_tokens {body.max_tokens} exceeds this server's limit {self.cfg.max_tokens}",
                            "max_tokens", "max_tokens_too_large")
-        payload |= {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-                    "stops": body.stops(), "seed": body.seed}
+        return prompt | {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+                         "stops": body.stops(), "seed": body.seed}
+
+    @staticmethod
+    async def _call(pending) -> Any:
+        """Await a replica's answer; a refusal raised in the model replica reaches the client as itself."""
         try:
-            result = await self.server.options(multiplexed_model_id=body.model).complete.remote(payload)
-        except RayTaskError as err:  # a refusal raised in the model replica reaches the client as itself
+            result = await pending
+        except RayTaskError as err:
             if isinstance(err.cause, APIError):
                 raise err.cause from None
             raise
-        return Completion(**result)
+        return result
+
+    async def _stream(self, body: SamplingFields, payload: dict, kind: str) -> StreamingResponse:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        items = self.server.options(multiplexed_model_id=body.model, stream=True).stream.remote(payload)
+        await self._call(items.__anext__())  # the replica's checks: a refusal is still a plain 4xx here
+        chunk_id = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
+
+        def event(choice: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
+            choices = [] if choice is None else [{"index": 0, **choice, "finish_reason": finish, "logprobs": None}]
+            chunk = {"id": chunk_id, "object": kind, "created": int(time.time()), "model": body.model,
+                     "choices": choices} | ({"usage": usage} if usage else {})
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        def piece(text: str) -> dict:
+            return {"delta": {"content": text}} if kind.startswith("chat") else {"text": text}
+
+        async def events():
+            if kind.startswith("chat"):
+                yield event({"delta": {"role": "assistant", "content": ""}})
+            async for item in items:
+                if "text" in item:
+                    yield event(piece(item["text"]))
+                else:
+                    done = Completion(**item["done"])
+                    yield event({"delta": {}} if kind.startswith("chat") else {"text": ""}, done.finish_reason)
+                    if (body.stream_options or {}).get("include_usage"):
+                        yield event(None, usage=usage_of(done))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @staticmethod
-    def _response(body: SamplingFields, kind: str, choice: dict, done: Completion) -> dict:
+    def _response(body: SamplingFields, kind: str, done: Completion) -> dict:
+        choice = {"message": {"role": "assistant", "content": done.text}} if kind == "chat.completion" else {
+            "text": done.text}
         return {
             "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
             "object": kind, "created": int(time.time()), "model": body.model,
             "choices": [{"index": 0, **choice, "finish_reason": done.finish_reason, "logprobs": None}],
-            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                      "total_tokens": done.prompt_tokens + done.completion_tokens},
+            "usage": usage_of(done),
         }
 
 
