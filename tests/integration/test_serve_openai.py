@@ -67,6 +67,17 @@ def test_streaming_completion_and_refusal_before_the_stream(client):
         client.completions.create(model="base", prompt="x " * 2000, max_tokens=4, stream=True)
 
 
+def test_stop_string_ends_the_answer(client):
+    whole = client.completions.create(model="icd10", prompt="Code E11", max_tokens=12, temperature=0)
+    text = whole.choices[0].text
+    if len(text) < 6:
+        pytest.skip(f"the tiny model's greedy answer {text!r} is too short to cut")
+    stop = text[3:6]
+    cut = client.completions.create(model="icd10", prompt="Code E11", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)].strip()
+    assert cut.choices[0].finish_reason == "stop"
+
+
 def test_text_completion_route(client):
     out = client.completions.create(model="icd10", prompt="Code E11", max_tokens=5, temperature=0)
     assert out.object == "text_completion" and out.usage.completion_tokens <= 5
