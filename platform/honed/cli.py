@@ -79,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def missing_inputs(command: str, cfg) -> str | None:
     """The artifact an earlier stage should have written, checked before Ray starts."""
-    dataset = (Path(cfg.data_dir) / "manifest.json", "prepared dataset", "honed prepare") if command in (
-        "train", "eval") else None
-    adapter_dir = getattr(cfg, "adapter", None) if command in ("eval", "merge") else None
-    adapter = (Path(adapter_dir) / "adapter_config.json", "adapter", "honed train") if adapter_dir else None
-    for path, kind, producer in filter(None, (dataset, adapter)):
+    needs = []
+    if command in ("train", "eval"):
+        needs.append((Path(cfg.data_dir) / "manifest.json", "prepared dataset", "honed prepare"))
+    if command in ("eval", "merge") and cfg.adapter:
+        needs.append((Path(cfg.adapter) / "adapter_config.json", "adapter", "honed train"))
+    for path, kind, producer in needs:
         if not path.is_file():
             return f"no {kind} at {path.parent} ({path.name} not found; `{producer}` writes one)"
     return None
