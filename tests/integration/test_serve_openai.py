@@ -68,12 +68,12 @@ def test_streaming_completion_and_refusal_before_the_stream(client):
 
 
 def test_stop_string_ends_the_answer(client):
-    whole = client.completions.create(model="icd10", prompt="Code E11", max_tokens=12, temperature=0)
+    whole = client.completions.create(model="icd10", prompt="Code E11", max_tokens=24, temperature=0)
     text = whole.choices[0].text
-    if len(text) < 6:
+    if len(text) < 3:
         pytest.skip(f"the tiny model's greedy answer {text!r} is too short to cut")
-    stop = text[3:6]
-    cut = client.completions.create(model="icd10", prompt="Code E11", max_tokens=12, temperature=0, stop=[stop])
+    stop = text[1:3]
+    cut = client.completions.create(model="icd10", prompt="Code E11", max_tokens=24, temperature=0, stop=[stop])
     assert cut.choices[0].text == text[: text.index(stop)].strip()
     assert cut.choices[0].finish_reason == "stop"
 

@@ -114,7 +114,8 @@ class ModelServer:
         self.cfg = ServeConfig.model_validate(cfg)
         torch.set_num_threads(self.cfg.torch_threads)
         model_path = resolve_model(self.cfg.model.name_or_path)
-        self.model, self.tokenizer = loader(model_path, self.cfg.model.dtype)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU replica (num_gpus) decodes on it
+        self.model, self.tokenizer = loader(model_path, self.cfg.model.dtype, device)
         self.model.eval()
         self.base_sha256 = weights_hash(model_path)
         self.context_len = getattr(self.model.config, "max_position_embeddings", 2048)

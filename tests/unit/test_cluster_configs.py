@@ -1,0 +1,99 @@
+"""Cluster files are checked on a laptop: launcher YAMLs against Ray's own autoscaler schema, KubeRay
+manifests for the fields KubeRay needs, one image per manifest, GPU limits equal to requests, and honed
+entry points that parse."""
+
+import json
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from honed.config import ServeConfig, load_config
+from honed.cli import parser
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCHER = sorted((ROOT / "cluster").glob("*.yaml"))
+KUBERAY = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
+
+
+def ray_schema() -> dict:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def test_cluster_files_are_shipped():
+    names = {p.name for p in LAUNCHER}
+    assert {"aws-minimal.yaml", "aws-full.yaml", "gcp-minimal.yaml", "gcp-full.yaml"} <= names
+    assert {p.name for p in KUBERAY} == {"raycluster.yaml", "rayjob-finetune.yaml", "rayservice.yaml"}
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_launcher_config_matches_rays_schema(path):
+    config = yaml.safe_load(path.read_text())
+    jsonschema.validate(config, ray_schema())
+    assert path.read_text().startswith(f"# ray up cluster/{path.name}")
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    workers = [t for name, t in types.items() if name != config["head_node_type"]]
+    assert any(t["resources"].get("GPU") for t in workers), "no GPU worker type for training"
+    assert sum(t.get("min_workers", 0) for t in workers) <= config["max_workers"]
+    assert all(t.get("min_workers", 0) <= t["max_workers"] for t in workers)
+    assert any("pip install -e ~/honed" in c for c in config["setup_commands"])
+    assert config["file_mounts"]["~/honed"] == "."
+
+
+def kuberay_docs():
+    return [(p, yaml.safe_load(p.read_text())) for p in KUBERAY]
+
+
+def containers(spec: dict) -> list[dict]:
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def cluster_spec(doc: dict) -> dict:
+    return {"RayCluster": lambda d: d["spec"], "RayJob": lambda d: d["spec"]["rayClusterSpec"],
+            "RayService": lambda d: d["spec"]["rayClusterConfig"]}[doc["kind"]](doc)
+
+
+@pytest.mark.parametrize("path, doc", kuberay_docs(), ids=lambda x: x.name if isinstance(x, Path) else "")
+def test_kuberay_manifest_is_consistent(path, doc):
+    assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
+    spec = cluster_spec(doc)
+    assert spec["enableInTreeAutoscaling"] is True
+    assert len({c["image"] for c in containers(spec)}) == 1, "head and workers must run one image"
+    for c in containers(spec):
+        assert c["resources"]["requests"] == c["resources"]["limits"], c["name"]
+    for group in spec["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
+    assert any("nvidia.com/gpu" in c["resources"]["limits"] for c in containers(spec))
+
+
+def test_rayjob_entrypoint_runs_honed_commands_that_parse():
+    doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayjob-finetune.yaml").read_text())
+    script = shlex.split(doc["spec"]["entrypoint"])[2]
+    commands = [shlex.split(part) for part in script.split("&&")[1:]]
+    assert [c[3] for c in commands] == ["prepare", "train"]
+    for argv in commands:
+        assert argv[:3] == ["python", "-m", "honed.cli"]
+        args = parser().parse_args(argv[3:])
+        from honed.config import CONFIGS
+
+        cfg = load_config(CONFIGS[args.command], ROOT / args.config, args.overrides)
+        assert cfg is not None
+    assert cfg.scaling.use_gpu is True
+
+
+def test_rayservice_serves_the_honed_app():
+    doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    assert app["import_path"] == "honed.serve.app:build_app"
+    ServeConfig.model_validate(app["args"])
+    (deployment,) = app["deployments"]
+    assert deployment["name"] == "ModelServer"
+    scaling = deployment["autoscaling_config"]
+    assert 1 <= scaling["min_replicas"] < scaling["max_replicas"]
