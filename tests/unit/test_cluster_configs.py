@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from honed.config import ServeConfig, load_config
+from honed.config import CONFIGS, ServeConfig, load_config
 from honed.cli import parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,8 +80,6 @@ def test_rayjob_entrypoint_runs_honed_commands_that_parse():
     for argv in commands:
         assert argv[:3] == ["python", "-m", "honed.cli"]
         args = parser().parse_args(argv[3:])
-        from honed.config import CONFIGS
-
         cfg = load_config(CONFIGS[args.command], ROOT / args.config, args.overrides)
         assert cfg is not None
     assert cfg.scaling.use_gpu is True

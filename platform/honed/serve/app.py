@@ -85,6 +85,10 @@ def usage_of(done: Completion) -> dict:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
+def response_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse(status_code=status,
@@ -252,20 +256,20 @@ class OpenAIRouter:
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, request: Request):
         self.authorize(request)
-        payload = self._payload(body, {"messages": [m.model_dump() for m in body.messages]})
-        if body.stream:
-            return await self._stream(body, payload, "chat.completion.chunk")
-        done = await self._call(self.server.options(multiplexed_model_id=body.model).complete.remote(payload))
-        return self._response(body, "chat.completion", Completion(**done))
+        return await self._answer(body, {"messages": [m.model_dump() for m in body.messages]}, chat=True)
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         self.authorize(request)
-        payload = self._payload(body, {"prompt": body.prompt})
+        return await self._answer(body, {"prompt": body.prompt}, chat=False)
+
+    async def _answer(self, body: SamplingFields, prompt: dict[str, Any], chat: bool):
+        """One response (or an event stream) from the model replica that holds `body.model`."""
+        payload = self._payload(body, prompt)
+        handle = self.server.options(multiplexed_model_id=body.model)
         if body.stream:
-            return await self._stream(body, payload, "text_completion")
-        done = await self._call(self.server.options(multiplexed_model_id=body.model).complete.remote(payload))
-        return self._response(body, "text_completion", Completion(**done))
+            return await self._stream(body, handle.options(stream=True).stream.remote(payload), chat)
+        return self._response(body, Completion(**await self._call(handle.complete.remote(payload))), chat)
 
     def _payload(self, body: SamplingFields, prompt: dict[str, Any]) -> dict[str, Any]:
         if body.model not in self.served_names():
@@ -288,11 +292,10 @@ class OpenAIRouter:
             raise
         return result
 
-    async def _stream(self, body: SamplingFields, payload: dict, kind: str) -> StreamingResponse:
+    async def _stream(self, body: SamplingFields, items, chat: bool) -> StreamingResponse:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-        items = self.server.options(multiplexed_model_id=body.model, stream=True).stream.remote(payload)
         await self._call(items.__anext__())  # the replica's checks: a refusal is still a plain 4xx here
-        chunk_id = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
+        kind, chunk_id = "chat.completion.chunk" if chat else "text_completion", response_id(chat)
 
         def event(choice: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
             choices = [] if choice is None else [{"index": 0, **choice, "finish_reason": finish, "logprobs": None}]
@@ -301,17 +304,17 @@ class OpenAIRouter:
             return f"data: {json.dumps(chunk)}\n\n"
 
         def piece(text: str) -> dict:
-            return {"delta": {"content": text}} if kind.startswith("chat") else {"text": text}
+            return {"delta": {"content": text}} if chat else {"text": text}
 
         async def events():
-            if kind.startswith("chat"):
+            if chat:
                 yield event({"delta": {"role": "assistant", "content": ""}})
             async for item in items:
                 if "text" in item:
                     yield event(piece(item["text"]))
                 else:
                     done = Completion(**item["done"])
-                    yield event({"delta": {}} if kind.startswith("chat") else {"text": ""}, done.finish_reason)
+                    yield event({"delta": {}} if chat else {"text": ""}, done.finish_reason)
                     if (body.stream_options or {}).get("include_usage"):
                         yield event(None, usage=usage_of(done))
             yield "data: [DONE]\n\n"
@@ -319,12 +322,11 @@ class OpenAIRouter:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @staticmethod
-    def _response(body: SamplingFields, kind: str, done: Completion) -> dict:
-        choice = {"message": {"role": "assistant", "content": done.text}} if kind == "chat.completion" else {
-            "text": done.text}
+    def _response(body: SamplingFields, done: Completion, chat: bool) -> dict:
+        choice = {"message": {"role": "assistant", "content": done.text}} if chat else {"text": done.text}
         return {
-            "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
-            "object": kind, "created": int(time.time()), "model": body.model,
+            "id": response_id(chat), "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": body.model,
             "choices": [{"index": 0, **choice, "finish_reason": done.finish_reason, "logprobs": None}],
             "usage": usage_of(done),
         }
