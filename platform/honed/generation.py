@@ -23,9 +23,13 @@ def chat_messages(messages: list[dict], system_prompt: str | None) -> list[dict]
     return list(messages)
 
 
-def render_chat(tokenizer, messages: list[dict], system_prompt: str | None) -> str:
+def render_chat(tokenizer, messages: list[dict], template: dict | None = None) -> str:
+    """The generation prompt for `messages` under a stored template (`system_prompt`, `chat_template`, as
+    in a dataset manifest or an adapter's honed.json); without one, the tokenizer's own template."""
+    template = template or {}
     return tokenizer.apply_chat_template(
-        chat_messages(messages, system_prompt), add_generation_prompt=True, tokenize=False)
+        chat_messages(messages, template.get("system_prompt")), add_generation_prompt=True, tokenize=False,
+        chat_template=template.get("chat_template"))
 
 
 @torch.no_grad()

@@ -39,8 +39,7 @@ def merge(cfg: MergeConfig) -> dict:
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, cfg.adapter).eval()
-    system = (meta.get("template") or {}).get("system_prompt")
-    probes = [render_chat(tokenizer, [{"role": "user", "content": p}], system) for p in PROBE_PROMPTS]
+    probes = [render_chat(tokenizer, [{"role": "user", "content": p}], meta.get("template")) for p in PROBE_PROMPTS]
     inputs = tokenizer(probes, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         expected = peft_model(**inputs).logits

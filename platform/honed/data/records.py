@@ -1,5 +1,11 @@
-"""Per-record steps of `honed prepare`: parse, clean, template + tokenize, split. Pure functions over one
-record, so each is unit-tested on hand-made data and run unchanged inside Ray Data.
+"""Per-record steps of `honed prepare`: parse (with a field mapping), template + tokenize, split. Pure
+functions over one record, so each is unit-tested on hand-made data and run unchanged inside Ray Data.
+
+A record is a dict with `kind` and its fields:
+  text         {"kind": "text", "text"}                       continued pre-training: loss on every token
+  instruction  {"kind": "instruction", "prompt", "response"}  rendered as a system/user/assistant chat
+  chat         {"kind": "chat", "messages": [{role, content}]} multi-turn; loss on assistant turns
+plus an optional `group` (records of one group never straddle train and validation).
 
 Every record ends in exactly one state: `kept` (train or val), `dropped` (a filter said no, with a reason)
 or `quarantined` (the record itself is broken, with a reason); the manifest counts reconcile from these.
@@ -9,13 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import unicodedata
+from collections.abc import Callable
+
+from honed.generation import chat_messages
 
 KEPT, DROPPED, QUARANTINED = "kept", "dropped", "quarantined"
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_SPACES = re.compile(r"[ \t\u00a0]+")
+ROLES = ("system", "user", "assistant")
+DEFAULT_FIELDS = {"text": "text", "prompt": "prompt", "response": "response", "messages": "messages",
+                  "group": "group"}
 
 
 class BadRecord(ValueError):
@@ -26,63 +33,146 @@ class BadRecord(ValueError):
         self.reason = reason
 
 
-def parse_record(raw: str) -> dict:
-    """One JSON object with either `prompt` + `response` (instruction pair) or `text` (raw text)."""
+def parse_record(raw: str, fields: dict[str, str] | None = None, fmt: str = "auto") -> dict:
+    """One JSON object → a record. `fields` maps honed names (text, prompt, response, messages, group) to the
+    input's column names; `fmt` forces a kind (`text`, `instruction`, `chat`) or picks one per record."""
+    fields = DEFAULT_FIELDS | (fields or {})
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, TypeError) as err:
         raise BadRecord("malformed_json", str(err)) from None
     if not isinstance(obj, dict):
         raise BadRecord("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
-    fields = ("prompt", "response") if ("prompt" in obj or "response" in obj) else ("text",)
-    for field in fields:
-        if field not in obj:
-            raise BadRecord("missing_field", f"'{field}' is missing; records need prompt+response or text")
-        if not isinstance(obj[field], str):
-            raise BadRecord("wrong_type", f"'{field}' must be a string, got {type(obj[field]).__name__}")
-    group = obj.get("group")
-    return {field: obj[field] for field in fields} | {"group": str(group) if group is not None else None}
+    kind = fmt if fmt != "auto" else _detect_kind(obj, fields)
+    if kind == "chat":
+        record = {"kind": kind, "messages": _messages(obj, fields["messages"])}
+    else:
+        names = ("prompt", "response") if kind == "instruction" else ("text",)
+        record = {"kind": kind}
+        for name in names:
+            column = fields[name]
+            if column not in obj:
+                raise BadRecord("missing_field", f"'{column}' is missing; {kind} records need "
+                                + " and ".join(f"'{fields[n]}'" for n in names))
+            if not isinstance(obj[column], str):
+                raise BadRecord("wrong_type", f"'{column}' must be a string, got {type(obj[column]).__name__}")
+            record[name] = obj[column]
+    group = obj.get(fields["group"])
+    record["group"] = str(group) if group is not None else None
+    return record
 
 
-def clean_text(text: str) -> str:
-    """NFC-normalise, drop control characters, collapse runs of spaces, strip line ends."""
-    text = _CONTROL.sub("", unicodedata.normalize("NFC", text))
-    lines = (_SPACES.sub(" ", line).strip() for line in text.splitlines())
-    return "\n".join(line for line in lines if line)
+def _detect_kind(obj: dict, fields: dict[str, str]) -> str:
+    if fields["messages"] in obj:
+        return "chat"
+    if fields["prompt"] in obj or fields["response"] in obj:
+        return "instruction"
+    if fields["text"] in obj:
+        return "text"
+    wanted = ", ".join(f"'{fields[n]}'" for n in ("text", "prompt", "response", "messages"))
+    raise BadRecord("missing_field", f"none of {wanted} is present; records need text, prompt + response, "
+                                     f"or messages (map other column names with `fields`)")
+
+
+def _messages(obj: dict, column: str) -> list[dict]:
+    if column not in obj:
+        raise BadRecord("missing_field", f"'{column}' is missing; chat records need a list of messages")
+    messages = obj[column]
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord("wrong_type", f"'{column}' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise BadRecord("bad_messages", f"message {i} must be {{role: {'|'.join(ROLES)}, content: string}}, "
+                                            f"got {json.dumps(m)[:200]}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise BadRecord("bad_messages", "no assistant message: nothing to learn from")
+    return out
+
+
+def map_texts(record: dict, fn: Callable[[str], str]) -> dict:
+    """The record with `fn` applied to every text it holds (text, prompt, response, message contents)."""
+    out = dict(record)
+    for name in ("text", "prompt", "response"):
+        if name in out:
+            out[name] = fn(out[name])
+    if "messages" in out:
+        out["messages"] = [{"role": m["role"], "content": fn(m["content"])} for m in out["messages"]]
+    return out
+
+
+def empty_field(record: dict) -> str | None:
+    """The name of the first empty text in the record (after cleaning), or None."""
+    for name in ("text", "prompt", "response"):
+        if name in record and not record[name]:
+            return name
+    if "messages" in record:
+        if any(not m["content"] for m in record["messages"] if m["role"] == "assistant"):
+            return "response"
+    return None
 
 
 def to_messages(record: dict, system_prompt: str | None) -> list[dict]:
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return system + [
-        {"role": "user", "content": record["prompt"]},
-        {"role": "assistant", "content": record["response"]},
-    ]
+    """Instruction and chat records as the conversation the template renders (system prompt prepended
+    unless the record brings its own, exactly as at serve time)."""
+    if record["kind"] == "chat":
+        return chat_messages(record["messages"], system_prompt)
+    return chat_messages([{"role": "user", "content": record["prompt"]},
+                          {"role": "assistant", "content": record["response"]}], system_prompt)
 
 
-def encode_example(record: dict, tokenizer, system_prompt: str | None, loss_on: str = "response") -> dict:
-    """Token ids and labels (-100 = no loss) for an instruction pair (chat template) or raw text (+ EOS)."""
-    if "text" in record:
+def encode_example(record: dict, tokenizer, system_prompt: str | None, loss_on: str = "response",
+                   chat_template: str | None = None) -> dict:
+    """Token ids and labels (-100 = no loss). Raw text gets EOS appended and loss everywhere; conversations
+    are rendered turn by turn so each assistant turn (with its end-of-turn tokens) is labelled, and with
+    `loss_on="response"` nothing else is."""
+    if record["kind"] == "text":
         ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return {"input_ids": ids, "labels": list(ids)}
-    messages = to_messages(record, system_prompt)
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = prompt_ids + tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-    n_masked = len(prompt_ids) if loss_on == "response" else 0
-    return {"input_ids": ids, "labels": [-100] * n_masked + ids[n_masked:]}
+    ids, labels = [], []
+    for text, is_response in conversation_pieces(to_messages(record, system_prompt), tokenizer, chat_template):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if (is_response or loss_on == "all") else [-100] * len(piece)
+    return {"input_ids": ids, "labels": labels}
+
+
+def conversation_pieces(messages: list[dict], tokenizer, chat_template: str | None) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is_assistant_turn) pieces, up to the last assistant turn."""
+    def render(msgs: list[dict], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=generation_prompt, tokenize=False,
+                                             chat_template=chat_template)
+
+    pieces, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt, through = render(messages[:i], True), render(messages[:i + 1], False)
+        if not (prompt.startswith(done) and through.startswith(prompt)):
+            raise ValueError("the chat template does not render a conversation's prefix as a prefix of the "
+                             "whole conversation; response-only labels need that (choose another template)")
+        pieces += [(prompt[len(done):], False), (through[len(prompt):], True)]
+        done = through
+    return [(text, flag) for text, flag in pieces if text]
 
 
 def assign_split(seed: int, source: str, group: str, val_fraction: float) -> str:
     """Deterministic, order-free split by group: the same group always lands on the same side."""
-    digest = hashlib.sha256(f"{seed}:{source}:{group}".encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+    return "val" if unit_hash(f"{seed}:{source}:{group}") < val_fraction else "train"
+
+
+def unit_hash(key: str) -> float:
+    """A stable pseudo-random number in [0, 1) for a string key."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def group_key(record: dict) -> str:
     if record.get("group"):
         return record["group"]
-    body = record.get("text") or record["prompt"]
+    if record["kind"] == "chat":
+        body = "\n".join(m["content"] for m in record["messages"])
+    else:
+        body = record.get("text") or record["prompt"]
     return hashlib.sha256(body.encode()).hexdigest()[:16]

@@ -92,7 +92,7 @@ def score_model(model_path: str, dtype: str, by_source: dict, questions: list[di
     samples = []
     for i in range(0, len(questions), cfg["batch_size"]):
         batch = questions[i: i + cfg["batch_size"]]
-        prompts = [render_chat(tokenizer, [{"role": "user", "content": q["prompt"]}], template["system_prompt"])
+        prompts = [render_chat(tokenizer, [{"role": "user", "content": q["prompt"]}], template)
                    for q in batch]
         for q, c in zip(batch, generate(model, tokenizer, prompts, cfg["max_new_tokens"])):
             samples.append({**q, "answer": c.text})

@@ -180,15 +180,15 @@ class ModelServer:
         """The model to decode with (base or adapter), the rendered prompt, the token budget and the scope
         in which the adapter is switched on or off; refuses prompts that do not fit the context."""
         name = serve.get_multiplexed_model_id()
-        system_prompt, model, scope = None, self.model, contextlib.nullcontext()
+        template, model, scope = None, self.model, contextlib.nullcontext()
         if name != self.cfg.base_name:
             adapter = await self.get_adapter(name)
-            system_prompt = (adapter.meta.get("template") or {}).get("system_prompt")
+            template = adapter.meta.get("template")
             self.peft.set_adapter(name)
             model = self.peft
         elif self.peft is not None:  # adapters were injected into the base: decode the base with them off
             model, scope = self.peft, self.peft.disable_adapter()
-        prompt = (render_chat(self.tokenizer, request["messages"], system_prompt)
+        prompt = (render_chat(self.tokenizer, request["messages"], template)
                   if "messages" in request else request["prompt"])
         n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if n_prompt >= self.context_len:

@@ -83,7 +83,7 @@ def train_loop_per_worker(config: dict) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            window["tokens"] += int(inputs["attention_mask"].sum())
+            window["tokens"] += inputs["n_tokens"]
             window["loss_tokens"] += n_loss
             window["loss_sum"] += loss.item() * n_loss
 
@@ -110,7 +110,10 @@ def scored_token_losses(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.T
     labels = inputs["labels"]
     scored = (labels[:, 1:] != -100).any(dim=0).nonzero()
     start = int(scored[0]) if len(scored) else 0  # logits at position p predict token p + 1
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+    # Packed rows carry position ids and no mask: the model then keeps attention inside each example
+    # (transformers builds that block-diagonal mask only when no KV cache is in play, hence use_cache=False).
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                   position_ids=inputs.get("position_ids"), use_cache=False,
                    logits_to_keep=labels.shape[1] - start).logits[:, :-1]
     targets = labels[:, start + 1:]
     losses = torch.nn.functional.cross_entropy(
@@ -138,8 +141,13 @@ def lora_config(settings: dict):
                       target_modules=settings["target_modules"], task_type="CAUSAL_LM")
 
 
-def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of variable-length examples; padding gets attention 0 and label -100."""
+def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict:
+    """Right-pad a batch of variable-length examples (padding gets attention 0 and label -100), or stack a
+    batch of packed rows with their position ids. `n_tokens` counts the real (non-pad) tokens."""
+    if "position_ids" in batch:
+        stacked = {k: torch.tensor(np.stack(batch[k]), dtype=torch.long).to(device)
+                   for k in ("input_ids", "labels", "position_ids")}
+        return stacked | {"n_tokens": int(np.sum(batch["num_tokens"]))}
     lengths = [len(x) for x in batch["input_ids"]]
     width = max(lengths)
     ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
@@ -149,7 +157,8 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> 
         ids[row, :n] = torch.tensor(x)
         labels[row, :n] = torch.tensor(y)
         mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device),
+            "n_tokens": sum(lengths)}
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ def validation_dataset(path: Path, manifest: dict, per_source: int):
 
 
 def build_loop_config(cfg: TrainConfig, manifest: dict, model_path: str) -> dict:
-    n_train = manifest["counts"]["total"]["train"]
+    n_train = manifest.get("shards", {}).get("train_rows", manifest["counts"]["total"]["train"])
     per_step = cfg.scaling.num_workers * cfg.optim.batch_size
     steps_per_epoch = n_train // per_step
     if steps_per_epoch == 0:
