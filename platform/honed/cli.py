@@ -79,6 +79,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def missing_inputs(command: str, cfg) -> str | None:
     """The artifact an earlier stage should have written, checked before Ray starts."""
+    if command == "prepare":
+        from honed.config import SourceConfig
+        from honed.data.sources import list_files
+
+        inputs = [s for s in cfg.data.sources if s.path] + [
+            SourceConfig(name="decontaminate", kind="jsonl", path=p) for p in cfg.data.decontaminate.paths]
+        try:
+            for source in inputs:
+                list_files(source)
+        except (FileNotFoundError, PermissionError) as err:
+            return str(err)
     needs = []
     if command in ("train", "eval"):
         needs.append((Path(cfg.data_dir) / "manifest.json", "prepared dataset", "honed prepare"))

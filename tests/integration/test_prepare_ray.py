@@ -20,14 +20,14 @@ def test_counts_reconcile_per_source(prepared):
 def test_bad_records_are_quarantined_with_reason_and_origin(prepared):
     extra = prepared["manifest"]["counts"]["by_source"]["extra"]
     assert extra["quarantined"] == {"malformed_json": 1, "missing_field": 1, "wrong_type": 1,
-                                    "not_an_object": 1, "not_utf8": 1}
-    assert extra["dropped"] == {"empty_prompt": 1}
+                                    "not_an_object": 1, "not_utf8": 1, "empty_prompt": 1}
+    assert extra["dropped"] == {}
     assert extra["train"] + extra["val"] == 3
     rows = [json.loads(line) for f in Path(prepared["dir"], "quarantine").glob("*.json")
             for line in f.read_text().splitlines()]
     assert sorted(r["reason"] for r in rows) == sorted(extra["quarantined"].keys())
     assert all(r["origin"].split(":")[0].endswith("extra.jsonl") and r["source"] == "extra" and r["raw"] for r in rows)
-    assert {r["origin"].split(":")[1] for r in rows} == {"4", "5", "6", "7", "8"}  # 1-based line numbers
+    assert {r["origin"].split(":")[1] for r in rows} == {"4", "5", "6", "7", "8", "9"}  # 1-based line numbers
     assert any("{not json" in r["raw"] for r in rows)
 
 

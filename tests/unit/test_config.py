@@ -120,6 +120,9 @@ def test_cli_rejects_bad_config_before_ray_starts():
 @pytest.mark.parametrize("argv, message", [
     (["train", "data_dir=/no/such/dir"], "no prepared dataset at /no/such/dir (manifest.json not found; `honed prepare` writes one)"),
     (["merge", "adapter=/no/adapter"], "no adapter at /no/adapter (adapter_config.json not found"),
+    (["prepare", "data.sources=[{name: notes, kind: csv, path: /no/notes/*.csv}]"],
+     "source 'notes': no csv file at '/no/notes/*.csv'"),
+    (["prepare", "data.decontaminate.paths=[/no/eval.jsonl]"], "source 'decontaminate': no jsonl file at '/no/eval.jsonl'"),
 ])
 def test_cli_refuses_missing_inputs_before_ray_starts(argv, message, capsys):
     import sys as _sys

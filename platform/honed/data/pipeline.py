@@ -31,8 +31,8 @@ import numpy as np
 from honed import __version__
 from honed.config import PII_TYPES, PrepareConfig, dump_config
 from honed.data.records import (
-    DROPPED, KEPT, QUARANTINED, BadRecord, assign_split, empty_field, encode_example, group_key, map_texts,
-    parse_record, unit_hash,
+    DROPPED, KEPT, QUARANTINED, BadRecord, assign_split, empty_field, encode_example, encode_texts, group_key,
+    map_texts, parse_record, unit_hash,
 )
 from honed.data.sources import FileReader, builtin_rows, list_files
 from honed.data.templates import resolve_template
@@ -49,10 +49,10 @@ HIST_BINS = 32
 
 
 def stage_of(status: str, reason: str) -> str:
-    if status == QUARANTINED:
-        return "read" if reason in READ_REASONS else "parse"
     if reason.startswith("empty_"):
         return "normalize"
+    if status == QUARANTINED:
+        return "read" if reason in READ_REASONS else "parse"
     if reason.startswith("quality_"):
         return "filter"
     if reason == "contaminated":
@@ -82,16 +82,20 @@ class ExampleProcessor:
         import pyarrow as pa
 
         out = defaultdict(list)
-        rows = [self.process(str(s), str(r), str(e)) for s, r, e in zip(batch["source"], batch["raw"], batch["error"])]
+        rows = [self.clean(str(s), str(r), str(e)) for s, r, e in zip(batch["source"], batch["raw"], batch["error"])]
+        self.encode(rows, [str(s) for s in batch["source"]])
         self.add_dedup_keys(rows)
         for row, source, origin, rid in zip(rows, batch["source"], batch["origin"], batch["id"]):
             row.update(source=str(source), origin=str(origin), id=int(rid))
             for key in OUTPUT_KEYS:
                 out[key].append(row.get(key, EMPTY[key]))
         # An explicit schema keeps token lists as plain Arrow lists in every block and in the shards.
-        return pa.table({key: pa.array(out[key], type=OUTPUT_TYPES[key]) for key in OUTPUT_KEYS})
+        return pa.table({key: list_array(out[key], OUTPUT_TYPES[key]) if pa.types.is_list(OUTPUT_TYPES[key])
+                         else pa.array(out[key], type=OUTPUT_TYPES[key]) for key in OUTPUT_KEYS})
 
-    def process(self, source: str, raw: str, error: str) -> dict:
+    def clean(self, source: str, raw: str, error: str) -> dict:
+        """Parse → normalise → filter → redact → decontaminate one record; a survivor comes back with status
+        `pending` and its record, for `encode` to tokenize with the rest of the batch."""
         from honed.data.pii import redact
         from honed.data.quality import normalize_text, quality_reason, text_of
 
@@ -107,8 +111,9 @@ class ExampleProcessor:
         norm = s["normalize"]
         record = map_texts(record, lambda t: normalize_text(t, norm["unicode"], norm["strip_html"]))
         empty = empty_field(record)
-        if empty:
-            return {"status": DROPPED, "reason": f"empty_{empty}"}
+        if empty:  # an empty record is broken input, not a filter's choice: quarantined with its raw text
+            return {"status": QUARANTINED, "reason": f"empty_{empty}", "raw": raw[:2000],
+                    "detail": f"'{empty}' is empty after normalisation"}
         if s["filters"] is not None:
             failed = quality_reason(text_of(record), s["filters"])
             if failed:
@@ -123,24 +128,40 @@ class ExampleProcessor:
         text = text_of(record)
         if self.decontam is not None and not src["eval_only"] and self.decontam.contaminated(text):
             return {"status": DROPPED, "reason": "contaminated", **_pii_columns(pii)}
-        encoded = encode_example(record, self.tokenizer, s["system_prompt"], s["loss_on"], s["chat_template"])
-        n_tokens = len(encoded["input_ids"])
-        if n_tokens > s["max_seq_len"]:
-            return {"status": DROPPED, "reason": "too_long", **_pii_columns(pii)}
-        if s["min_tokens"] and n_tokens < s["min_tokens"]:
-            return {"status": DROPPED, "reason": "too_few_tokens", **_pii_columns(pii)}
-        group = group_key(record)
-        split = "val" if src["eval_only"] else assign_split(s["seed"], source, group, src["val_fraction"])
-        return {"status": KEPT, "reason": "", "split": split, "group": group, "num_tokens": n_tokens,
-                "prompt": record.get("prompt", ""), "response": record.get("response", ""),
-                "text": record.get("text", ""), "dedup_text": text, **_pii_columns(pii), **encoded,
-                "messages": json.dumps(record["messages"], ensure_ascii=False) if "messages" in record else ""}
+        return {"status": "pending", "record": record, "dedup_text": text, **_pii_columns(pii)}
+
+    def encode(self, rows: list[dict], sources: list[str]) -> None:
+        """Template + tokenize the pending rows (raw text in one batched tokenizer call), apply the token
+        limits, assign the split."""
+        s = self.s
+        pending = [(row, source) for row, source in zip(rows, sources) if row["status"] == "pending"]
+        texts = [row for row, _ in pending if row["record"]["kind"] == "text"]
+        for row, ids in zip(texts, encode_texts([r["record"]["text"] for r in texts], self.tokenizer)):
+            row["encoded"] = {"input_ids": ids, "labels": list(ids)}
+        for row, source in pending:
+            record = row.pop("record")
+            encoded = row.pop("encoded", None) or encode_example(
+                record, self.tokenizer, s["system_prompt"], s["loss_on"], s["chat_template"])
+            n_tokens = len(encoded["input_ids"])
+            if n_tokens > s["max_seq_len"] or (s["min_tokens"] and n_tokens < s["min_tokens"]):
+                row.update(status=DROPPED, reason="too_long" if n_tokens > s["max_seq_len"] else "too_few_tokens")
+                continue
+            src = s["sources"][source]
+            group = group_key(record)
+            split = "val" if src["eval_only"] else assign_split(s["seed"], source, group, src["val_fraction"])
+            row.update(
+                status=KEPT, reason="", split=split, group=group, num_tokens=n_tokens, **encoded,
+                prompt=record.get("prompt", ""), response=record.get("response", ""), text=record.get("text", ""),
+                messages=json.dumps(record["messages"], ensure_ascii=False) if "messages" in record else "")
 
     def add_dedup_keys(self, rows: list[dict]) -> None:
         from honed.data.dedup import exact_key
 
         kept = [r for r in rows if r["status"] == KEPT]
         dd = self.s["dedup"]
+        for r in rows:
+            if r["status"] != KEPT:
+                r.pop("dedup_text", None)
         if not kept:
             return
         if dd["exact"]:
@@ -152,6 +173,20 @@ class ExampleProcessor:
                 r["signature"] = sig.astype(np.int64).tolist()
         for r in kept:
             del r["dedup_text"]
+
+
+def list_array(lists: list[list[int]], list_type):
+    """Lists of ints → an Arrow list array through flat numpy buffers (much faster than `pa.array`)."""
+    import itertools
+
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(x) for x in lists), dtype=np.int32, count=len(lists))
+    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.fromiter(itertools.chain.from_iterable(lists), dtype=list_type.value_type.to_pandas_dtype(),
+                         count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def _pii_columns(counts: Counter) -> dict:
@@ -209,6 +244,12 @@ def source_files(cfg: PrepareConfig) -> dict[str, list[str]]:
 
 
 # ------------------------------------------------------------------------------------------- pipeline
+def col(name: str):
+    from ray.data.expressions import col as column
+
+    return column(name)
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the pipeline on the connected Ray cluster; returns the manifest."""
     import ray
@@ -247,9 +288,9 @@ def prepare(cfg: PrepareConfig) -> dict:
                                batch_format="pyarrow").materialize()
 
     print("[honed.prepare] writing shards", flush=True)
-    kept = final.filter(expr="status == 'kept'")
-    train = kept.filter(expr="split == 'train'").select_columns(SHARD_COLUMNS)
-    val = kept.filter(expr="split == 'val'").select_columns(SHARD_COLUMNS)
+    kept = final.filter(expr=col("status") == KEPT)
+    train = kept.filter(expr=col("split") == "train").select_columns(SHARD_COLUMNS)
+    val = kept.filter(expr=col("split") == "val").select_columns(SHARD_COLUMNS)
     n_train_examples = train.count()
     histogram = token_histogram(kept, cfg.data.max_seq_len)
     train = seeded_shuffle(train, cfg.data.seed)
@@ -261,7 +302,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         packing |= packing_stats(train, seq_len, n_train_examples)
     train_rows = write_shards(train, out / "shards" / "train", "train")
     val_rows = write_shards(val, out / "shards" / "val", "val")
-    quarantined = final.filter(expr="status == 'quarantined'").select_columns(QUARANTINE_COLUMNS)
+    quarantined = final.filter(expr=col("status") == QUARANTINED).select_columns(QUARANTINE_COLUMNS)
     if quarantined.count():
         quarantined.write_json(str((out / "quarantine").resolve()))
 
@@ -368,7 +409,7 @@ def find_duplicates(processed, cfg: PrepareConfig) -> tuple[dict[int, tuple[int,
     stats = {"exact": dd.exact, "near": dd.near, "threshold": dd.threshold, "num_perm": dd.num_perm,
              "shingle_words": dd.shingle_words}
     dups: dict[int, tuple[int, str]] = {}
-    kept = processed.filter(expr="status == 'kept'")
+    kept = processed.filter(expr=col("status") == KEPT)
     n_blocks = max(2, processed.num_blocks())
     exact_edges: list[tuple[int, int]] = []
     if dd.exact:
@@ -508,7 +549,7 @@ def mix_rates(cfg: PrepareConfig, marked) -> dict:
     weighted = {s.name: s.weight for s in cfg.data.sources if s.weight and not s.eval_only}
     if not weighted:
         return {}
-    rows = marked.filter(expr="status == 'kept' and split == 'train'").groupby("source").count().take_all()
+    rows = marked.filter(expr=(col("status") == KEPT) & (col("split") == "train")).groupby("source").count().take_all()
     available = {r["source"]: r["count()"] for r in rows}
     total_weight = sum(weighted.values())
     shares = {name: w / total_weight for name, w in weighted.items()}
@@ -681,7 +722,7 @@ def token_stats(kept, histogram: dict) -> dict:
 
     out = {}
     for split in ("train", "val"):
-        part = kept.filter(expr=f"split == '{split}'")
+        part = kept.filter(expr=col("split") == split)
         stats = part.aggregate(Sum("num_tokens"), Mean("num_tokens"), Max("num_tokens"), Count())
         n = int(stats["count()"])
         out[split] = {"examples": n, "total": int(stats["sum(num_tokens)"] or 0) if n else 0,

@@ -128,7 +128,7 @@ def encode_example(record: dict, tokenizer, system_prompt: str | None, loss_on: 
     are rendered turn by turn so each assistant turn (with its end-of-turn tokens) is labelled, and with
     `loss_on="response"` nothing else is."""
     if record["kind"] == "text":
-        ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = encode_texts([record["text"]], tokenizer)[0]
         return {"input_ids": ids, "labels": list(ids)}
     ids, labels = [], []
     for text, is_response in conversation_pieces(to_messages(record, system_prompt), tokenizer, chat_template):
@@ -136,6 +136,13 @@ def encode_example(record: dict, tokenizer, system_prompt: str | None, loss_on: 
         ids += piece
         labels += piece if (is_response or loss_on == "all") else [-100] * len(piece)
     return {"input_ids": ids, "labels": labels}
+
+
+def encode_texts(texts: list[str], tokenizer) -> list[list[int]]:
+    """Raw texts → token ids + EOS, in one batched tokenizer call."""
+    if not texts:
+        return []
+    return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def conversation_pieces(messages: list[dict], tokenizer, chat_template: str | None) -> list[tuple[str, bool]]:

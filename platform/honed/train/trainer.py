@@ -52,10 +52,11 @@ def train(cfg: TrainConfig) -> dict:
 def validation_dataset(path: Path, manifest: dict, per_source: int):
     """At most `per_source` rows of each source's validation set, so every source keeps its voice."""
     import ray.data
+    from ray.data.expressions import col
 
     val = ray.data.read_parquet(str(path))
     sources = [name for name, c in manifest["counts"]["by_source"].items() if c["val"]]
-    parts = [val.filter(expr=f"source == '{name}'").limit(per_source) for name in sources]
+    parts = [val.filter(expr=col("source") == name).limit(per_source) for name in sources]
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
