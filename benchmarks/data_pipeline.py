@@ -34,7 +34,7 @@ def generate(root: Path, total_mb: int, seed: int = 0) -> dict:
     from honed.data.synthetic import iter_synthetic_text
 
     root.mkdir(parents=True, exist_ok=True)
-    marker = root / "corpus.json"
+    marker = root.with_suffix(".json")  # next to the corpus, not in it (a .json file is read as input)
     if marker.is_file() and json.loads(marker.read_text())["mb"] == total_mb:
         return json.loads(marker.read_text())
     planted = {"original": 0, "near": 0, "exact": 0}

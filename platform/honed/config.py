@@ -361,7 +361,7 @@ class DemoConfig(Section):
 
     run_dir: str = "runs/demo"
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
+    data: DataConfig = DataConfig(decontaminate=DecontamConfig(sources=["kjv"]))
     method: MethodConfig = MethodConfig()
     optim: OptimConfig = OptimConfig(max_steps=80)
     scaling: ScalingSettings = ScalingSettings()

@@ -19,6 +19,7 @@ Writes `output_dir/`:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -46,6 +47,9 @@ QUARANTINE_COLUMNS = ["source", "origin", "reason", "detail", "raw"]
 STAGES = ["read", "parse", "normalize", "filter", "pii", "decontaminate", "template", "dedup", "mix"]
 READ_REASONS = {"not_utf8", "too_large", "malformed_csv", "unsupported_value"}
 HIST_BINS = 32
+# Ray Data coalesces a reader's output into blocks of up to 128 MB and hands a block to one actor: small
+# blocks let every cleaning actor work, also on a single large file.
+BLOCK_BYTES = 4 << 20
 
 
 def stage_of(status: str, reason: str) -> str:
@@ -225,9 +229,12 @@ def read_rows(cfg: PrepareConfig, files: dict[str, list[str]]):
             paths = files[source.name]
             listing = ray.data.from_items([{"path": p, "file_index": i} for i, p in enumerate(paths)],
                                           override_num_blocks=len(paths))
+            # Reading is I/O and line splitting; a reader task blocked on a full downstream queue must not
+            # hold a CPU the cleaning actors need, so readers take no CPU slot (and at most two run at once).
             parts.append(listing.map_batches(
                 read_files, fn_kwargs={"source": source, "source_index": index,
-                                       "max_record_bytes": cfg.data.max_record_bytes}, batch_size=1))
+                                       "max_record_bytes": cfg.data.max_record_bytes},
+                batch_size=1, num_cpus=0, concurrency=2))
         else:
             parts.append(ray.data.from_items(builtin_rows(source, index, cfg.data.seed)))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -252,22 +259,39 @@ def col(name: str):
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the pipeline on the connected Ray cluster; returns the manifest."""
-    import ray
-    import ray.data
-
     started = time.time()
-    files = source_files(cfg)
-    model_path = resolve_model(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(model_path)
-    template = resolve_template(cfg.data.template.name, tokenizer)
-    dedup_params = lsh_settings(cfg)
+    files = source_files(cfg)  # fails up front on a missing or unreadable input
     out = Path(cfg.output_dir)
     for sub in ("shards", "quarantine"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    with data_context(preserve_order=True, target_max_block_size=BLOCK_BYTES):  # same input + seed → same bytes
+        return run_pipeline(cfg, files, out, started)
+
+
+@contextlib.contextmanager
+def data_context(preserve_order: bool, target_max_block_size: int):
+    """Ray Data settings for the duration of a run, restored afterwards (the context is process-wide)."""
+    import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same input + seed → byte-identical shards
+    saved = ctx.execution_options.preserve_order, ctx.target_max_block_size
+    ctx.execution_options.preserve_order, ctx.target_max_block_size = preserve_order, target_max_block_size
+    try:
+        yield ctx
+    finally:
+        ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
+
+
+def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, started: float) -> dict:
+    import ray
+    import ray.data
+
+    phases = Phases()
+    model_path = resolve_model(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(model_path)
+    template = resolve_template(cfg.data.template.name, tokenizer)
+    dedup_params = lsh_settings(cfg)
     decontam = decontamination_index(cfg, files)
     settings = processor_settings(cfg, template, dedup_params)
     workers = cfg.data.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -278,16 +302,17 @@ def prepare(cfg: PrepareConfig) -> dict:
                                                  "decontam": decontam},
         batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
     ).materialize()
-    print(f"[honed.prepare] {processed.count()} records read; deduplicating", flush=True)
+    phases.done("read_clean_tokenize", f"{processed.count()} records read, cleaned and tokenized")
 
     duplicates, dedup_stats = find_duplicates(processed, cfg)
+    phases.done("dedup", f"{len(duplicates)} duplicates in {dedup_stats['clusters']} clusters")
     dup_ref = ray.put(duplicate_table(duplicates))
     marked = processed.map_batches(mark_duplicates, fn_kwargs={"table": dup_ref}, batch_format="pyarrow")
     rates = mix_rates(cfg, marked)
     final = marked.map_batches(apply_mix, fn_kwargs={"rates": rates, "seed": cfg.data.seed},
                                batch_format="pyarrow").materialize()
+    phases.done("mix", "duplicates marked, mix applied")
 
-    print("[honed.prepare] writing shards", flush=True)
     kept = final.filter(expr=col("status") == KEPT)
     train = kept.filter(expr=col("split") == "train").select_columns(SHARD_COLUMNS)
     val = kept.filter(expr=col("split") == "val").select_columns(SHARD_COLUMNS)
@@ -305,12 +330,14 @@ def prepare(cfg: PrepareConfig) -> dict:
     quarantined = final.filter(expr=col("status") == QUARANTINED).select_columns(QUARANTINE_COLUMNS)
     if quarantined.count():
         quarantined.write_json(str((out / "quarantine").resolve()))
+    phases.done("shuffle_pack_write", f"{train_rows} training rows, {val_rows} validation rows written")
 
     counts = final.groupby(["source", "status", "reason", "split"]).count().take_all()
     manifest = {
         "honed_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - started, 1),
+        "phase_seconds": phases.seconds,
         "counts": reconcile(counts),
         "stages": stage_counts(counts),
         "pii": pii_counts(final),
@@ -333,11 +360,27 @@ def prepare(cfg: PrepareConfig) -> dict:
         "decontamination": {"ngram": cfg.data.decontaminate.ngram, "eval_ngrams": len(decontam) if decontam else 0},
         "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),
     }
+    phases.done("statistics", "counts, PII, token and source statistics")
+    manifest["seconds"] = round(time.time() - started, 1)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     (out / "prepare.yaml").write_text(dump_config(cfg))
     plot_histogram(manifest["tokens"], out / "token_lengths.png")
     (out / "report.md").write_text(render_report(manifest))
     return manifest
+
+
+class Phases:
+    """Wall time of each phase of the run, printed as it ends and kept for the manifest."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, name: str, message: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 1)
+        self._last = now
+        print(f"[honed.prepare] {name}: {message} ({self.seconds[name]} s)", flush=True)
 
 
 def processor_settings(cfg: PrepareConfig, template: dict, dedup_params: dict) -> dict:

@@ -190,6 +190,9 @@ class ModelServer:
             model, scope = self.peft, self.peft.disable_adapter()
         prompt = (render_chat(self.tokenizer, request["messages"], template)
                   if "messages" in request else request["prompt"])
+        if template and "messages" in request:  # the end-of-turn strings of the training template stop a turn
+            extra = [t for t in template.get("stop", []) if t != self.tokenizer.eos_token]
+            request["stops"] = list(dict.fromkeys((request.get("stops") or []) + extra)) or None
         n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if n_prompt >= self.context_len:
             raise APIError(400, f"prompt ({n_prompt} tokens) does not fit the context length {self.context_len}",
