@@ -75,7 +75,8 @@ def run_once(corpus: Path, cpus: int, out: Path, model: str) -> dict:
     manifest = prepare(cfg)
     seconds = time.perf_counter() - started
     ray.shutdown()
-    return {"seconds": round(seconds, 1), "counts": manifest["counts"]["total"], "stages": manifest["stages"],
+    return {"seconds": round(seconds, 1), "phase_seconds": manifest["phase_seconds"],
+            "counts": manifest["counts"]["total"], "stages": manifest["stages"],
             "dedup": {k: v for k, v in manifest["dedup"].items() if k != "examples"},
             "packing": manifest["packing"], "tokens": manifest["tokens"]["train"]["total"]}
 
