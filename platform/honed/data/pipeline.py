@@ -304,7 +304,7 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
     ).materialize()
     phases.done("read_clean_tokenize", f"{processed.count()} records read, cleaned and tokenized")
 
-    duplicates, dedup_stats = find_duplicates(processed, cfg)
+    duplicates, dedup_stats = find_duplicates(processed, cfg, dedup_params)
     phases.done("dedup", f"{len(duplicates)} duplicates in {dedup_stats['clusters']} clusters")
     dup_ref = ray.put(duplicate_table(duplicates))
     marked = processed.map_batches(mark_duplicates, fn_kwargs={"table": dup_ref}, batch_format="pyarrow")
@@ -316,15 +316,14 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
     kept = final.filter(expr=col("status") == KEPT)
     train = kept.filter(expr=col("split") == "train").select_columns(SHARD_COLUMNS)
     val = kept.filter(expr=col("split") == "val").select_columns(SHARD_COLUMNS)
-    n_train_examples = train.count()
-    histogram = token_histogram(kept, cfg.data.max_seq_len)
+    tokens = token_stats(kept, cfg.data.max_seq_len)
     train = seeded_shuffle(train, cfg.data.seed)
     packing = {"enabled": cfg.data.pack.enabled}
     if cfg.data.pack.enabled:
         seq_len = cfg.data.pack.seq_len or cfg.data.max_seq_len
         train = train.map_batches(pack_examples, fn_kwargs={"seq_len": seq_len, "pad_id": tokenizer.pad_token_id},
                                   batch_size=4096, batch_format="numpy").materialize()
-        packing |= packing_stats(train, seq_len, n_train_examples)
+        packing |= packing_stats(train, seq_len, tokens["train"]["examples"])
     train_rows = write_shards(train, out / "shards" / "train", "train")
     val_rows = write_shards(val, out / "shards" / "val", "val")
     quarantined = final.filter(expr=col("status") == QUARANTINED).select_columns(QUARANTINE_COLUMNS)
@@ -343,7 +342,7 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
         "pii": pii_counts(final),
         "dedup": dedup_stats,
         "mix": rates,
-        "tokens": token_stats(kept, histogram),
+        "tokens": tokens,
         "packing": packing,
         "shards": {"train_rows": train_rows, "val_rows": val_rows, "packed": cfg.data.pack.enabled},
         "template": {
@@ -437,7 +436,7 @@ def decontamination_index(cfg: PrepareConfig, files: dict[str, list[str]]):
 
 
 # ------------------------------------------------------------------------------------- deduplication
-def find_duplicates(processed, cfg: PrepareConfig) -> tuple[dict[int, tuple[int, str]], dict]:
+def find_duplicates(processed, cfg: PrepareConfig, params: dict) -> tuple[dict[int, tuple[int, str]], dict]:
     """`{id: (kept representative id, reason)}` for every exact or near duplicate of an earlier record.
 
     Each record's keys (its exact hash, its LSH band keys) become rows; a hash shuffle puts equal keys in one
@@ -462,7 +461,6 @@ def find_duplicates(processed, cfg: PrepareConfig) -> tuple[dict[int, tuple[int,
             dups[rid] = (rep, "exact_duplicate")
     near_edges: list[tuple[int, int]] = []
     if dd.near:
-        params = lsh_settings(cfg)
         keys = kept.select_columns(["id", "signature"]).map_batches(
             band_rows, fn_kwargs={"bands": params["bands"], "rows": params["rows"]}, batch_format="numpy")
         candidates = bucket_edges(keys, n_blocks)
@@ -742,36 +740,35 @@ def pii_counts(final) -> dict[str, int]:
     return {t: int(stats[f"sum(pii_{t})"] or 0) for t in PII_TYPES}
 
 
-def token_histogram(kept, max_seq_len: int) -> dict:
-    """Token-length histogram of kept examples, per split: block-wise counts summed on the driver."""
+def token_stats(kept, max_seq_len: int) -> dict:
+    """Per split: examples, total/mean/max tokens and a token-length histogram, in one pass over the kept
+    examples (block-wise partials summed on the driver)."""
     edges = np.linspace(0, max_seq_len, HIST_BINS + 1)
 
-    def count(batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out = {"split": [], "counts": []}
+    def partial(batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out = {"split": [], "counts": [], "total": [], "max": []}
         for split in ("train", "val"):
-            lengths = batch["num_tokens"][batch["split"] == split]
+            lengths = batch["num_tokens"][batch["split"] == split].astype(np.int64)
             out["split"].append(split)
             out["counts"].append(np.histogram(lengths, bins=edges)[0].tolist())
+            out["total"].append(int(lengths.sum()))
+            out["max"].append(int(lengths.max()) if len(lengths) else 0)
         return out
 
-    totals = {"train": np.zeros(HIST_BINS, dtype=np.int64), "val": np.zeros(HIST_BINS, dtype=np.int64)}
-    for row in kept.select_columns(["split", "num_tokens"]).map_batches(count, batch_format="numpy").take_all():
-        totals[row["split"]] += np.asarray(row["counts"], dtype=np.int64)
-    return {"edges": edges.round(1).tolist(), "train": totals["train"].tolist(), "val": totals["val"].tolist()}
-
-
-def token_stats(kept, histogram: dict) -> dict:
-    from ray.data.aggregate import Count, Max, Mean, Sum
-
+    hist = {split: np.zeros(HIST_BINS, dtype=np.int64) for split in ("train", "val")}
+    total, largest = dict.fromkeys(hist, 0), dict.fromkeys(hist, 0)
+    for row in kept.select_columns(["split", "num_tokens"]).map_batches(partial, batch_format="numpy").take_all():
+        split = row["split"]
+        hist[split] += np.asarray(row["counts"], dtype=np.int64)
+        total[split] += int(row["total"])
+        largest[split] = max(largest[split], int(row["max"]))
     out = {}
-    for split in ("train", "val"):
-        part = kept.filter(expr=col("split") == split)
-        stats = part.aggregate(Sum("num_tokens"), Mean("num_tokens"), Max("num_tokens"), Count())
-        n = int(stats["count()"])
-        out[split] = {"examples": n, "total": int(stats["sum(num_tokens)"] or 0) if n else 0,
-                      "mean": round(float(stats["mean(num_tokens)"]), 2) if n else 0.0,
-                      "max": int(stats["max(num_tokens)"]) if n else 0}
-    return out | {"histogram": histogram}
+    for split in hist:
+        n = int(hist[split].sum())  # every kept example has 0 < tokens ≤ max_seq_len, so it is in a bin
+        out[split] = {"examples": n, "total": total[split], "mean": round(total[split] / n, 2) if n else 0.0,
+                      "max": largest[split]}
+    return out | {"histogram": {"edges": edges.round(1).tolist(), "train": hist["train"].tolist(),
+                                "val": hist["val"].tolist()}}
 
 
 def source_identities(cfg: PrepareConfig, files: dict[str, list[str]]) -> list[dict]:
