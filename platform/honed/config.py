@@ -236,36 +236,139 @@ class PrepareConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- method
+METHODS = ("full", "lora", "qlora", "prefix", "ia3")
+# The settings sections each method reads; setting another one is a mistake worth naming.
+METHOD_SECTIONS = {"full": {"deepspeed"}, "lora": {"lora", "deepspeed"}, "qlora": {"lora", "quant"},
+                   "prefix": {"prefix"}, "ia3": {"ia3"}}
+
+
 class LoraSettings(Section):
-    """Handed to `peft.LoraConfig`."""
+    """Handed to `peft.LoraConfig` (methods `lora` and `qlora`)."""
 
     r: int = Field(default=16, gt=0)
     alpha: int = Field(default=32, gt=0)
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (Liu et al. 2024): a learned magnitude per output feature."""
+    lr: float | None = Field(default=None, gt=0)
+    """Learning rate of the adapter matrices; default `optim.lr` (which then applies to any other trainable
+    weights, e.g. DoRA magnitudes)."""
+
+
+class QuantSettings(Section):
+    """4-bit base weights through bitsandbytes (method `qlora`), handed to `BitsAndBytesConfig`."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    """Quantize the quantization constants too (~0.4 bit/parameter saved)."""
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype the 4-bit weights are dequantized to for each matmul; `auto` follows `model.dtype`."""
+
+
+class PrefixSettings(Section):
+    """Handed to `peft.PrefixTuningConfig` (method `prefix`)."""
+
+    num_virtual_tokens: int = Field(default=16, gt=0)
+    prefix_projection: bool = False
+    """Reparametrise the prefix through an MLP during training (Li & Liang 2021)."""
+
+
+class IA3Settings(Section):
+    """Handed to `peft.IA3Config` (method `ia3`); null = peft's defaults for the architecture."""
+
+    target_modules: list[str] | None = None
+    feedforward_modules: list[str] | None = None
+
+
+class DeepSpeedSettings(Section):
+    """DeepSpeed ZeRO for `full` (and `lora` on large bases). The DeepSpeed config is generated from these
+    keys and the optim section; `config` is merged over it for anything else DeepSpeed offers."""
+
+    zero_stage: Literal[0, 1, 2, 3] | None = None
+    """null = no DeepSpeed (plain DDP); 0 = DeepSpeed without ZeRO partitioning."""
+    offload_optimizer: bool = False
+    """Optimizer states (and the Adam step) on CPU: ZeRO-Offload, stages 1-3."""
+    offload_params: bool = False
+    """Parameters on CPU between uses: ZeRO-Infinity style, stage 3 only."""
+    config: dict[str, Any] = {}
+    """Raw DeepSpeed config keys merged (recursively) over the generated config, e.g.
+    `{zero_optimization: {reduce_bucket_size: 5e7}}`. Batch-size keys come from `optim` and may not be set."""
+
+    @model_validator(mode="after")
+    def _check_stage(self) -> "DeepSpeedSettings":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (got {self.zero_stage})")
+        if self.offload_optimizer and not self.zero_stage:
+            raise ValueError(f"offload_optimizer needs zero_stage 1, 2 or 3 (got {self.zero_stage})")
+        fixed = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
+        if fixed & set(self.config):
+            raise ValueError(f"config may not set {sorted(fixed & set(self.config))}: they come from "
+                             "optim.batch_size, optim.grad_accum_steps and scaling.num_workers")
+        if self.config and self.zero_stage is None:
+            raise ValueError("config is given but zero_stage is null (DeepSpeed off); set zero_stage")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.zero_stage is not None
 
 
 class MethodConfig(Section):
-    name: Literal["lora"] = "lora"
-    """Fine-tuning method (only `lora` in this release)."""
+    name: Literal["full", "lora", "qlora", "prefix", "ia3"] = "lora"
+    """full: every weight (DDP or DeepSpeed ZeRO); lora: low-rank adapters; qlora: LoRA over a 4-bit base;
+    prefix: trained virtual key/value tokens; ia3: learned activation scalings."""
     lora: LoraSettings = LoraSettings()
+    quant: QuantSettings = QuantSettings()
+    prefix: PrefixSettings = PrefixSettings()
+    ia3: IA3Settings = IA3Settings()
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30 % more compute."""
+
+    @model_validator(mode="after")
+    def _check_sections(self) -> "MethodConfig":
+        used = METHOD_SECTIONS[self.name]
+        stray = sorted((self.model_fields_set & {"lora", "quant", "prefix", "ia3", "deepspeed"}) - used)
+        for section in stray:
+            users = [m for m, s in METHOD_SECTIONS.items() if section in s]
+            raise ValueError(f"'{section}' settings apply to method {' / '.join(users)}, not '{self.name}'; "
+                             f"remove them or change method.name")
+        if self.name == "prefix" and self.activation_checkpointing:
+            raise ValueError("prefix tuning cannot use activation_checkpointing (peft refuses the combination)")
+        return self
+
+    @property
+    def peft(self) -> bool:
+        return self.name != "full"
+
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
 class OptimConfig(Section):
     lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    """torch AdamW, or bitsandbytes 8-bit / paged AdamW (paged falls back to non-paged on CPU)."""
+    betas: tuple[float, float] = (0.9, 0.999)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after `warmup_steps` of linear warm-up."""
     warmup_steps: int = Field(default=10, ge=0)
     epochs: int = Field(default=1, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
     """Stop after this many optimizer steps (overrides `epochs` when smaller)."""
     batch_size: int = Field(default=8, gt=0)
-    """Examples per worker per step."""
+    """Examples (or packed rows) per worker per micro-step."""
+    grad_accum_steps: int = Field(default=1, gt=0)
+    """Micro-steps per optimizer step: global batch = batch_size x grad_accum_steps x num_workers."""
     grad_clip: float | None = Field(default=1.0, gt=0)
 
 
 class ScalingSettings(Section):
-    """Handed to `ray.train.ScalingConfig`."""
+    """Handed to `ray.train.ScalingConfig` and `FailureConfig`."""
 
     num_workers: int = Field(default=2, gt=0)
     use_gpu: bool = False
@@ -273,10 +376,23 @@ class ScalingSettings(Section):
     """Fractional on small machines so Ray Data keeps CPU budget to stream the shards."""
     torch_threads: int = Field(default=1, gt=0)
     """Intra-op threads per worker; more than cores/workers thrashes."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How workers are placed on nodes; STRICT_SPREAD puts each worker on its own node."""
+    max_failures: int = Field(default=0, ge=-1)
+    """Worker-group failures survived by restarting from the latest checkpoint (-1: unlimited)."""
+
+
+class EarlyStopping(Section):
+    metric: str = "val_loss"
+    """A validation metric (lower is better): `val_loss` (domain sources) or `val_loss/<source>`."""
+    patience: int = Field(default=3, gt=0)
+    """Validations without an improvement of at least `min_delta` before training stops."""
+    min_delta: float = Field(default=0.0, ge=0)
 
 
 class TrainConfig(Section):
-    """`honed train`: a prepared dataset dir → Ray Train → `output_dir/{adapter,metrics.jsonl}`."""
+    """`honed train`: a prepared dataset dir → Ray Train → `output_dir/{adapter|model, metrics.jsonl,
+    efficiency.json}`."""
 
     model: ModelConfig = ModelConfig()
     method: MethodConfig = MethodConfig()
@@ -287,14 +403,38 @@ class TrainConfig(Section):
     storage_path: str | None = None
     """Ray Train storage (local path or cloud URI); defaults to `output_dir/checkpoints`."""
     name: str = Field(default="honed-train", pattern=r"^[A-Za-z0-9._-]+$")
+    """Run name under `storage_path`: rerunning the same name continues from its latest checkpoint."""
     seed: int = 0
     log_every: int = Field(default=10, gt=0)
     checkpoint_every: int = Field(default=50, gt=0)
     keep_checkpoints: int = Field(default=2, gt=0)
+    checkpoint_metric: str | None = None
+    """Keep the best `keep_checkpoints` by this validation metric (lower is better, e.g. `val_loss`) instead of
+    the most recent; turns on validation at every checkpoint."""
     val_max_examples: int = Field(default=256, gt=0)
     """Validation rows per source used during training (`honed eval` scores its own sample)."""
     validate_at_checkpoints: bool = False
     """Compute per-source validation loss at every checkpoint (always done at the end)."""
+    early_stopping: EarlyStopping | None = None
+    """Stop when the validation metric stops improving (validates at every checkpoint)."""
+    peak_flops: float | None = Field(default=None, gt=0)
+    """Peak FLOP/s of one worker's device for MFU; default: measured (fp32/bf16 matmul) at the start."""
+
+    @model_validator(mode="after")
+    def _check_method(self) -> "TrainConfig":
+        m = self.method
+        if self.model.dtype == "float16" and not self.scaling.use_gpu:
+            raise ValueError("model.dtype float16 needs scaling.use_gpu: true (CPUs have no fast fp16 path)")
+        if m.deepspeed.enabled and self.optim.optimizer != "adamw":
+            raise ValueError(f"optim.optimizer '{self.optim.optimizer}' cannot be combined with DeepSpeed, which "
+                             "builds its own AdamW (CPU Adam when offloading); use adamw")
+        if self.checkpoint_metric and not self.checkpoint_metric.startswith("val_loss"):
+            raise ValueError(f"checkpoint_metric '{self.checkpoint_metric}' is not a validation metric; "
+                             "use val_loss or val_loss/<source>")
+        if self.early_stopping and not self.early_stopping.metric.startswith("val_loss"):
+            raise ValueError(f"early_stopping.metric '{self.early_stopping.metric}' is not a validation metric; "
+                             "use val_loss or val_loss/<source>")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------ eval

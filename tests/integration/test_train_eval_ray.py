@@ -10,7 +10,7 @@ def test_two_worker_lora_run_lowers_the_loss(trained):
     assert history[-1]["loss"] < history[0]["loss"] - 0.3, history
     final = trained["final"]
     assert final["step"] == 36 and "val_loss/icd10" in final and "val_loss/kjv" in final
-    assert 0 < final["trainable_params"] < final["total_params"]
+    assert 0 < final["efficiency"]["trainable_params"] < final["efficiency"]["total_params"]
 
 
 def test_adapter_is_exported_with_its_metadata(trained, prepared):

@@ -1,7 +1,13 @@
-"""The per-worker training loop, top to bottom: load, wrap, (resume), loop, validate, report.
+"""The per-worker training loop, top to bottom: build, (resume), loop, validate, checkpoint, report.
 
 Runs inside Ray Train workers (`TorchTrainer(train_loop_per_worker, ...)`); `config` is a plain dict built
 by `honed.train.trainer.train` from a validated `TrainConfig`.
+
+Data: every worker iterates the same ordered stream of global micro-batches (`batch_size x world` rows) and
+trains on its own slice of each, so the examples of a step, and hence the loss curve, do not depend on which
+worker reads faster; on resume the stream is replayed from the start of the epoch and the micro-batches
+already trained are skipped. A global micro-batch that runs short still gives every worker a row (a
+zero-weight copy), so collective-heavy backends (ZeRO-3) see the same number of forwards on every rank.
 """
 
 from __future__ import annotations
@@ -9,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -18,88 +23,245 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from honed.models import device_dtype, load_tokenizer
+from honed.models import load_tokenizer
+from honed.train.backends import make_backend
+from honed.train.efficiency import Meter, efficiency_report, format_report, measure_peak_flops, peak_memory_mb
+from honed.train.methods import build_model, compute_dtype, count_params
 
-STATE_FILE = "trainer_state.pt"
+PROGRESS_FILE = "progress.json"
 METRICS_FILE = "metrics.jsonl"
+EFFICIENCY_FILE = "efficiency.json"
+PROBE_FILE = "probe.pt"
+RNG_DIR = "rng"
 
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, get_scheduler
 
     torch.set_num_threads(config["torch_threads"])
-    seed_everything(config["seed"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
+    seed_everything(config["seed"])  # identical initial weights (LoRA matrices, prefixes) on every rank
     tokenizer = load_tokenizer(config["model_path"])
-    base = AutoModelForCausalLM.from_pretrained(
-        config["model_path"], dtype=device_dtype(config["dtype"], device))
-    model = get_peft_model(base, lora_config(config["lora"]))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total_params = sum(p.numel() for p in model.parameters())
-    # Rotary buffers are constants: skipping their per-step broadcast saves a collective per forward.
-    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    model = build_model(config["method"], config["model_path"], config["dtype"], device)
+    trainable, total_params = count_params(model)
+    backend = make_backend(model, config, device)
+    seed_everything(config["seed"] + rank)  # then one dropout stream per rank
+    peak, peak_source = config["peak_flops"], "config"
+    if not peak:
+        peak = measure_peak_flops(device, compute_dtype(config["dtype"], device))
+        peak_source = f"measured matmul ({compute_dtype(config['dtype'], device)}, {config['torch_threads']} threads)"
 
-    optim = config["optim"]
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=optim["lr"], weight_decay=optim["weight_decay"])
-    total_steps = config["total_steps"]
-    schedule = {"constant": "constant_with_warmup"}.get(optim["schedule"], optim["schedule"])
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=optim["warmup_steps"],
-                              num_training_steps=total_steps)
-
-    step, history = 0, []
+    run = {"step": 0, "history": [], "meter": Meter().state()}
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # Ray Train restores the latest checkpoint after a failure or a rerun of the same run
+    if checkpoint:  # Ray Train hands back the latest checkpoint after a worker failure or a rerun of the run
         with checkpoint.as_directory() as ckpt_dir:
-            step, history = load_state(ckpt_dir, model, optimizer, scheduler)
+            backend.load(ckpt_dir, rank)
+            run = json.loads(Path(ckpt_dir, PROGRESS_FILE).read_text())
+            rng = Path(ckpt_dir, RNG_DIR, f"rank{rank}.pt")
+            if rng.is_file():  # absent when the run resumes with more workers than it had
+                set_rng_state(torch.load(rng, weights_only=False))
         if rank == 0:
-            progress(f"resumed at step {step}/{total_steps}")
+            progress(f"resumed at step {run['step']}/{config['total_steps']}")
+            live_log(config, {"event": "resumed", "step": run["step"]})
+    meter = Meter()
+    meter.restore(run["meter"])
 
-    pad_id = tokenizer.pad_token_id
-    shard = ray.train.get_dataset_shard("train")
-    steps_per_epoch = config["steps_per_epoch"]
-    window = new_window()
-    ddp_model.train()
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        batches = shard.iter_batches(batch_size=optim["batch_size"], batch_format="numpy", drop_last=True)
-        for i, batch in enumerate(batches):
-            if i < skip:
-                continue  # data position on resume: the first `skip` batches of this epoch were trained on
-            if i >= steps_per_epoch or step >= total_steps:
-                break
-            inputs = collate(batch, pad_id, device)
-            loss, n_loss = causal_lm_loss(ddp_model, inputs)
-            loss.backward()
-            if optim["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim["grad_clip"])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window["tokens"] += inputs["n_tokens"]
-            window["loss_tokens"] += n_loss
-            window["loss_sum"] += loss.item() * n_loss
+    loop = Loop(config, backend, tokenizer.pad_token_id, device, rank, world)
+    loop.run(run, meter, trainable=trainable, total_params=total_params, peak=(peak, peak_source))
 
-            last = step == total_steps
-            if step % config["log_every"] == 0 or last or step % config["checkpoint_every"] == 0:
-                metrics = window_metrics(window, step, epoch, scheduler.get_last_lr()[0], world)
-                save = last or step % config["checkpoint_every"] == 0
-                if save and (last or config["validate_at_checkpoints"]):
-                    metrics.update(validate(model, pad_id, device, config["val_batch_size"]))
-                metrics.update(trainable_params=trainable, total_params=total_params,
-                               peak_rss_mb=round(peak_rss_mb(), 1))
-                history.append(metrics)
-                if rank == 0:
-                    progress(format_metrics(metrics, total_steps))
-                report(metrics, history, model, optimizer, scheduler, step, rank, save)
-                window = new_window()
+
+class Loop:
+    def __init__(self, config: dict, backend, pad_id: int, device: torch.device, rank: int, world: int):
+        self.config, self.backend, self.pad_id, self.device = config, backend, pad_id, device
+        self.rank, self.world = rank, world
+        self.optim = config["optim"]
+
+    def run(self, run: dict, meter: Meter, *, trainable: int, total_params: int, peak: tuple[float, str]) -> None:
+        import ray.train
+
+        config, optim = self.config, self.optim
+        total, per_epoch, accum = config["total_steps"], config["steps_per_epoch"], optim["grad_accum_steps"]
+        shard = ray.train.get_dataset_shard("train")
+        window = new_window()
+        step_start = time.perf_counter()
+        step_tokens = [0, 0, 0]  # fed, non-pad, labelled: this worker, this optimizer step
+        stop = run["step"] >= total
+        self.backend.train()
+        while not stop:
+            epoch, done_in_epoch = divmod(run["step"], per_epoch)
+            skip = done_in_epoch * accum  # micro-batches of this epoch already trained
+            batches = shard.iter_batches(batch_size=optim["batch_size"] * self.world, batch_format="numpy",
+                                         drop_last=True)
+            for i, global_batch in enumerate(batches):
+                if i < skip:
+                    continue
+                if i >= per_epoch * accum:
+                    break
+                boundary = (i + 1) % accum == 0
+                inputs = collate(my_rows(global_batch, self.rank, self.world), self.pad_id, self.device)
+                with self.backend.no_sync(boundary):
+                    with self.backend.autocast():
+                        loss, n_loss = causal_lm_loss(self.backend.module, inputs)
+                    self.backend.backward(loss, boundary)
+                window["loss_sum"] += loss.item() * n_loss
+                window["loss_tokens"] += n_loss
+                for j, n in enumerate((inputs["input_ids"].numel(), inputs["n_tokens"], n_loss)):
+                    step_tokens[j] += n
+                if not boundary:
+                    continue
+                grad_norm = self.backend.step()
+                run["step"] += 1
+                now = time.perf_counter()
+                meter.add(now - step_start, *step_tokens)
+                window["tokens"] += step_tokens[1]
+                step_tokens = [0, 0, 0]
+                stop = self.after_step(run, meter, window, epoch, grad_norm,
+                                       trainable=trainable, total_params=total_params, peak=peak)
+                if stop:
+                    break
+                if run["step"] % config["log_every"] == 0 or run["step"] % config["checkpoint_every"] == 0:
+                    window = new_window()
+                step_start = time.perf_counter()
+
+    def after_step(self, run: dict, meter: Meter, window: dict, epoch: int, grad_norm: float, **final) -> bool:
+        """Log, validate, checkpoint; returns True when training is over (last step or early stop)."""
+        config, step = self.config, run["step"]
+        last = step >= config["total_steps"]
+        save = last or step % config["checkpoint_every"] == 0
+        if not (save or step % config["log_every"] == 0):
+            return False
+        metrics = self.window_metrics(window, step, epoch, grad_norm)
+        early_stop = False
+        if save and (last or config["validate_at_checkpoints"]):
+            metrics.update(self.validate())
+            early_stop = should_stop(run["history"] + [metrics], config.get("early_stopping"))
+            if early_stop and self.rank == 0:
+                progress(f"early stop at step {step}: {config['early_stopping']['metric']} has not improved "
+                         f"for {config['early_stopping']['patience']} validations")
+        metrics["peak_memory_mb"] = round(peak_memory_mb(self.device)[0], 1)
+        run["history"].append(metrics)
+        run["meter"] = meter.state()
+        if self.rank == 0:
+            progress(format_metrics(metrics, config["total_steps"]))
+            live_log(config, metrics)
+        if not save and not early_stop:
+            ray_report(metrics)
+            return False
+        done = last or early_stop
+        efficiency = self.efficiency(meter, **final) if done else None
+        self.checkpoint(metrics, run, efficiency, final=done)
+        return done
+
+    def window_metrics(self, window: dict, step: int, epoch: int, grad_norm: float) -> dict:
+        elapsed = time.perf_counter() - window["start"]
+        loss_sum, loss_tokens, tokens = all_reduce_sum([window["loss_sum"], window["loss_tokens"], window["tokens"]])
+        return {"step": step, "epoch": epoch, "lr": self.backend.lr, "loss": round(loss_sum / max(loss_tokens, 1), 5),
+                "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean token loss per validation source over the whole (capped) validation set, and `val_loss`: the
+        token-weighted mean over the domain (trained) sources."""
+        import ray.train
+
+        self.backend.train(False)
+        sums: dict[str, list[float]] = {}
+        batches = ray.train.get_dataset_shard("val").iter_batches(
+            batch_size=self.config["val_batch_size"] * self.world, batch_format="numpy")
+        for global_batch in batches:
+            rows = my_rows(global_batch, self.rank, self.world)
+            with self.backend.autocast():
+                losses = row_losses(self.backend.module, collate(rows, self.pad_id, self.device))
+            for source, weight, (loss_sum, n) in zip(rows["source"], rows["_weight"], losses):
+                acc = sums.setdefault(str(source), [0.0, 0.0])
+                acc[0] += loss_sum * weight
+                acc[1] += n * weight
+        self.backend.train(True)
+        merged = all_reduce_sums(sums)
+        out = {f"val_loss/{s}": round(total / max(n, 1), 5) for s, (total, n) in merged.items()}
+        domain = [merged[s] for s in self.config["domain_sources"] if s in merged]
+        if domain:
+            out["val_loss"] = round(sum(t for t, _ in domain) / max(sum(n for _, n in domain), 1), 5)
+        return out
+
+    def efficiency(self, meter: Meter, *, trainable: int, total_params: int, peak: tuple[float, str]) -> dict:
+        import torch.distributed as dist
+
+        import ray
+
+        memory, kind = peak_memory_mb(self.device)
+        mine = {"meter": meter.state(), "memory": memory, "rank": self.rank,
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        gathered = [mine]
+        if dist.is_initialized() and self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, mine)
+        return efficiency_report([g["meter"] for g in gathered], total_params=total_params,
+                                 trainable_params=trainable, peak_flops=peak[0], peak_flops_source=peak[1],
+                                 memory_mb=[g["memory"] for g in gathered], memory_kind=kind,
+                                 method=self.config["method"]["name"], world_size=self.world) | {
+            "workers": [{k: g[k] for k in ("rank", "node_id", "pid")} for g in gathered]}
+
+    def checkpoint(self, metrics: dict, run: dict, efficiency: dict | None, final: bool) -> None:
+        """Every rank writes its part (its RNG; DeepSpeed partitions) and reports; Ray Train merges the
+        directories into one checkpoint in `storage_path`."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.backend.save(tmp, self.rank)
+            Path(tmp, RNG_DIR).mkdir()
+            torch.save(rng_state(), Path(tmp, RNG_DIR, f"rank{self.rank}.pt"))
+            probe = self.probe_logits() if final else None
+            if self.rank == 0:
+                Path(tmp, PROGRESS_FILE).write_text(json.dumps(run))
+                Path(tmp, METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in run["history"]))
+                if efficiency:
+                    Path(tmp, EFFICIENCY_FILE).write_text(json.dumps(efficiency, indent=2))
+                    progress(format_report(efficiency))
+                if probe:
+                    torch.save(probe, Path(tmp, PROBE_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    @torch.no_grad()
+    def probe_logits(self) -> dict:
+        """Logits of the trained model on two validation rows: the export is checked against them."""
+        import ray.train
+
+        batch = next(iter(ray.train.get_dataset_shard("val").iter_batches(batch_size=2, batch_format="numpy")))
+        inputs = collate(batch, self.pad_id, self.device)
+        self.backend.train(False)
+        with self.backend.autocast():
+            logits = self.backend.module(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                         position_ids=inputs.get("position_ids"), use_cache=False).logits
+        self.backend.train(True)
+        keep = {k: v.cpu() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        return {"inputs": keep, "logits": logits.float().cpu()}
+
+
+def my_rows(batch: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
+    """This rank's contiguous slice of a global batch, with a `_weight` column; a rank left without rows gets
+    one zero-weight copy of the first row so every rank runs the same number of forwards."""
+    n = len(next(iter(batch.values())))
+    per = -(-n // world)
+    lo, hi = min(rank * per, n), min((rank + 1) * per, n)
+    if lo == hi:
+        return {k: v[:1] for k, v in batch.items()} | {"_weight": np.zeros(1)}
+    return {k: v[lo:hi] for k, v in batch.items()} | {"_weight": np.ones(hi - lo)}
+
+
+def should_stop(history: list[dict], early: dict | None) -> bool:
+    """True when the last `patience` validations did not beat the best earlier one by `min_delta`."""
+    if not early:
+        return False
+    values = [m[early["metric"]] for m in history if early["metric"] in m]
+    if len(values) <= early["patience"]:
+        return False
+    best_before = min(values[:-early["patience"]])
+    return min(values[-early["patience"]:]) > best_before - early["min_delta"]
 
 
 def scored_token_losses(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,13 +296,6 @@ def row_losses(model, inputs: dict[str, torch.Tensor]) -> list[tuple[float, int]
     return [(float(s), int(n)) for s, n in zip(losses.sum(dim=1), mask.sum(dim=1))]
 
 
-def lora_config(settings: dict):
-    from peft import LoraConfig
-
-    return LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-                      target_modules=settings["target_modules"], task_type="CAUSAL_LM")
-
-
 def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict:
     """Right-pad a batch of variable-length examples (padding gets attention 0 and label -100), or stack a
     batch of packed rows with their position ids. `n_tokens` counts the real (non-pad) tokens."""
@@ -161,20 +316,14 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> 
             "n_tokens": sum(lengths)}
 
 
-@torch.no_grad()
-def validate(model, pad_id: int, device: torch.device, batch_size: int) -> dict:
-    """Mean token loss per validation source, summed over all workers' shards."""
-    import ray.train
+def all_reduce_sum(values: list[float]) -> list[float]:
+    import torch.distributed as dist
 
-    model.eval()
-    sums: dict[str, list[float]] = {}
-    for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=batch_size, batch_format="numpy"):
-        for source, (loss_sum, n) in zip(batch["source"], row_losses(model, collate(batch, pad_id, device))):
-            acc = sums.setdefault(str(source), [0.0, 0.0])
-            acc[0] += loss_sum
-            acc[1] += n
-    model.train()
-    return {f"val_loss/{source}": round(total / max(n, 1), 5) for source, (total, n) in all_reduce_sums(sums).items()}
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def all_reduce_sums(sums: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
@@ -182,7 +331,7 @@ def all_reduce_sums(sums: dict[str, list[float]]) -> dict[str, tuple[float, floa
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return {k: tuple(v) for k, v in sums.items()}
+        return {k: tuple(v) for k, v in sorted(sums.items())}
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, sums)
     merged: dict[str, list[float]] = {}
@@ -199,14 +348,10 @@ def new_window() -> dict:
     return {"tokens": 0, "loss_tokens": 0, "loss_sum": 0.0, "start": time.perf_counter()}
 
 
-def window_metrics(window: dict, step: int, epoch: int, lr: float, world: int) -> dict:
-    elapsed = time.perf_counter() - window["start"]
-    return {
-        "step": step, "epoch": epoch, "lr": lr,
-        "loss": round(window["loss_sum"] / max(window["loss_tokens"], 1), 5),
-        # every worker runs the same number of steps on same-sized batches, so tokens scale with world size
-        "tokens_per_s": round(window["tokens"] * world / max(elapsed, 1e-9), 1),
-    }
+def ray_report(metrics: dict) -> None:
+    import ray.train
+
+    ray.train.report(metrics)  # every worker reports: it is a barrier
 
 
 def progress(message: str) -> None:
@@ -215,38 +360,23 @@ def progress(message: str) -> None:
     print(f"[honed.train] {message}", file=sys.__stdout__, flush=True)
 
 
+def live_log(config: dict, record: dict) -> None:
+    """Append to the run's live log (`output_dir/progress.jsonl` on rank 0's node): every logged step as it
+    happens, steps redone after a failure included, plus `resumed` events."""
+    path = config.get("live_log")
+    if not path:
+        return
+    try:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record | {"time": round(time.time(), 3)}) + "\n")
+    except OSError:
+        pass  # rank 0 on a node without the driver's filesystem: the checkpointed metrics.jsonl is authoritative
+
+
 def format_metrics(m: dict, total_steps: int) -> str:
-    val = " ".join(f"{k}={v:.4f}" for k, v in m.items() if k.startswith("val_loss/"))
+    val = " ".join(f"{k}={v:.4f}" for k, v in m.items() if k.startswith("val_loss"))
     return (f"step {m['step']}/{total_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
             f"{m['tokens_per_s']:.0f} tok/s {val}").rstrip()
-
-
-def report(metrics, history, model, optimizer, scheduler, step, rank, save: bool) -> None:
-    """Every worker reports (it is a barrier); rank 0 attaches the checkpoint."""
-    import ray.train
-
-    if not (save and rank == 0):
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(os.path.join(tmp, "adapter"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "rng": rng_state()}, os.path.join(tmp, STATE_FILE))
-        Path(tmp, METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in history))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def load_state(ckpt_dir: str, model, optimizer, scheduler) -> tuple[int, list[dict]]:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(os.path.join(ckpt_dir, "adapter", "adapter_model.safetensors")))
-    state = torch.load(os.path.join(ckpt_dir, STATE_FILE), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    history = [json.loads(line) for line in Path(ckpt_dir, METRICS_FILE).read_text().splitlines()]
-    return state["step"], history
 
 
 def seed_everything(seed: int) -> None:
@@ -263,7 +393,3 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
