@@ -20,7 +20,7 @@ from honed.config import CONFIGS, ConfigError, dump_config, load_config
 
 COMMANDS = {
     "prepare": "clean, template, tokenize and split a corpus with Ray Data",
-    "train": "fine-tune with Ray Train (LoRA) from a prepared dataset",
+    "train": "fine-tune with Ray Train (full/DeepSpeed, LoRA, QLoRA, prefix, IA3) from a prepared dataset",
     "eval": "score base vs base+adapter on the held-out sets",
     "merge": "merge an adapter into its base and verify the logits",
     "serve": "serve base + adapters behind an OpenAI-compatible endpoint (Ray Serve)",
@@ -39,6 +39,13 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--print-config", action="store_true", help="print the validated config and exit")
         if name == "serve":
             sub.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
+        if name == "train":
+            how = sub.add_mutually_exclusive_group()
+            how.add_argument("--resume", action="store_true",
+                             help="continue the run `name` from its latest checkpoint; fail if it has none "
+                                  "(without a flag an existing run is continued, a new one started)")
+            how.add_argument("--restart", action="store_true",
+                             help="delete the run's local checkpoints first and train from step 0")
     return top
 
 
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    missing = missing_inputs(args.command, cfg)
+    missing = missing_inputs(args.command, cfg) or preflight(args, cfg)
     if missing:
         print(f"honed {args.command}: {missing}", file=sys.stderr)
         return 1
@@ -101,6 +108,30 @@ def missing_inputs(command: str, cfg) -> str | None:
     return None
 
 
+def preflight(args: argparse.Namespace, cfg) -> str | None:
+    """Train-only checks against the prepared dataset and the run's storage, before Ray starts."""
+    if args.command != "train":
+        return None
+    from honed.train.trainer import plan_run, run_checkpoints
+
+    try:
+        plan_run(cfg)
+    except ValueError as err:
+        return str(err)
+    checkpoints = run_checkpoints(cfg)
+    if args.resume and checkpoints is not None and not checkpoints:
+        return f"--resume: run '{cfg.name}' has no checkpoint under {cfg.storage_path or cfg.output_dir}; drop --resume"
+    if args.restart:
+        import shutil
+
+        from honed.train.trainer import run_dir
+
+        if "://" in run_dir(cfg):
+            return "--restart deletes local runs only; choose a new `name` for a cloud storage_path"
+        shutil.rmtree(run_dir(cfg), ignore_errors=True)
+    return None
+
+
 def run(command: str, cfg, detach: bool = False) -> None:
     if command == "prepare":
         from honed.data.pipeline import prepare
@@ -110,8 +141,11 @@ def run(command: str, cfg, detach: bool = False) -> None:
     elif command == "train":
         from honed.train.trainer import train
 
+        from honed.train.backends import artifact_name
+
         train(cfg)
-        print(f"[honed.train] adapter → {cfg.output_dir}/adapter", flush=True)
+        print(f"[honed.train] {artifact_name(cfg.method.model_dump())} → {cfg.output_dir}/"
+              f"{artifact_name(cfg.method.model_dump())}", flush=True)
     elif command == "eval":
         from honed.eval.evaluate import evaluate
 

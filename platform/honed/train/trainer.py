@@ -116,6 +116,24 @@ def build_loop_config(cfg: TrainConfig, manifest: dict, model_path: str) -> dict
     }
 
 
+def plan_run(cfg: TrainConfig) -> dict:
+    """The loop config for `cfg` on its prepared dataset; raises ValueError when they do not fit together."""
+    return build_loop_config(cfg, load_manifest(cfg.data_dir), "")
+
+
+def run_dir(cfg: TrainConfig) -> str:
+    base = storage_path(cfg)
+    return f"{base.rstrip('/')}/{cfg.name}" if "://" in base else str(Path(base) / cfg.name)
+
+
+def run_checkpoints(cfg: TrainConfig) -> list[str] | None:
+    """The run's checkpoint dirs in local storage (None for cloud storage, which is not listed here)."""
+    path = run_dir(cfg)
+    if "://" in path:
+        return None
+    return sorted(str(p) for p in Path(path).glob("checkpoint_*") if p.is_dir())
+
+
 def storage_path(cfg: TrainConfig) -> str:
     if cfg.storage_path and "://" in cfg.storage_path:
         return cfg.storage_path
