@@ -265,35 +265,39 @@ def should_stop(history: list[dict], early: dict | None) -> bool:
 
 
 def scored_token_losses(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token next-token losses [batch, positions] and the mask of labelled ones.
+    """Next-token losses of the labelled positions only, flattened, and the batch row of each.
 
-    Logits over the 49k vocabulary are built only from the first labelled position on: prompts (system +
-    question) carry no loss, so projecting them would be wasted work and memory."""
+    The 49k-way vocabulary projection and its softmax are the largest single cost of a small model's step;
+    prompts (system + question) and padding carry no loss, so the model is asked for logits at labelled
+    positions only (a boolean `logits_to_keep`: hidden states are gathered before `lm_head`)."""
     labels = inputs["labels"]
-    scored = (labels[:, 1:] != -100).any(dim=0).nonzero()
-    start = int(scored[0]) if len(scored) else 0  # logits at position p predict token p + 1
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100  # logits at position p predict token p + 1
     # Packed rows carry position ids and no mask: the model then keeps attention inside each example
     # (transformers builds that block-diagonal mask only when no KV cache is in play, hence use_cache=False).
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                   position_ids=inputs.get("position_ids"), use_cache=False,
-                   logits_to_keep=labels.shape[1] - start).logits[:, :-1]
-    targets = labels[:, start + 1:]
-    losses = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="none")
-    return losses.view(targets.shape), targets != -100
+                   position_ids=inputs.get("position_ids"), use_cache=False, logits_to_keep=keep).logits
+    if logits.dim() == 3:  # a model without boolean logits_to_keep returned every position
+        logits = logits[keep]
+    targets = labels[:, 1:][keep[:, :-1]]
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    return losses, keep.nonzero()[:, 0]
 
 
 def causal_lm_loss(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Mean loss over the batch's labelled tokens, and their number."""
-    losses, mask = scored_token_losses(model, inputs)
-    n = int(mask.sum())
+    losses, _ = scored_token_losses(model, inputs)
+    n = losses.numel()
     return losses.sum() / max(n, 1), n
 
 
 def row_losses(model, inputs: dict[str, torch.Tensor]) -> list[tuple[float, int]]:
     """(sum of losses, number of labelled tokens) per row, for per-source validation."""
-    losses, mask = scored_token_losses(model, inputs)
-    return [(float(s), int(n)) for s, n in zip(losses.sum(dim=1), mask.sum(dim=1))]
+    losses, rows = scored_token_losses(model, inputs)
+    n_rows = inputs["labels"].shape[0]
+    sums = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, rows, losses.double())
+    counts = torch.bincount(rows, minlength=n_rows)
+    return [(float(s), int(n)) for s, n in zip(sums, counts)]
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict:
