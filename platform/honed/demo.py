@@ -90,12 +90,16 @@ def post_json(url: str, body: dict) -> dict:
 
 def render_report(summary: dict, run: Path) -> str:
     from honed.eval.evaluate import comparison_table
+    from honed.train.efficiency import format_report
 
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings_s"].items())
     lines = [
         "# honed demo", "",
         f"Run dir: `{run}`. Stage times: {timings} (total {sum(summary['timings_s'].values()):.0f}s).", "",
         f"Data: {summary['counts']}", "",
+        f"Training ({summary['final_train_metrics'].get('step')} steps): loss "
+        f"{summary['final_train_metrics'].get('loss')}, "
+        + format_report(summary["final_train_metrics"]["efficiency"]), "",
         "## Before (base) / after (base + LoRA adapter), held-out ICD-10-CM codes", "",
         comparison_table(summary["scores"]), "",
         f"Merge: max |merged − adapter logits| = {summary['merge']['max_abs_logit_diff']:.2e} "
