@@ -390,6 +390,10 @@ class EarlyStopping(Section):
     min_delta: float = Field(default=0.0, ge=0)
 
 
+def is_val_metric(name: str) -> bool:
+    return name == "val_loss" or (name.startswith("val_loss/") and len(name) > len("val_loss/"))
+
+
 class TrainConfig(Section):
     """`honed train`: a prepared dataset dir → Ray Train → `output_dir/{adapter|model, metrics.jsonl,
     efficiency.json}`."""
@@ -428,10 +432,10 @@ class TrainConfig(Section):
         if m.deepspeed.enabled and self.optim.optimizer != "adamw":
             raise ValueError(f"optim.optimizer '{self.optim.optimizer}' cannot be combined with DeepSpeed, which "
                              "builds its own AdamW (CPU Adam when offloading); use adamw")
-        if self.checkpoint_metric and not self.checkpoint_metric.startswith("val_loss"):
+        if self.checkpoint_metric and not is_val_metric(self.checkpoint_metric):
             raise ValueError(f"checkpoint_metric '{self.checkpoint_metric}' is not a validation metric; "
                              "use val_loss or val_loss/<source>")
-        if self.early_stopping and not self.early_stopping.metric.startswith("val_loss"):
+        if self.early_stopping and not is_val_metric(self.early_stopping.metric):
             raise ValueError(f"early_stopping.metric '{self.early_stopping.metric}' is not a validation metric; "
                              "use val_loss or val_loss/<source>")
         return self

@@ -254,14 +254,15 @@ def my_rows(batch: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np
 
 
 def should_stop(history: list[dict], early: dict | None) -> bool:
-    """True when the last `patience` validations did not beat the best earlier one by `min_delta`."""
+    """True when the last `patience` validations did not beat the best earlier one by more than `min_delta`
+    (an equal value is no improvement)."""
     if not early:
         return False
     values = [m[early["metric"]] for m in history if early["metric"] in m]
     if len(values) <= early["patience"]:
         return False
     best_before = min(values[:-early["patience"]])
-    return min(values[-early["patience"]:]) > best_before - early["min_delta"]
+    return min(values[-early["patience"]:]) >= best_before - early["min_delta"]
 
 
 def scored_token_losses(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,7 +102,7 @@ def param_groups(model, method: dict, optim: dict) -> list[dict]:
         if not p.requires_grad:
             continue
         lr = adapter_lr if adapter_lr and ("lora_A" in name or "lora_B" in name) else optim["lr"]
-        decay = optim["weight_decay"] if p.ndim >= 2 else 0.0
+        decay = optim["weight_decay"] if p.ndim >= 2 and min(p.shape) > 1 else 0.0  # IA3 vectors are (n, 1)
         groups.setdefault((lr, decay), []).append(p)
     return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 

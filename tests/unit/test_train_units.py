@@ -1,0 +1,552 @@
+"""Training building blocks without Ray: QLoRA numerics, the peft methods and their optimizer groups, the
+generated DeepSpeed config, config validation (and the CLI refusing before Ray starts), and the loop's
+pure helpers (row slicing, early stopping, efficiency accounting)."""
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from honed.config import ConfigError, MethodConfig, OptimConfig, TrainConfig, load_config
+from honed.train.backends import deep_merge, deepspeed_config
+from honed.train.efficiency import Meter, efficiency_report, measure_peak_flops
+from honed.train.loop import causal_lm_loss, collate, my_rows, should_stop
+from honed.train.methods import build_model, count_params, make_optimizer, param_groups, peft_config
+
+CPU = torch.device("cpu")
+# The tiny Llama: 2 layers x (q, k, v, o, gate, up, down); lm_head is tied to the embeddings and never quantized.
+LINEARS_PER_LAYER, LAYERS = 7, 2
+
+
+def method(name: str, **settings) -> dict:
+    return MethodConfig(name=name, **settings).model_dump()
+
+
+def optim(**settings) -> dict:
+    return OptimConfig(**settings).model_dump()
+
+
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fixed_batch(seed: int = 0) -> dict:
+    """Three right-padded rows of different lengths; the first 5 tokens of each are prompt (no loss)."""
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(3, 500, n) for n in (20, 13, 17)]
+    labels = [np.where(np.arange(len(x)) < 5, -100, x) for x in ids]
+    return collate({"input_ids": ragged(ids), "labels": ragged(labels)}, pad_id=0, device=CPU)
+
+
+def ragged(rows: list[np.ndarray]) -> np.ndarray:
+    """A 1-D object array of variable-length rows, as Ray Data's numpy batches hold them."""
+    return np.array(rows + [None], dtype=object)[:-1]
+
+
+def randomize_(params, seed: int, scale: float = 0.05) -> None:
+    """Non-zero LoRA weights: with peft's B = 0 init the gradient of every A would be exactly 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+# ------------------------------------------------------------------------------------------ 1. QLoRA
+def test_qlora_gradients_match_fp32_lora_on_the_dequantized_weights(tiny_model):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    spec = method("qlora", lora={"dropout": 0.0}, quant={"quant_type": "nf4", "double_quant": True})
+    qlora = build_model(spec, tiny_model, "auto", CPU)
+    qlora.train()
+
+    # The base really is 4-bit: every linear layer (hidden 64 / 128 in-features: each row is a whole number
+    # of 64-value blocks) is a Linear4bit holding packed NF4 with double-quantized block constants.
+    quantized = {n.removesuffix(".base_layer"): m for n, m in qlora.get_base_model().named_modules()
+                 if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(quantized) == LINEARS_PER_LAYER * LAYERS
+    for name, module in quantized.items():
+        w, state = module.weight, module.weight.quant_state
+        assert w.dtype == torch.uint8 and state is not None, name
+        assert state.quant_type == "nf4" and state.nested, name  # nested = double quant
+        assert tuple(state.shape) == (module.out_features, module.in_features)
+        assert w.numel() * 2 == state.shape.numel()  # two 4-bit values per byte
+        assert state.shape.numel() % state.blocksize == 0
+        assert module.compute_dtype == torch.float32  # `auto` on CPU
+    randomize_(trainable(qlora).values(), seed=1)
+
+    # The reference: the same architecture in fp32 whose linear weights ARE the dequantized 4-bit weights.
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    reference.config.use_cache = False
+    quant_error = 0.0
+    with torch.no_grad():
+        for name, module in quantized.items():
+            target = reference.get_submodule(name)
+            dequantized = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            quant_error = max(quant_error, float((target.weight - dequantized).abs().max()))
+            target.weight.copy_(dequantized)
+    # NF4 moves the weights visibly (std-0.1 init, 16 levels per block): the comparison below is not vacuous.
+    assert 1e-3 < quant_error < 0.1
+    reference = get_peft_model(reference, peft_config(spec))
+    reference.train()
+    adapter = get_peft_model_state_dict(qlora)
+    set_peft_model_state_dict(reference, adapter)
+    ref_params = trainable(reference)
+    assert ref_params.keys() == trainable(qlora).keys()
+    for name, p in trainable(qlora).items():
+        assert torch.equal(ref_params[name], p)
+    # 4-bit weights count as their unpacked number of values: totals agree with the fp32 model.
+    assert count_params(qlora) == count_params(reference)
+
+    batch = fixed_batch()
+    q_loss, q_n = causal_lm_loss(qlora, batch)
+    q_loss.backward()
+    r_loss, r_n = causal_lm_loss(reference, batch)
+    r_loss.backward()
+
+    # Tolerance: on CPU bitsandbytes' 4-bit matmul dequantizes the block to the fp32 compute dtype and calls
+    # the same dense matmul, so this is bit-exact today (max |Δ| = 0 for the loss and all 56 gradients).
+    # rtol 1e-4 / atol 1e-6 leaves room for a fused 4-bit GEMM (the optional `kernels` package, or GPU
+    # kernels) summing in a different order — ~1e-7 relative in fp32 — while a wrong scale, a missed
+    # module or gradients flowing through the original instead of the quantized weights is off by >1e-3.
+    assert q_n == r_n == sum(n - 5 for n in (20, 13, 17))  # every labelled token, padding excluded
+    torch.testing.assert_close(q_loss, r_loss, rtol=1e-5, atol=1e-6)
+    grads_q = {n: p.grad for n, p in trainable(qlora).items()}
+    grads_r = {n: p.grad for n, p in ref_params.items()}
+    assert all(g is not None and g.abs().max() > 1e-4 for g in grads_q.values())
+    for name, grad in grads_q.items():
+        torch.testing.assert_close(grad, grads_r[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert all(p.grad is None for n, p in qlora.named_parameters() if not p.requires_grad)
+
+    # Sensitivity check: the fp32 model on the ORIGINAL (unquantized) weights gives a different loss.
+    original = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                              peft_config(spec))
+    set_peft_model_state_dict(original, adapter)
+    original.config.use_cache = False
+    with torch.no_grad():
+        o_loss, _ = causal_lm_loss(original.train(), batch)
+    assert abs(float(o_loss) - float(q_loss)) > 1e-4
+
+
+# ------------------------------------------------------------------------- 2. methods, groups, optimizers
+@pytest.mark.parametrize("name, settings, markers, count", [
+    ("lora", {}, {"lora_A", "lora_B"}, 2 * LINEARS_PER_LAYER * LAYERS),
+    ("lora", {"lora": {"use_dora": True}}, {"lora_A", "lora_B", "lora_magnitude_vector"},
+     3 * LINEARS_PER_LAYER * LAYERS),
+    ("prefix", {}, {"prompt_encoder"}, 1),
+    ("ia3", {}, {"ia3_l"}, 3 * LAYERS),  # peft's Llama defaults: k_proj, v_proj, down_proj
+])
+def test_peft_methods_train_only_their_own_parameters(tiny_model, name, settings, markers, count):
+    model = build_model(method(name, **settings), tiny_model, "auto", CPU)
+    params = trainable(model)
+    assert len(params) == count
+    found = set()
+    for pname in params:
+        hit = {m for m in markers if m in pname}
+        assert len(hit) == 1, f"{pname} is trainable but is none of {sorted(markers)}"
+        found |= hit
+    assert found == markers
+    n_trainable, total = count_params(model)
+    assert n_trainable == sum(p.numel() for p in params.values())
+    assert 0 < n_trainable < total / 2
+
+
+def test_full_method_trains_every_weight_in_fp32(tiny_model):
+    model = build_model(method("full"), tiny_model, "auto", CPU)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    n_trainable, total = count_params(model)
+    assert n_trainable == total == sum(p.numel() for p in model.parameters())
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r(tiny_model):
+    def scaling(use_rslora):
+        model = build_model(method("lora", lora={"r": 4, "alpha": 8, "use_rslora": use_rslora}), tiny_model,
+                            "auto", CPU)
+        values = [m.scaling["default"] for m in model.modules() if hasattr(m, "lora_A") and m.lora_A]
+        assert len(values) == LINEARS_PER_LAYER * LAYERS
+        return values
+
+    assert scaling(False) == pytest.approx([8 / 4] * LINEARS_PER_LAYER * LAYERS)
+    assert scaling(True) == pytest.approx([8 / 4 ** 0.5] * LINEARS_PER_LAYER * LAYERS)
+
+
+def group_of(groups: list[dict]) -> dict[int, tuple[float, float]]:
+    return {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+
+
+def test_param_groups_adapter_lr_and_decay_on_matrices_only(tiny_model):
+    spec = method("lora", lora={"use_dora": True, "lr": 1e-3})
+    model = build_model(spec, tiny_model, "auto", CPU)
+    groups = param_groups(model, spec, optim(lr=2e-3, weight_decay=0.1))
+    where = group_of(groups)
+    params = trainable(model)
+    assert len(where) == len(params)  # every trainable weight exactly once, nothing frozen
+    for name, p in params.items():
+        if "lora_A" in name or "lora_B" in name:
+            assert p.ndim == 2 and where[id(p)] == (1e-3, 0.1), name
+        else:  # DoRA magnitudes: optim.lr, no decay
+            assert "lora_magnitude_vector" in name and p.ndim == 1 and where[id(p)] == (2e-3, 0.0), name
+    # lora.lr unset: everything at optim.lr
+    plain = param_groups(model, method("lora", lora={"use_dora": True}), optim(lr=2e-3, weight_decay=0.1))
+    assert {lr for lr, _ in group_of(plain).values()} == {2e-3}
+
+
+def test_param_groups_full_method_decays_matrices_not_norms(tiny_model):
+    model = build_model(method("full"), tiny_model, "auto", CPU)
+    where = group_of(param_groups(model, method("full"), optim(lr=5e-4, weight_decay=0.01)))
+    for name, p in model.named_parameters():
+        expected = 0.01 if p.ndim >= 2 else 0.0
+        assert where[id(p)] == (5e-4, expected), name
+    assert any("norm" in n for n, p in model.named_parameters() if where[id(p)][1] == 0.0)
+
+
+def test_param_groups_no_decay_on_ia3_scale_vectors(tiny_model):
+    spec = method("ia3")
+    model = build_model(spec, tiny_model, "auto", CPU)
+    where = group_of(param_groups(model, spec, optim(weight_decay=0.1)))
+    for name, p in trainable(model).items():
+        assert where[id(p)][1] == 0.0, f"{name} {tuple(p.shape)} gets weight decay"
+
+
+@pytest.mark.parametrize("name, cls", [
+    ("adamw", "torch.optim.adamw.AdamW"),
+    ("adamw_8bit", "bitsandbytes.optim.adamw.AdamW8bit"),
+    ("paged_adamw_8bit", "bitsandbytes.optim.adamw.PagedAdamW8bit"),
+    ("paged_adamw_32bit", "bitsandbytes.optim.adamw.PagedAdamW32bit"),
+])
+def test_make_optimizer_builds_the_named_class_and_steps_on_cpu(tiny_model, name, cls):
+    spec = method("lora", lora={"dropout": 0.0, "lr": 5e-3})
+    model = build_model(spec, tiny_model, "auto", CPU)
+    params = trainable(model)
+    randomize_(params.values(), seed=2)
+    settings = optim(optimizer=name, lr=2e-3, weight_decay=0.01, betas=(0.8, 0.95))
+    opt = make_optimizer(settings, param_groups(model, spec, settings))
+    assert f"{type(opt).__module__}.{type(opt).__qualname__}" == cls
+    assert {g["lr"] for g in opt.param_groups} == {5e-3}  # the group's lr wins over the default
+    assert all(tuple(g["betas"]) == (0.8, 0.95) for g in opt.param_groups)
+
+    batch = fixed_batch(seed=3)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    first = None
+    for _ in range(3):
+        loss, _ = causal_lm_loss(model, batch)
+        first = float(loss) if first is None else first
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    after, _ = causal_lm_loss(model, batch)
+    assert all(torch.isfinite(p).all() and not torch.equal(p, before[n]) for n, p in params.items())
+    assert all(torch.equal(p, p) for p in model.parameters())  # no NaN anywhere
+    assert float(after) < first
+    assert len(opt.state) == len(params)
+
+
+# ------------------------------------------------------------------------------------ 3. DeepSpeed config
+def ds_method(**deepspeed) -> dict:
+    return method("full", deepspeed=deepspeed)
+
+
+def test_deepspeed_config_stage_batch_and_clipping():
+    cfg = deepspeed_config(ds_method(zero_stage=2), optim(batch_size=4, grad_accum_steps=3, grad_clip=0.5, lr=1e-4,
+                                                          weight_decay=0.02, betas=(0.9, 0.95)),
+                           torch.float32, world_size=5, use_gpu=False)
+    assert cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 3
+    assert cfg["train_batch_size"] == 4 * 3 * 5
+    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["zero_optimization"] == {"stage": 2}  # no offload blocks, no stage-3 keys
+    assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.02,
+                                                            "torch_adam": True}}
+    assert cfg["bf16"] == {"enabled": False} and cfg["fp16"]["enabled"] is False
+    # grad_clip null = no clipping, which DeepSpeed spells 0
+    assert deepspeed_config(ds_method(zero_stage=1), optim(grad_clip=None), torch.float32, 1, False)[
+        "gradient_clipping"] == 0.0
+
+
+@pytest.mark.parametrize("dtype, bf16, fp16", [(torch.bfloat16, True, False), (torch.float16, False, True),
+                                                (torch.float32, False, False)])
+def test_deepspeed_config_precision_follows_dtype(dtype, bf16, fp16):
+    cfg = deepspeed_config(ds_method(zero_stage=1), optim(), dtype, 1, True)
+    assert cfg["bf16"]["enabled"] is bf16
+    assert cfg["fp16"]["enabled"] is fp16
+    assert cfg["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+def test_deepspeed_config_offload_blocks_and_cpu_adam(use_gpu):
+    cfg = deepspeed_config(ds_method(zero_stage=3, offload_optimizer=True, offload_params=True), optim(),
+                           torch.bfloat16, 2, use_gpu)
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": use_gpu}
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": use_gpu}
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "torch_adam" not in cfg["optimizer"]["params"]  # offloaded states: DeepSpeed's CPU Adam
+
+    only_opt = deepspeed_config(ds_method(zero_stage=2, offload_optimizer=True), optim(), torch.float32, 1, use_gpu)
+    assert "offload_param" not in only_opt["zero_optimization"]
+    assert "stage3_gather_16bit_weights_on_model_save" not in only_opt["zero_optimization"]
+    assert "torch_adam" not in only_opt["optimizer"]["params"]
+    on_device = deepspeed_config(ds_method(zero_stage=3), optim(), torch.float32, 1, use_gpu)
+    assert on_device["optimizer"]["params"]["torch_adam"] is True
+    assert "offload_optimizer" not in on_device["zero_optimization"]
+
+
+def test_deepspeed_raw_config_merges_recursively_over_the_generated_one():
+    raw = {"zero_optimization": {"reduce_bucket_size": 5e7, "stage3_gather_16bit_weights_on_model_save": False},
+           "optimizer": {"params": {"eps": 1e-6, "lr": 3e-5}}, "gradient_clipping": 2.0,
+           "activation_checkpointing": {"partition_activations": True}}
+    spec = ds_method(zero_stage=3, offload_optimizer=True, config=raw)
+    cfg = deepspeed_config(spec, optim(lr=1e-4), torch.bfloat16, 2, True)
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"  # generated nested keys kept
+    assert zero["reduce_bucket_size"] == 5e7  # raw nested key added
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is False  # raw nested key wins
+    assert cfg["optimizer"]["type"] == "AdamW"
+    assert cfg["optimizer"]["params"]["eps"] == 1e-6 and cfg["optimizer"]["params"]["lr"] == 3e-5
+    assert cfg["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    assert cfg["gradient_clipping"] == 2.0
+    assert cfg["activation_checkpointing"] == {"partition_activations": True}
+    assert cfg["train_batch_size"] == 8 * 1 * 2
+    assert spec["deepspeed"]["config"] == raw  # the method dict is not mutated
+
+
+def test_deep_merge_does_not_mutate_and_replaces_non_dicts():
+    base = {"a": {"b": 1, "c": {"d": 2}}, "e": [1]}
+    merged = deep_merge(base, {"a": {"c": {"x": 3}}, "e": {"now": "a dict"}})
+    assert merged == {"a": {"b": 1, "c": {"d": 2, "x": 3}}, "e": {"now": "a dict"}}
+    assert base == {"a": {"b": 1, "c": {"d": 2}}, "e": [1]}
+    assert deep_merge(base, {"a": 5}) == {"a": 5, "e": [1]}
+
+
+# ----------------------------------------------------------------------------- 4. bad configs fail early
+BAD_CONFIGS = {
+    "unknown method": (["method.name=dora"], ["method.name = 'dora'", "'full', 'lora', 'qlora', 'prefix' or 'ia3'"]),
+    "lora rank 0": (["method.lora.r=0"], ["method.lora.r = 0", "greater than 0"]),
+    "zero stage 4": (["method.name=full", "method.deepspeed.zero_stage=4"],
+                     ["method.deepspeed.zero_stage = 4", "0, 1, 2 or 3"]),
+    "quant with full": (["method.name=full", "method.quant.quant_type=nf4"],
+                        ["'quant' settings apply to method qlora, not 'full'"]),
+    "deepspeed with qlora": (["method.name=qlora", "method.deepspeed.zero_stage=2"],
+                             ["'deepspeed' settings apply to method full / lora, not 'qlora'"]),
+    "offload params below stage 3": (
+        ["method.name=full", "method.deepspeed.zero_stage=2", "method.deepspeed.offload_params=true"],
+        ["method.deepspeed", "offload_params needs zero_stage 3 (got 2)"]),
+    "offload optimizer without zero": (["method.name=full", "method.deepspeed.offload_optimizer=true"],
+                                       ["method.deepspeed", "offload_optimizer needs zero_stage 1, 2 or 3 (got None)"]),
+    "offload optimizer at stage 0": (
+        ["method.name=full", "method.deepspeed.zero_stage=0", "method.deepspeed.offload_optimizer=true"],
+        ["offload_optimizer needs zero_stage 1, 2 or 3 (got 0)"]),
+    "batch size in raw config": (
+        ["method.name=full", "method.deepspeed.zero_stage=2",
+         "method.deepspeed.config={train_batch_size: 64, gradient_accumulation_steps: 2}"],
+        ["method.deepspeed", "config may not set ['gradient_accumulation_steps', 'train_batch_size']",
+         "optim.batch_size"]),
+    "raw config without deepspeed": (["method.deepspeed.config={zero_optimization: {reduce_bucket_size: 1}}"],
+                                     ["config is given but zero_stage is null"]),
+    "prefix with checkpointing": (["method.name=prefix", "method.activation_checkpointing=true"],
+                                  ["prefix tuning cannot use activation_checkpointing"]),
+    "float16 on cpu": (["model.dtype=float16"], ["model.dtype float16 needs scaling.use_gpu: true"]),
+    "bnb optimizer with deepspeed": (
+        ["method.name=full", "method.deepspeed.zero_stage=2", "optim.optimizer=paged_adamw_8bit"],
+        ["optim.optimizer 'paged_adamw_8bit' cannot be combined with DeepSpeed", "use adamw"]),
+    "checkpoint metric not val": (["checkpoint_metric=loss"],
+                                  ["checkpoint_metric 'loss' is not a validation metric", "val_loss/<source>"]),
+    "early stopping metric not val": (["early_stopping.metric=tokens_per_s"],
+                                      ["early_stopping.metric 'tokens_per_s' is not a validation metric"]),
+    "unknown deepspeed key": (["method.name=full", "method.deepspeed.stage=2"],
+                              ["method.deepspeed.stage: unknown key", "zero_stage"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_train_configs_fail_at_load_naming_key_and_allowed(case):
+    overrides, expected = BAD_CONFIGS[case]
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, None, overrides)
+    for text in expected:
+        assert text in str(err.value), f"{text!r} not in {err.value}"
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method.name=full", "method.deepspeed.zero_stage=3", "method.deepspeed.offload_params=true",
+     "method.deepspeed.offload_optimizer=true", "method.deepspeed.config={zero_optimization: {sub_group_size: 1}}"],
+    ["method.name=lora", "method.deepspeed.zero_stage=0"],
+    ["method.name=qlora", "method.quant.quant_type=fp4", "optim.optimizer=paged_adamw_8bit"],
+    ["model.dtype=float16", "scaling.use_gpu=true"],
+    ["checkpoint_metric=val_loss/icd10", "early_stopping.patience=2"],
+    ["method.name=ia3", "method.activation_checkpointing=true"],
+])
+def test_neighbouring_good_configs_still_load(overrides):
+    assert load_config(TrainConfig, None, overrides) is not None
+
+
+def test_checkpoint_metric_must_be_val_loss_or_a_source():
+    with pytest.raises(ConfigError, match="not a validation metric"):
+        load_config(TrainConfig, None, ["checkpoint_metric=val_lossy"])
+
+
+def honed_script() -> str:
+    script = Path(sys.executable).with_name("honed")
+    found = str(script) if script.is_file() else shutil.which("honed")
+    if not found:
+        pytest.skip("the `honed` console script is not installed")
+    return found
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("method:\n  name: qlora\n  deepspeed:\n    zero_stage: 2\n",
+     "'deepspeed' settings apply to method full / lora, not 'qlora'"),
+    ("method:\n  name: full\n  deepspeed:\n    zero_stage: 1\n    offload_params: true\n",
+     "offload_params needs zero_stage 3 (got 1)"),
+])
+def test_honed_train_cli_exits_before_ray_on_bad_config(tmp_path, yaml_text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml_text)
+    # A stand-in `ray` first on the path: importing it leaves a marker and fails, so a CLI that touched Ray
+    # before validating would be caught even if it swallowed the error.
+    fake = tmp_path / "fake" / "ray"
+    fake.mkdir(parents=True)
+    marker = tmp_path / "ray_was_imported"
+    fake.joinpath("__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('fake ray')\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(fake.parent), "HOME": str(tmp_path)}
+    start = time.perf_counter()
+    proc = subprocess.run([honed_script(), "train", str(bad)], capture_output=True, text=True, timeout=60, env=env,
+                          check=False)
+    elapsed = time.perf_counter() - start
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert f"invalid TrainConfig in {bad}" in proc.stderr and message in proc.stderr
+    assert not marker.exists(), "honed train imported ray before rejecting the config"
+    assert "Started a local Ray instance" not in out and "ray.init" not in out.lower()
+    assert elapsed < 30
+
+
+def test_cli_main_never_reaches_init_ray_on_bad_config(monkeypatch, capsys, tmp_path):
+    import honed.runtime
+    from honed.cli import main
+
+    monkeypatch.setattr(honed.runtime, "init_ray", lambda *a, **k: pytest.fail("init_ray called"))
+    for overrides, expected in BAD_CONFIGS.values():
+        assert main(["train", *overrides, f"data_dir={tmp_path}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("honed train: invalid TrainConfig")
+        assert all(text in err for text in expected)
+
+
+# --------------------------------------------------------------------------------------- 5. loop helpers
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 16, 17])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_my_rows_slices_cover_every_row_once(n, world):
+    batch = {"input_ids": np.arange(n) * 10, "source": np.array([f"s{i}" for i in range(n)])}
+    seen = []
+    for rank in range(world):
+        rows = my_rows(batch, rank, world)
+        assert set(rows) == {"input_ids", "source", "_weight"}
+        assert len(rows["input_ids"]) == len(rows["source"]) == len(rows["_weight"]) >= 1
+        if rows["_weight"].sum() == 0:  # a rank without rows: one zero-weight stand-in row
+            assert len(rows["_weight"]) == 1 and rows["input_ids"][0] == batch["input_ids"][0]
+            continue
+        assert np.all(rows["_weight"] == 1)
+        ids = rows["input_ids"] // 10
+        assert np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids)))  # contiguous
+        assert list(rows["source"]) == [f"s{i}" for i in ids]  # columns stay aligned
+        seen.extend(ids.tolist())
+    assert seen == list(range(n))  # in rank order, each row exactly once
+
+
+def test_my_rows_rank_without_rows_gets_one_zero_weight_row():
+    batch = {"input_ids": np.array([7, 8]), "labels": np.array([1, 2])}
+    parts = [my_rows(batch, r, 4) for r in range(4)]
+    assert [p["_weight"].tolist() for p in parts] == [[1.0], [1.0], [0.0], [0.0]]
+    assert [p["input_ids"].tolist() for p in parts] == [[7], [8], [7], [7]]
+    # an even batch splits evenly
+    even = [my_rows({"x": np.arange(8)}, r, 4)["x"].tolist() for r in range(4)]
+    assert even == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def hist(*values, metric="val_loss"):
+    return [{metric: v, "step": i} for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("values, patience, min_delta, stop", [
+    ((3.0, 2.0, 1.5, 1.2, 1.0), 2, 0.0, False),  # improving
+    ((1.0, 0.99, 0.98), 1, 0.05, True),  # improving, but by less than min_delta
+    ((1.0, 0.9), 2, 0.0, False),  # too few validations to judge
+    ((1.0, 1.1, 1.2), 2, 0.0, True),  # getting worse for `patience` validations
+    ((1.0, 1.1, 0.95), 2, 0.0, False),  # noisy: a dip below the best inside the window
+    ((1.0, 0.8, 0.9, 0.85, 0.79), 3, 0.0, False),  # noisy, new best at the end
+    ((1.0, 0.8, 0.9, 0.85, 0.79), 3, 0.02, True),  # same, but 0.01 is below min_delta
+    ((1.0, 0.8, 0.9, 0.85, 0.81), 2, 0.0, True),  # noisy, never back to the best
+    ((1.0, 1.0, 1.0), 2, 0.01, True),  # flat
+])
+def test_should_stop_patience_and_min_delta(values, patience, min_delta, stop):
+    early = {"metric": "val_loss", "patience": patience, "min_delta": min_delta}
+    assert should_stop(hist(*values), early) is stop
+
+
+def test_should_stop_reads_only_its_metric_and_is_off_without_config():
+    early = {"metric": "val_loss/icd10", "patience": 1, "min_delta": 0.0}
+    history = [{"val_loss/icd10": 1.0}, {"loss": 0.1}, {"loss": 0.05}, {"val_loss/icd10": 1.2, "val_loss": 0.1}]
+    assert should_stop(history, early) is True  # training-loss entries neither count nor reset patience
+    assert should_stop(history[:3], early) is False
+    assert should_stop(hist(1.0, 2.0, 3.0), None) is False
+
+
+def test_should_stop_on_exactly_flat_metric_with_zero_min_delta():
+    assert should_stop(hist(1.0, 1.0, 1.0), {"metric": "val_loss", "patience": 2, "min_delta": 0.0}) is True
+
+
+def test_meter_excludes_warmup_steps_and_round_trips():
+    meter = Meter(warmup=2)
+    for seconds, tokens, real, labelled in [(9.0, 999, 999, 999), (8.0, 888, 888, 888),
+                                            (1.0, 100, 80, 40), (2.0, 120, 90, 50)]:
+        meter.add(seconds, tokens, real, labelled)
+    state = meter.state()
+    assert state == {"warmup": 2, "steps": 4, "seconds": 3.0, "tokens": 220, "real_tokens": 170, "loss_tokens": 90}
+    again = Meter()
+    again.restore(state)
+    again.add(1.0, 10, 10, 10)  # a restored meter keeps counting past its warm-up
+    assert again.steps == 5 and again.tokens == 230
+    assert meter.state() == state  # state() is a copy
+
+
+def test_efficiency_report_on_hand_made_numbers():
+    meters = [
+        {"warmup": 2, "steps": 6, "seconds": 3.0, "tokens": 1000, "real_tokens": 800, "loss_tokens": 300},
+        {"warmup": 2, "steps": 6, "seconds": 4.0, "tokens": 1000, "real_tokens": 600, "loss_tokens": 200},
+    ]
+    r = efficiency_report(meters, total_params=1_000_000, trainable_params=10_000, peak_flops=1e10,
+                          peak_flops_source="config", memory_mb=[100.0, 250.55], memory_kind="cpu_max_rss",
+                          method="lora", world_size=2)
+    # the slowest worker's 4 s is the run's time
+    assert r["measured_steps"] == 4
+    assert r["step_time_s"] == 1.0
+    assert r["tokens_per_s"] == 500.0  # 2000 / 4
+    assert r["nonpad_tokens_per_s"] == 350.0  # 1400 / 4
+    assert r["padding_fraction"] == 0.3
+    assert r["labelled_tokens"] == 500
+    assert r["flops_per_token"] == 6_000_000
+    # MFU = 6 N · non-pad tokens/s / (peak · world) = 6e6 · 350 / (1e10 · 2)
+    assert r["mfu"] == pytest.approx(6e6 * 350 / (1e10 * 2)) == pytest.approx(0.105)
+    assert r["peak_memory_mb"] == 250.6 and r["peak_memory_mb_per_worker"] == [100.0, 250.6]
+    assert r["trainable_fraction"] == 0.01
+    assert (r["method"], r["world_size"], r["peak_flops_source"]) == ("lora", 2, "config")
+    # nothing measured yet (all steps in warm-up): no division by zero, no fake numbers
+    idle = efficiency_report([{"warmup": 2, "steps": 2, "seconds": 0.0, "tokens": 0, "real_tokens": 0,
+                               "loss_tokens": 0}], total_params=10, trainable_params=1, peak_flops=1e9,
+                             peak_flops_source="x", memory_mb=[1.0], memory_kind="k", method="full", world_size=1)
+    assert idle["step_time_s"] is None and idle["mfu"] == 0.0 and idle["tokens_per_s"] == 0.0
+    assert idle["padding_fraction"] is None
+
+
+def test_measure_peak_flops_is_plausible_on_cpu():
+    flops = measure_peak_flops(CPU, torch.float32, size=256, seconds=0.2)
+    assert 1e8 < flops < 1e14  # a CPU core does ~1e9-1e11 fp32 FLOP/s
