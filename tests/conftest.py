@@ -25,7 +25,11 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        # Without a dashboard Ray still points its state API at 127.0.0.1:8265; when another cluster's dashboard
+        # answers there, Ray Train's placement-group cleaner takes our controller for dead and removes the
+        # workers' placement group. A closed port makes its queries fail harmlessly instead.
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1"}})
     from honed.runtime import _quiet_data_logs
 
     _quiet_data_logs()

@@ -79,6 +79,7 @@ class Loop:
         self.config, self.backend, self.pad_id, self.device = config, backend, pad_id, device
         self.rank, self.world = rank, world
         self.optim = config["optim"]
+        self.probe_rows: dict | None = None
 
     def run(self, run: dict, meter: Meter, *, trainable: int, total_params: int, peak: tuple[float, str]) -> None:
         import ray.train
@@ -173,6 +174,8 @@ class Loop:
         batches = ray.train.get_dataset_shard("val").iter_batches(
             batch_size=self.config["val_batch_size"] * self.world, batch_format="numpy")
         for global_batch in batches:
+            if self.probe_rows is None:  # the export check reuses two rows instead of reading the set again
+                self.probe_rows = {k: v[:2] for k, v in global_batch.items()}
             rows = my_rows(global_batch, self.rank, self.world)
             with self.backend.autocast():
                 losses = row_losses(self.backend.module, collate(rows, self.pad_id, self.device))
@@ -229,10 +232,9 @@ class Loop:
     @torch.no_grad()
     def probe_logits(self) -> dict:
         """Logits of the trained model on two validation rows: the export is checked against them."""
-        import ray.train
-
-        batch = next(iter(ray.train.get_dataset_shard("val").iter_batches(batch_size=2, batch_format="numpy")))
-        inputs = collate(batch, self.pad_id, self.device)
+        if self.probe_rows is None:
+            self.validate()
+        inputs = collate(self.probe_rows, self.pad_id, self.device)
         self.backend.train(False)
         with self.backend.autocast():
             logits = self.backend.module(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
