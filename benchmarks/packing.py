@@ -1,0 +1,159 @@
+"""Useful (non-pad) tokens per second with packing vs padding, on the demo corpus, through honed.
+
+    .venv/bin/python benchmarks/packing.py            # 10 steps x 2 repeats each + loss variants (~12 min)
+    .venv/bin/python benchmarks/packing.py --quick    # 4 steps x 1 repeat
+
+The demo corpus (jobs/prepare_icd10.yaml) is prepared twice (cached under /tmp/honed-bench-train):
+  padded   data.pack off: one example a row; honed's collate right-pads each batch to its longest row
+  packed   data.pack.seq_len 512: examples concatenated into 512-token rows, position ids restarting per
+           example (attention stays inside each example)
+and the same LoRA job (SmolLM2-135M-Instruct, r 16, fp32, 1 worker, 1 thread, lr 2e-3, the same number of
+steps) trains on each: padded with batch 8 (~530 non-pad tokens a step), packed with batch 1 (~485 a step),
+so a step holds about the same number of real tokens. The figure is honed's own non-pad tokens/s
+(efficiency.json), runs in the order padded, packed, packed, padded, ... (each a fresh process); the ratio is
+packed / padded per pair and its median; `best_steps` compares the fastest third of each side's steps
+(pooled over repeats), which other jobs on a shared machine disturb least.
+
+Afterwards one process times a forward + backward of the first padded batch and the first packed batch with
+four loss variants (see `_train_bench.loss_variants`): honed's loss computes lm_head logits from the first
+labelled position of the batch on, which in a packed row is almost every position, while `labelled_only`
+projects only the labelled (response) positions: that shows what a change in honed's loss would give.
+Writes `benchmarks/results/packing.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from _train_bench import (
+    LORA,
+    MODEL,
+    WARMUP_STEPS_EXCLUDED,
+    WORK,
+    best_rate,
+    commit,
+    honed_config,
+    honed_step_rates,
+    honed_wall_rate,
+    log,
+    machine_info,
+    prepared_dataset,
+    public,
+    resolve_model_path,
+    run_process,
+    spread,
+    step_token_counts,
+    write_result,
+)
+
+GOAL = 2.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4 steps, 1 repeat, 1 variant pass")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=512, help="packed row length")
+    parser.add_argument("--batch-size", type=int, default=8, help="padded batch (examples)")
+    parser.add_argument("--packed-batch-size", type=int, default=1, help="packed batch (rows of --seq-len)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variant-repeats", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true", help="CUDA, bf16")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
+    parser.add_argument("--out", help="result file (default benchmarks/results/packing.json)")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.repeats, args.variant_repeats = 4, 1, 1
+    if args.dry_run:
+        print(json.dumps(vars(args)))
+        return
+    log_every = 1  # every step in the live log: per-step rates (`best_steps`)
+
+    data = {"padded": prepared_dataset(), "packed": prepared_dataset(args.seq_len)}
+    batch = {"padded": args.batch_size, "packed": args.packed_batch_size}
+    manifests = {k: json.loads((d / "manifest.json").read_text()) for k, d in data.items()}
+    tokens = {k: step_token_counts(d, batch[k], args.steps) for k, d in data.items()}
+    repeats = []
+    for r in range(args.repeats):
+        order = ["padded", "packed"] if r % 2 == 0 else ["packed", "padded"]
+        runs = {}
+        for kind in order:
+            tag = f"packing-{kind}-{r}"
+            log(f"repeat {r + 1}/{args.repeats}: {kind} (batch {batch[kind]}, {args.steps} steps) ...")
+            cfg = honed_config(data[kind], WORK / "runs" / tag, method="lora", steps=args.steps, batch_size=batch[kind],
+                               threads=args.threads, gpu=args.gpu, log_every=log_every)
+            run = run_process("honed", {"config": cfg, "threads": args.threads}, tag)
+            e = run["efficiency"]
+            runs[kind] = {"nonpad_tokens_per_s": e["nonpad_tokens_per_s"], "tokens_per_s": e["tokens_per_s"],
+                          "padding_fraction": e["padding_fraction"], "step_time_s": e["step_time_s"],
+                          "measured_steps": e["measured_steps"], "labelled_tokens": e["labelled_tokens"],
+                          "wall": honed_wall_rate(run, tokens[kind]), "final_loss": run["final_loss"],
+                          "step_rates": honed_step_rates(run, tokens[kind]),
+                          "peak_memory_mb": e["peak_memory_mb"],
+                          "loadavg_1min_before_after": run["loadavg_1min_before_after"]}
+            log(f"  {kind}: {e['nonpad_tokens_per_s']:.1f} non-pad tok/s (padding {e['padding_fraction']:.1%})")
+        ratio = round(runs["packed"]["nonpad_tokens_per_s"] / runs["padded"]["nonpad_tokens_per_s"], 4)
+        walls = [runs[k]["wall"] for k in ("packed", "padded")]
+        cpu_ratio = None
+        if all(w and "nonpad_tokens_per_worker_cpu_s" in w for w in walls):
+            cpu_ratio = round(walls[0]["nonpad_tokens_per_worker_cpu_s"] / walls[1]["nonpad_tokens_per_worker_cpu_s"], 4)
+        repeats.append({"order": order, **runs, "ratio_packed_over_padded": ratio,
+                        "ratio_per_worker_cpu_s": cpu_ratio})
+        log(f"  packed/padded {ratio} (per worker CPU-s {cpu_ratio})")
+
+    log("loss variants on the first padded and packed batch ...")
+    variants = public(run_process("variants", {
+        "method": "lora", "model_path": resolve_model_path(), "threads": args.threads, "gpu": args.gpu,
+        "repeats": args.variant_repeats,
+        "batches": {k: [str(data[k]), batch[k]] for k in ("padded", "packed")}}, "packing-variants"))
+    what_if = {}
+    for kind in ("padded", "packed"):
+        v = variants[kind]
+        what_if[kind] = {name: round(v["nonpad_tokens"] / s, 2) for name, s in v["fwd_bwd_seconds_median"].items()}
+    per_variant_ratio = {name: round(what_if["packed"][name] / what_if["padded"][name], 4)
+                         for name in what_if["packed"]}
+
+    ratios = [r["ratio_packed_over_padded"] for r in repeats]
+    ratio = spread(ratios)["median"]
+    best = {k: best_rate([x for r in repeats for x in r[k]["step_rates"]]) for k in ("packed", "padded")}
+    best_ratio = round(best["packed"] / best["padded"], 4) if best["packed"] and best["padded"] else None
+    padding = [r["padded"]["padding_fraction"] for r in repeats]
+    result = {
+        "benchmark": "packing",
+        "what": "LoRA on SmolLM2-135M-Instruct through honed: non-pad tokens/s on the demo corpus packed into "
+                f"{args.seq_len}-token rows vs one example a row, right-padded per batch",
+        "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), **commit(),
+        "config": {"model": MODEL, "method": "lora", "lora": LORA, "steps": args.steps,
+                   "warmup_steps_excluded": WARMUP_STEPS_EXCLUDED, "batch_padded": args.batch_size,
+                   "batch_packed": args.packed_batch_size, "seq_len": args.seq_len, "threads": args.threads,
+                   "gpu": args.gpu, "repeats": args.repeats, "data": {k: str(d) for k, d in data.items()},
+                   "nonpad_tokens_per_step": {k: [t["nonpad"] for t in v] for k, v in tokens.items()},
+                   "labelled_tokens_per_step": {k: [t["labelled"] for t in v] for k, v in tokens.items()}},
+        "corpus": {"train_examples": manifests["padded"]["tokens"]["train"]["examples"],
+                   "mean_tokens": manifests["padded"]["tokens"]["train"]["mean"],
+                   "max_tokens": manifests["padded"]["tokens"]["train"]["max"],
+                   "packing": manifests["packed"]["packing"],
+                   "padded_batch_nonpad_fraction (measured)": round(1 - spread(padding)["median"], 4)},
+        "repeats": repeats,
+        "ratio": ratio, "ratio_spread": spread(ratios),
+        "best_steps": {"fraction": "fastest third of the measured steps, all repeats pooled", **best,
+                       "ratio": best_ratio},
+        "ratio_per_worker_cpu_s_spread": spread([r["ratio_per_worker_cpu_s"] for r in repeats
+                                                 if r["ratio_per_worker_cpu_s"]]),
+        "upper_bound_from_padding_alone": round(1 / (1 - spread(padding)["median"]), 4),
+        "loss_variants": variants, "nonpad_tokens_per_fwd_bwd_s": what_if,
+        "packed_over_padded_by_loss_variant": per_variant_ratio,
+        "goal": f">= {GOAL}", "met": ratio >= GOAL,
+    }
+    out = write_result("packing", result, args.out)
+    log(f"packed/padded non-pad tokens/s: median {ratio} {ratios}; fastest third of steps {best_ratio}; padding in the padded batches "
+        f"{spread(padding)['median']:.1%} (bound from padding alone {result['upper_bound_from_padding_alone']}); "
+        f"by loss variant (fwd+bwd) {per_variant_ratio} (goal >= {GOAL}: {'met' if result['met'] else 'NOT met'}) "
+        f"→ {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Model FLOPs utilisation of full fine-tuning on this machine: honed vs a bare eager PyTorch loop, and what
+limits it.
+
+    .venv/bin/python benchmarks/train_mfu.py            # 8 steps x 2 repeats + a profile (~10 min on 2 CPUs)
+    .venv/bin/python benchmarks/train_mfu.py --quick    # 4 steps x 1 repeat, 1 profiled step
+
+Full fine-tuning of SmolLM2-135M-Instruct (every weight, fp32 master weights, torch AdamW lr 2e-5, grad clip
+1.0), batch 8 of the prepared demo corpus, 1 worker, 1 torch thread.
+
+  MFU = 6 · N · (non-pad tokens/s) / peak      (PaLM convention, honed.train.efficiency; N = all parameters)
+  peak = fp32 matmul FLOP/s of one thread, measured by `honed.train.efficiency.measure_peak_flops` (a 1024²
+         matmul, best of ~1 s) inside each training process; `mfu_common_peak` uses the best peak any process
+         measured in this invocation (the least disturbed by other load) for both.
+
+  honed  `train(cfg)` under Ray Train (1 worker); MFU from its efficiency.json.
+  bare   the same step in a plain loop (benchmarks/_train_bench.py), then `--profile-steps` more steps under
+         torch.profiler: self time by op category (matmul, attention, softmax/CE, optimizer, elementwise, ...),
+         the matmul FLOPs the profiler counts and the FLOP/s those matmuls achieve, plus the per-phase split
+         (forward / backward / optimizer) of the timed steps.
+
+Runs alternate (bare, honed; honed, bare) in fresh processes; honed logs every step, so `best_steps` gives
+both MFUs from the fastest third of the steps (pooled over repeats): those other jobs on a shared machine
+disturbed least. Writes `benchmarks/results/train_mfu.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from _train_bench import (
+    MODEL,
+    WARMUP_STEPS_EXCLUDED,
+    WORK,
+    bare_cpu_rate,
+    bare_step_rates,
+    best_rate,
+    commit,
+    honed_config,
+    honed_step_rates,
+    honed_wall_rate,
+    log,
+    machine_info,
+    prepared_dataset,
+    resolve_model_path,
+    run_process,
+    spread,
+    step_token_counts,
+    write_result,
+)
+
+LR = 2e-5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4 steps, 1 repeat, 1 profiled step")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--peak-flops", type=float, help="a datasheet peak (e.g. 989e12 for H100/H200 dense bf16): "
+                                                           "adds MFU against it")
+    parser.add_argument("--gpu", action="store_true", help="CUDA, bf16 autocast over fp32 master weights")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
+    parser.add_argument("--out", help="result file (default benchmarks/results/train_mfu.json)")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.repeats, args.profile_steps = 4, 1, 1
+    if args.dry_run:
+        print(json.dumps(vars(args)))
+        return
+    log_every = 1  # every step in the live log: per-step rates (`best_steps`)
+
+    data = prepared_dataset()
+    tokens = step_token_counts(data, args.batch_size, args.steps)
+    model_path = resolve_model_path()
+    repeats = []
+    for r in range(args.repeats):
+        order = ["bare", "honed"] if r % 2 == 0 else ["honed", "bare"]
+        runs = {}
+        for kind in order:
+            tag = f"mfu-{kind}-{r}"
+            log(f"repeat {r + 1}/{args.repeats}: {kind} full fine-tuning ({args.steps} steps) ...")
+            if kind == "honed":
+                cfg = honed_config(data, WORK / "runs" / tag, method="full", steps=args.steps, lr=LR,
+                                   batch_size=args.batch_size, threads=args.threads, gpu=args.gpu, log_every=log_every)
+                runs[kind] = run_process("honed", {"config": cfg, "threads": args.threads}, tag)
+                e = runs[kind]["efficiency"]
+                log(f"  honed: {e['nonpad_tokens_per_s']:.1f} non-pad tok/s, MFU {e['mfu']:.3f} of "
+                    f"{e['peak_flops_per_worker'] / 1e9:.1f} GFLOP/s")
+            else:
+                spec = {"method": "full", "model_path": model_path, "data_dir": str(data), "steps": args.steps,
+                        "batch_size": args.batch_size, "lr": LR, "warmup": 10, "threads": args.threads,
+                        "gpu": args.gpu, "measure_peak": True, "seed": 0,
+                        "profile_steps": args.profile_steps if r == 0 else 0,
+                        "optimizer_variants": (1 if args.quick else 3) if r == 0 else 0}
+                runs[kind] = run_process("bare", spec, tag)
+                b = runs[kind]
+                log(f"  bare: {b['nonpad_tokens_per_s']:.1f} non-pad tok/s, MFU {b['mfu']:.3f} of "
+                    f"{b['peak_flops'] / 1e9:.1f} GFLOP/s")
+        repeats.append(runs)
+
+    # Both sides' MFU against each process's own peak and against the best peak measured in this invocation.
+    peaks = [r["honed"]["efficiency"]["peak_flops_per_worker"] for r in repeats] + [r["bare"]["peak_flops"]
+                                                                                     for r in repeats]
+    common = max(peaks)
+    n_params = repeats[0]["honed"]["efficiency"]["total_params"]
+    rows, profile, optimizer = [], None, None
+    for runs in repeats:
+        honed, bare = runs["honed"], runs["bare"]
+        e = honed["efficiency"]
+        wall = honed_wall_rate(honed, tokens)
+        bare_cpu = bare_cpu_rate(bare)
+        row = {
+            "honed": {"nonpad_tokens_per_s": e["nonpad_tokens_per_s"], "step_time_s": e["step_time_s"],
+                      "measured_steps": e["measured_steps"], "peak_flops": e["peak_flops_per_worker"],
+                      "mfu": e["mfu"], "mfu_common_peak": round(6 * n_params * e["nonpad_tokens_per_s"] / common, 4),
+                      "wall": wall, "peak_memory_mb": e["peak_memory_mb"],
+                      "loadavg_1min_before_after": honed["loadavg_1min_before_after"]},
+            "bare": {"nonpad_tokens_per_s": bare["nonpad_tokens_per_s"], "step_time_s": bare["step_time_s"],
+                     "measured_steps": bare["measured_steps"], "peak_flops": bare["peak_flops"], "mfu": bare["mfu"],
+                     "mfu_common_peak": round(6 * n_params * bare["nonpad_tokens_per_s"] / common, 4),
+                     "cpu": bare_cpu, "phase_share": bare["phase_share"], "memory_parts": bare["memory_parts"],
+                     "peak_memory_mb": bare["peak_memory_mb"], "step_seconds": [s["seconds"] for s in bare["per_step"]],
+                     "loadavg_1min_before_after": bare["loadavg_1min_before_after"]},
+        }
+        if wall and "nonpad_tokens_per_worker_cpu_s" in wall:
+            # MFU per CPU-second: what the MFU would be if the process had had its core to itself
+            row["honed"]["mfu_per_worker_cpu_s"] = round(6 * n_params * wall["nonpad_tokens_per_worker_cpu_s"] / common, 4)
+        row["bare"]["mfu_per_cpu_s"] = round(6 * n_params * bare_cpu["nonpad_tokens_per_cpu_s"] / common, 4)
+        if args.peak_flops:
+            row["honed"]["mfu_datasheet_peak"] = round(6 * n_params * e["nonpad_tokens_per_s"] / args.peak_flops, 4)
+            row["bare"]["mfu_datasheet_peak"] = round(6 * n_params * bare["nonpad_tokens_per_s"] / args.peak_flops, 4)
+        row["honed"]["step_rates"] = honed_step_rates(honed, tokens)
+        row["bare"]["step_rates"] = bare_step_rates(bare)
+        rows.append(row)
+        profile = profile or bare.get("profile")
+        optimizer = optimizer or bare.get("optimizer_variants")
+
+    analysis = {}
+    if profile:
+        profiled_tokens = sum(t["nonpad"] for t in step_token_counts(data, args.batch_size, args.steps +
+                                                                     args.profile_steps)[args.steps:])
+        fed_tokens = sum(t["fed"] for t in step_token_counts(data, args.batch_size, args.steps +
+                                                             args.profile_steps)[args.steps:])
+        analysis = {
+            "matmul_flops_per_nonpad_token (profiler)": round(profile["matmul_flops"] / profiled_tokens),
+            "six_n": 6 * n_params,
+            "matmul_flops_per_fed_token (profiler)": round(profile["matmul_flops"] / fed_tokens),
+            "matmul_achieved_flops_per_s": profile["matmul_achieved_flops_per_s"],
+            "matmul_achieved_over_common_peak": round(profile["matmul_achieved_flops_per_s"] / common, 4)
+            if profile["matmul_achieved_flops_per_s"] else None,
+            "note": "6N counts non-pad tokens; the profiler's matmul FLOPs include padding positions, lm_head only "
+                    "from the first labelled position on, and no attention score FLOPs (fused SDPA kernel).",
+        }
+    best = {k: best_rate([x for r in rows for x in r[k]["step_rates"]]) for k in ("honed", "bare")}
+    best_steps = {"fraction": "fastest third of the measured steps, all repeats pooled",
+                  **{f"{k}_nonpad_tokens_per_s": v for k, v in best.items()},
+                  **{f"{k}_mfu_common_peak": round(6 * n_params * v / common, 4) for k, v in best.items() if v}}
+    honed_mfu = [r["honed"]["mfu"] for r in rows]
+    bare_mfu = [r["bare"]["mfu"] for r in rows]
+    result = {
+        "benchmark": "train_mfu",
+        "what": "full fine-tuning of SmolLM2-135M-Instruct, 1 worker, 1 thread: MFU = 6·N·non-pad tokens/s / "
+                "measured fp32 matmul peak, honed (Ray Train) vs a bare eager PyTorch loop; profile of the bare step",
+        "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), **commit(),
+        "config": {"model": MODEL, "method": "full", "steps": args.steps, "warmup_steps_excluded": WARMUP_STEPS_EXCLUDED,
+                   "batch_size": args.batch_size, "lr": LR, "threads": args.threads, "gpu": args.gpu,
+                   "repeats": args.repeats, "profile_steps": args.profile_steps, "data": str(data),
+                   "total_params": n_params, "datasheet_peak_flops": args.peak_flops},
+        "peaks_measured": peaks, "common_peak_flops": common,
+        "repeats": rows,
+        "mfu": {"honed": spread(honed_mfu), "bare": spread(bare_mfu),
+                "honed_common_peak": spread([r["honed"]["mfu_common_peak"] for r in rows]),
+                "bare_common_peak": spread([r["bare"]["mfu_common_peak"] for r in rows]),
+                "honed_per_worker_cpu_s": spread([r["honed"].get("mfu_per_worker_cpu_s") for r in rows
+                                                  if r["honed"].get("mfu_per_worker_cpu_s")]),
+                "bare_per_cpu_s": spread([r["bare"]["mfu_per_cpu_s"] for r in rows])},
+        "best_steps": best_steps,
+        "ratio_honed_over_bare": spread([h / b for h, b in zip(
+            [r["honed"]["nonpad_tokens_per_s"] for r in rows], [r["bare"]["nonpad_tokens_per_s"] for r in rows])]),
+        "profile": profile, "optimizer_variants": optimizer, "analysis": analysis,
+        "goal": "report (no target)", "met": None,
+    }
+    out = write_result("train_mfu", result, args.out)
+    log(f"MFU honed {honed_mfu}, bare {bare_mfu} (own peaks); common peak {common / 1e9:.1f} GFLOP/s; fastest "
+        f"third of steps: {best_steps} → {out}")
+    if optimizer:
+        log(f"AdamW step over {optimizer['params']:,} params (s): {optimizer['seconds_per_step']}")
+    if profile:
+        log("bare step self time by phase: " + ", ".join(f"{k} {v:.0%}" for k, v in
+                                                        profile.get("share_by_phase", {}).items()))
+        log("bare step self time by category: " + ", ".join(f"{k} {v:.0%}" for k, v in
+                                                           profile["share_by_category"].items()))
+
+
+if __name__ == "__main__":
+    main()
