@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -251,6 +252,15 @@ def wait_for_quiet(max_load: float | None = None, max_wait: float | None = None)
     return round(time.perf_counter() - started, 1)
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (/proc/PID/stat field 10): fresh pages the kernel had to map
+    (and zero), e.g. when freed memory went back to the OS and is allocated again."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def process_label(cmdline: list[str]) -> str:
     """A short name for a process of a benchmark's tree: Ray's process title (`ray::TrainController...`),
     a Ray binary (raylet, gcs_server) or the Python script it runs."""
@@ -276,7 +286,8 @@ class ProcSampler:
         import psutil
 
         self.root, self.needle, self.every = psutil.Process(pid), needle, every
-        # (time.time(), rss MiB of the matches, their cpu s, cpu s of the tree, {process label: cpu s})
+        # (time.time(), rss MiB of the matches, their cpu s, cpu s of the tree, {process label: cpu s},
+        #  minor page faults of the matches)
         self.samples: list[tuple] = []
         self.pids: set[int] = set()
         self._stop = threading.Event()
@@ -288,6 +299,7 @@ class ProcSampler:
 
         while not self._stop.is_set():
             rss = cpu = tree = 0.0
+            faults = 0
             matched = False
             by_name: dict[str, float] = {}
             try:
@@ -306,12 +318,13 @@ class ProcSampler:
                         matched = True
                         rss += p.memory_info().rss / 2**20
                         cpu += used
+                        faults += minor_faults(p.pid)
                         self.pids.add(p.pid)
                 except psutil.Error:
                     continue
             if procs:
                 self.samples.append((time.time(), round(rss, 1) if matched else 0.0, round(cpu, 3), round(tree, 3),
-                                     by_name))
+                                     by_name, faults))
             self._stop.wait(self.every)
 
     def stop(self) -> None:
@@ -342,7 +355,8 @@ def cpu_between(samples: list, t0: float, t1: float) -> dict | None:
     first = next(s for s in samples if s[0] >= t0)
     last = next(s for s in reversed(samples) if s[0] <= t1)
     by_name = {k: round(v - first[4].get(k, 0.0), 2) for k, v in last[4].items()} if len(first) > 4 else {}
-    return {"worker_cpu_s": round(at(t1, 2) - at(t0, 2), 3), "tree_cpu_s": round(at(t1, 3) - at(t0, 3), 3),
+    faults = {"worker_minor_faults": last[5] - first[5]} if len(first) > 5 else {}
+    return faults | {"worker_cpu_s": round(at(t1, 2) - at(t0, 2), 3), "tree_cpu_s": round(at(t1, 3) - at(t0, 3), 3),
             "cpu_s_by_process (nearest samples inside the window)":
                 dict(sorted(((k, v) for k, v in by_name.items() if v >= 0.05), key=lambda kv: -kv[1]))}
 
@@ -463,8 +477,12 @@ def bare_cpu_rate(result: dict) -> dict:
     cpu = sum(s["cpu_s"] for s in measured)
     wall = sum(s["seconds"] for s in measured)
     n = sum(s["nonpad"] for s in measured)
-    return {"cpu_s": round(cpu, 3), "nonpad_tokens_per_cpu_s": round(n / max(cpu, 1e-9), 2),
-            "cpu_utilisation": round(cpu / max(wall, 1e-9), 3)}
+    out = {"cpu_s": round(cpu, 3), "nonpad_tokens_per_cpu_s": round(n / max(cpu, 1e-9), 2),
+           "cpu_utilisation": round(cpu / max(wall, 1e-9), 3)}
+    if measured and "minor_faults" in measured[0]:
+        out |= {"minor_faults_per_step": round(sum(s["minor_faults"] for s in measured) / len(measured)),
+                "sys_s_per_step": round(sum(s["sys_s"] for s in measured) / len(measured), 4)}
+    return out
 
 
 # ------------------------------------------------------------------------------------- bare PyTorch loop
@@ -532,6 +550,7 @@ def bare_main(spec: dict, result_path: str) -> None:
     from torch.profiler import record_function
 
     def one_step(s: int) -> dict:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         c0 = time.process_time()
         t0 = time.perf_counter()
         with record_function("phase:data"):
@@ -553,7 +572,9 @@ def bare_main(spec: dict, result_path: str) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss_value, norm = loss.item(), float(norm)
         t4 = time.perf_counter()
-        return {"seconds": t4 - t0, "cpu_s": time.process_time() - c0, "data_s": t1 - t0, "forward_s": t2 - t1,
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return {"seconds": t4 - t0, "cpu_s": time.process_time() - c0, "sys_s": r1.ru_stime - r0.ru_stime,
+                "minor_faults": r1.ru_minflt - r0.ru_minflt, "data_s": t1 - t0, "forward_s": t2 - t1,
                 "backward_s": t3 - t2, "optimizer_s": t4 - t3, "fed": int(inputs["input_ids"].numel()),
                 "nonpad": inputs["n_tokens"], "labelled": n_loss, "loss": loss_value, "grad_norm": norm}
 
@@ -562,8 +583,6 @@ def bare_main(spec: dict, result_path: str) -> None:
     if device.type == "cuda":
         peak_mem, mem_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     else:
-        import resource
-
         peak_mem, mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
     measured = per_step[WARMUP_STEPS_EXCLUDED:]
     seconds = sum(s["seconds"] for s in measured)
@@ -765,8 +784,6 @@ def memory_parts(model, optimizer) -> dict:
 
 def floor_main(spec: dict, result_path: str) -> None:
     """The resident memory of a process that has imported what a training worker imports, nothing loaded."""
-    import resource
-
     import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
