@@ -4,6 +4,7 @@
     honed prepare jobs/prepare_icd10.yaml output_dir=runs/data
     honed train jobs/train_lora.yaml optim.lr=1e-3 --address ray://head:10001
     ray job submit --working-dir . -- honed train jobs/train_lora.yaml
+    honed submit jobs/submit/train_lora.yaml --address http://head:8265   # the same as a Ray job (honed.jobs)
 
 Local Ray by default; `--address` or `RAY_ADDRESS` points the same command at a cluster. Configs are
 validated before Ray starts: a bad key, type or value exits with status 2 and names what is allowed.
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from honed import jobs
 from honed.config import CONFIGS, ConfigError, dump_config, load_config
 
 COMMANDS = {
@@ -46,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
                                   "(without a flag an existing run is continued, a new one started)")
             how.add_argument("--restart", action="store_true",
                              help="delete the run's local checkpoints first and train from step 0")
+    jobs.add_commands(subs)
     return top
 
 
@@ -58,6 +61,8 @@ def split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("submit", "jobs"):
+        return jobs.main(args)
     path, overrides = split_config_arg(args)
     try:
         cfg = load_config(CONFIGS[args.command], path, overrides)
