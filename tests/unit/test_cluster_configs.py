@@ -14,7 +14,8 @@ from honed.config import CONFIGS, ServeConfig, load_config
 from honed.cli import parser
 
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCHER = sorted((ROOT / "cluster").glob("*.yaml"))
+FAKE = ROOT / "cluster" / "fake-multinode.yaml"
+LAUNCHER = sorted(p for p in (ROOT / "cluster").glob("*.yaml") if p != FAKE)
 KUBERAY = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
 
 
@@ -27,6 +28,7 @@ def ray_schema() -> dict:
 def test_cluster_files_are_shipped():
     names = {p.name for p in LAUNCHER}
     assert {"aws-minimal.yaml", "aws-full.yaml", "gcp-minimal.yaml", "gcp-full.yaml"} <= names
+    assert FAKE.is_file()
     assert {p.name for p in KUBERAY} == {"raycluster.yaml", "rayjob-finetune.yaml", "rayservice.yaml"}
 
 
@@ -43,6 +45,24 @@ def test_launcher_config_matches_rays_schema(path):
     assert all(t.get("min_workers", 0) <= t["max_workers"] for t in workers)
     assert any("pip install -e ~/honed" in c for c in config["setup_commands"])
     assert config["file_mounts"]["~/honed"] == "."
+
+
+def test_fake_multinode_config_is_what_the_autoscaler_accepts():
+    from ray.autoscaler._private.util import validate_config
+
+    config = yaml.safe_load(FAKE.read_text())
+    jsonschema.validate(config, ray_schema())
+    validate_config(config)  # what the autoscaler runs on this raw file (the fake provider fills no defaults)
+    assert FAKE.read_text().startswith("# RAY_FAKE_CLUSTER=1 ray start --head --num-cpus=1 "
+                                       "--autoscaling-config=cluster/fake-multinode.yaml")
+    assert config["provider"]["type"] == "fake_multinode"
+    head = config["available_node_types"][config["head_node_type"]]
+    assert config["head_node_type"] == "ray.head.default" and head["max_workers"] == 0
+    assert head["resources"] == {"CPU": 1}  # the header's --num-cpus
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    assert all(t.get("min_workers", 0) == 0 for t in workers), "idle workers must be removable"
+    assert sum(t["max_workers"] for t in workers) >= config["max_workers"] >= 2
+    assert config["idle_timeout_minutes"] <= 0.2
 
 
 def kuberay_docs():
