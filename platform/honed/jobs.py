@@ -292,7 +292,8 @@ JOB_ACTIONS = {
 def add_commands(subs) -> None:
     """`submit` and `jobs` on the `honed` parser."""
     sub = subs.add_parser("submit", help="submit a job file to a Ray cluster, stream its logs, exit with its status",
-                          description=__doc__.split("\n\n")[0])
+                          description="Submit a job file (see jobs/submit/) to a Ray cluster with Ray's Jobs SDK, "
+                                      "stream its logs, exit 0 when it SUCCEEDED, 1 otherwise, 2 for a bad job file.")
     sub.add_argument("job", help="job YAML (see jobs/submit/)")
     sub.add_argument("overrides", nargs="*", metavar="key=value", help="override a job file value, e.g. submission_id=x")
     sub.add_argument("--address", help=f"Jobs API address (default: the file's, RAY_ADDRESS, else {DEFAULT_ADDRESS})")
