@@ -8,11 +8,15 @@ from another:
   honed   `python benchmarks/_train_bench.py honed SPEC RESULT`: a driver with its own local Ray calls
           `honed.train.trainer.train(cfg)` (Ray Train TorchTrainer, fresh worker processes) and writes the
           run's efficiency.json, metrics and live-log timestamps to RESULT.
-  bare    `python benchmarks/_train_bench.py bare SPEC RESULT`: a plain PyTorch (+ peft) loop doing the same
-          work as honed's per-worker loop (same shards in the same order, same collate, same loss: mean
-          cross-entropy over labelled tokens with logits only from the first labelled position on, AdamW,
-          the same warm-up + cosine schedule, gradient clipping 1.0), timed per step and per phase, with an
-          optional torch.profiler pass.
+  bare    `python benchmarks/_train_bench.py bare SPEC RESULT`: a plain PyTorch (+ peft) loop, timed per step
+          and per phase, with an optional torch.profiler pass: same shards in the same order, same collate,
+          AdamW, the same warm-up + cosine schedule, gradient clipping 1.0. SPEC `kernels` says what it
+          computes:
+            honed  (default) the same step as honed's per-worker loop: honed's model builder (CPU LoRA
+                   dropout), fused AdamW with honed's parameter groups, honed's loss (logits at labelled
+                   positions only, no mask on right-padded rows): what is left is Ray Train + the loop
+            plain  what a bare eager loop does: the HF model and peft as they come, the model's own loss
+                   (`labels=`, logits at every position), torch AdamW's default implementation
 
 The caller (the benchmark script) imports neither torch nor Ray; it samples the memory and CPU time of the
 processes it starts (`run_process` → `ProcSampler`), so throughput can also be stated per CPU-second, which
@@ -509,14 +513,27 @@ def bare_main(spec: dict, result_path: str) -> None:
     seed_all(spec.get("seed", 0))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plain = spec.get("kernels", "honed") == "plain"
     load_started = time.perf_counter()
-    model = build_bare_model(spec, device)
+    if plain:
+        model = build_bare_model(spec, device)
+    else:  # honed's own model builder (peft config, CPU dropout) and optimizer (fused AdamW, param groups)
+        from honed.config import MethodConfig, OptimConfig
+        from honed.train.methods import build_model, make_optimizer, param_groups
+
+        method = MethodConfig(name=spec["method"], **({"lora": spec.get("lora", LORA)}
+                                                      if spec["method"] in ("lora", "qlora") else {})).model_dump()
+        settings = OptimConfig(lr=spec["lr"], weight_decay=0.0).model_dump()
+        model = build_model(method, model_path, "auto", device)
     load_s = time.perf_counter() - load_started
     params = [p for p in model.parameters() if p.requires_grad]
     total_params = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
                        for p in model.parameters())
-    optimizer = torch.optim.AdamW([{"params": params, "lr": spec["lr"], "weight_decay": 0.0}], lr=spec["lr"],
-                                  betas=(0.9, 0.999), weight_decay=0.0)
+    if plain:
+        optimizer = torch.optim.AdamW([{"params": params, "lr": spec["lr"], "weight_decay": 0.0}], lr=spec["lr"],
+                                      betas=(0.9, 0.999), weight_decay=0.0)
+    else:
+        optimizer = make_optimizer(settings, param_groups(model, method, settings))
     steps, batch_size = spec["steps"], spec["batch_size"]
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=spec.get("warmup", 10), num_training_steps=steps)
     seed_all(spec.get("seed", 0))  # the dropout stream, as honed re-seeds (seed + rank 0) after building
@@ -534,18 +551,15 @@ def bare_main(spec: dict, result_path: str) -> None:
         return collate_rows(batch, pad_id, device)
 
     def loss_fn(inputs: dict) -> tuple[torch.Tensor, int]:
-        """Mean CE over labelled tokens; logits only from the first labelled position on (as honed)."""
-        labels = inputs["labels"]
-        scored = (labels[:, 1:] != -100).any(dim=0).nonzero()
-        start = int(scored[0]) if len(scored) else 0
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                       position_ids=inputs.get("position_ids"), use_cache=False,
-                       logits_to_keep=labels.shape[1] - start).logits[:, :-1]
-        targets = labels[:, start + 1:]
-        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                                   ignore_index=-100, reduction="none")
-        n = int((targets != -100).sum())
-        return losses.sum() / max(n, 1), n
+        """plain: the model's own loss (logits at every position); honed: honed's loss (logits at labelled
+        positions only, no mask on right-padded rows)."""
+        if not plain:
+            from honed.train.loop import causal_lm_loss
+
+            return causal_lm_loss(model, inputs)
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                    position_ids=inputs.get("position_ids"), labels=inputs["labels"], use_cache=False)
+        return out.loss, int((inputs["labels"][:, 1:] != -100).sum())
 
     from torch.profiler import record_function
 
@@ -655,83 +669,91 @@ def variants_main(spec: dict, result_path: str) -> None:
 
 def loss_variants(model, batch: dict, device, repeats: int, gpu: bool) -> dict:
     """One forward + backward on `batch` (right-padded with an attention mask, or packed with position ids)
-    for each loss variant, interleaved, `repeats` times each (after one untimed pass each); medians:
+    for each variant, interleaved, `repeats` times each (after one untimed pass each); medians. From what
+    the HF model computes by itself to honed's step, one change at a time:
 
-      full_logits     the HF model's own loss (`labels=`): lm_head over the vocabulary at every position
-      honed_loss      honed's loss today: logits only from the first labelled position of the batch on
-      labelled_only   what-if: lm_head + CE only at the labelled positions
-      backbone_only   the transformer body alone (no lm_head, no CE): the floor
+      full_logits         the HF model's own loss (`labels=`): lm_head over the vocabulary at every position
+      labelled_masked     lm_head + CE only at the labelled positions, attention mask passed
+      labelled_unmasked   the same without the mask on right-padded rows (honed.train.loop.causal_lm_loss)
+      honed_step          that, with honed's CPU LoRA dropout (honed.train.methods.FastDropout) in the model
+      backbone_only       the transformer body alone (no lm_head, no CE), the model's own dropout: the floor
     """
     import torch
     import torch.nn.functional as F
 
+    from honed.train.loop import causal_lm_loss
+    from honed.train.methods import use_fast_dropout
+
     batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body, lm_head = base.model, base.lm_head
+    body = base.model
     ids, labels = batch["input_ids"], batch["labels"]
     extra = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
+    dropouts = [(d, k, d[k]) for m in model.modules() if isinstance(d := getattr(m, "lora_dropout", None),
+                                                                     torch.nn.ModuleDict) for k in d]
+
+    def model_dropout():
+        for holder, key, original in dropouts:
+            holder[key] = original
 
     def full_logits():
         return model(input_ids=ids, labels=labels, use_cache=False, **extra).loss
 
-    def honed_loss():
-        scored = (labels[:, 1:] != -100).any(dim=0).nonzero()
-        start = int(scored[0]) if len(scored) else 0
-        logits = model(input_ids=ids, use_cache=False, logits_to_keep=labels.shape[1] - start, **extra).logits[:, :-1]
-        targets = labels[:, start + 1:]
-        losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100,
-                                 reduction="none")
-        return losses.sum() / max(int((targets != -100).sum()), 1)
+    def labelled_masked():
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != -100
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep, **extra).logits
+        return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])
 
-    def labelled_only():
-        hidden = body(input_ids=ids, use_cache=False, **extra).last_hidden_state[:, :-1]
-        targets = labels[:, 1:]
-        keep = targets != -100
-        return F.cross_entropy(lm_head(hidden[keep]).float(), targets[keep])
+    def labelled_unmasked():
+        return causal_lm_loss(model, batch)[0]
+
+    def honed_step():
+        use_fast_dropout(model)
+        try:
+            return causal_lm_loss(model, batch)[0]
+        finally:
+            model_dropout()
 
     def backbone_only():
         return body(input_ids=ids, use_cache=False, **extra).last_hidden_state.float().mean()
 
-    variants = {"full_logits": full_logits, "honed_loss": honed_loss, "labelled_only": labelled_only,
-                "backbone_only": backbone_only}
+    variants = {"full_logits": full_logits, "labelled_masked": labelled_masked,
+                "labelled_unmasked": labelled_unmasked, "honed_step": honed_step, "backbone_only": backbone_only}
     times: dict[str, list[float]] = {k: [] for k in variants}
     losses: dict[str, float] = {}
     model.train()
     sync = (lambda: torch.cuda.synchronize(device)) if gpu else (lambda: None)
-    for fn in variants.values():
+
+    def timed(fn) -> tuple[float, float]:
+        sync()
+        t0 = time.perf_counter()
         with autocast:
             loss = fn()
-        loss.backward()
+        loss.backward()  # honed_step's FastDropout modules are out again, but autograd kept their masks
+        sync()
         model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, float(loss)
+
+    for fn in variants.values():
+        timed(fn)
     for _ in range(repeats):
         for name, fn in variants.items():
-            sync()
-            t0 = time.perf_counter()
-            with autocast:
-                loss = fn()
-            loss.backward()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-            losses[name] = float(loss)
-            model.zero_grad(set_to_none=True)
+            seconds, losses[name] = timed(fn)
+            times[name].append(seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
     nonpad = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(ids.numel())
     labelled = int((labels[:, 1:] != -100).sum())
-    scored = (labels[:, 1:] != -100).any(dim=0).nonzero()
-    start = int(scored[0]) if len(scored) else 0
     return {
         "batch_shape": list(ids.shape), "packed": "position_ids" in batch, "positions_with_tokens": nonpad,
-        "labelled_tokens": labelled, "honed_first_scored_position": start, "repeats": repeats,
+        "labelled_tokens": labelled, "repeats": repeats, "lora_dropouts": len(dropouts),
         "fwd_bwd_seconds_median": {k: round(v, 4) for k, v in med.items()},
         "fwd_bwd_seconds_all": {k: [round(x, 4) for x in v] for k, v in times.items()},
-        "loss_values": {k: round(v, 5) for k, v in losses.items()},
-        "logit_positions": {"full_logits": int(ids.numel()), "honed_loss": int(ids.shape[0] * (ids.shape[1] - start)),
-                            "labelled_only": labelled},
+        "loss_values (dropout makes them differ)": {k: round(v, 5) for k, v in losses.items()},
+        "logit_positions": {"full_logits": int(ids.numel()), "labelled": labelled},
+        "speedup_over_full_logits": {k: round(med["full_logits"] / v, 4) for k, v in med.items()},
         "lm_head_and_ce_share_of_full_logits": round(1 - med["backbone_only"] / med["full_logits"], 4),
-        "lm_head_and_ce_share_of_honed_loss": round(1 - med["backbone_only"] / med["honed_loss"], 4),
-        "honed_loss_speedup_over_full_logits": round(med["full_logits"] / med["honed_loss"], 4),
-        "labelled_only_speedup_over_honed_loss": round(med["honed_loss"] / med["labelled_only"], 4),
     }
 
 

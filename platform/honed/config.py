@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_SYSTEM_PROMPT = "You are a medical coding assistant. Answer with ICD-10-CM facts only."
@@ -240,6 +240,7 @@ METHODS = ("full", "lora", "qlora", "prefix", "ia3")
 # The settings sections each method reads; setting another one is a mistake worth naming.
 METHOD_SECTIONS = {"full": {"deepspeed"}, "lora": {"lora", "deepspeed"}, "qlora": {"lora", "quant"},
                    "prefix": {"prefix"}, "ia3": {"ia3"}}
+METHOD_SECTION_NAMES = {"lora", "quant", "prefix", "ia3", "deepspeed"}
 
 
 class LoraSettings(Section):
@@ -331,7 +332,7 @@ class MethodConfig(Section):
     @model_validator(mode="after")
     def _check_sections(self) -> "MethodConfig":
         used = METHOD_SECTIONS[self.name]
-        stray = sorted((self.model_fields_set & {"lora", "quant", "prefix", "ia3", "deepspeed"}) - used)
+        stray = sorted((self.model_fields_set & METHOD_SECTION_NAMES) - used)
         for section in stray:
             users = [m for m, s in METHOD_SECTIONS.items() if section in s]
             raise ValueError(f"'{section}' settings apply to method {' / '.join(users)}, not '{self.name}'; "
@@ -339,6 +340,16 @@ class MethodConfig(Section):
         if self.name == "prefix" and self.activation_checkpointing:
             raise ValueError("prefix tuning cannot use activation_checkpointing (peft refuses the combination)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _only_used_sections(self, handler, info):
+        """The YAML/JSON form (`--print-config`, the train.yaml a run writes) names only the sections the
+        method uses, so it loads back; the Python form keeps every section for the code that reads them."""
+        data = handler(self)
+        if info.mode_is_json():
+            for section in METHOD_SECTION_NAMES - METHOD_SECTIONS[self.name]:
+                data.pop(section, None)
+        return data
 
     @property
     def peft(self) -> bool:
@@ -365,6 +376,10 @@ class OptimConfig(Section):
     grad_accum_steps: int = Field(default=1, gt=0)
     """Micro-steps per optimizer step: global batch = batch_size x grad_accum_steps x num_workers."""
     grad_clip: float | None = Field(default=1.0, gt=0)
+    group_by_length: int = Field(default=8, ge=1)
+    """Windows of this many global micro-batches have their rows sorted by length before the batches are cut
+    (the window's batches then run in a seeded random order): far less padding for unpacked data. 1 keeps
+    the shard order; packed rows (all one length) are left as they are."""
 
 
 class ScalingSettings(Section):

@@ -9,7 +9,16 @@ import pytest
 import yaml
 
 from honed.config import (
-    CONFIGS, ConfigError, DemoConfig, ServeConfig, TrainConfig, apply_override, load_config,
+    CONFIGS,
+    METHOD_SECTION_NAMES,
+    METHOD_SECTIONS,
+    ConfigError,
+    DemoConfig,
+    ServeConfig,
+    TrainConfig,
+    apply_override,
+    dump_config,
+    load_config,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,6 +149,26 @@ def test_cli_print_config_roundtrips(capsys):
 
     assert main(["train", "optim.lr=0.5", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["optim"]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, DemoConfig])
+@pytest.mark.parametrize("method, settings", [
+    ("full", ["method.deepspeed.zero_stage=3", "method.deepspeed.offload_optimizer=true"]),
+    ("lora", ["method.lora.r=4", "method.lora.use_rslora=true"]),
+    ("qlora", ["method.quant.double_quant=false", "method.lora.alpha=8"]),
+    ("prefix", ["method.prefix.num_virtual_tokens=7"]),
+    ("ia3", ["method.activation_checkpointing=true"]),
+])
+def test_written_config_loads_back_for_every_method(cls, method, settings, tmp_path):
+    """What `--print-config` prints and a run writes (train.yaml) is a config that loads to the same value:
+    sections the method does not use are left out of it, since loading them is an error."""
+    cfg = load_config(cls, overrides=[f"method.name={method}", *settings])
+    written = tmp_path / "config.yaml"
+    written.write_text(dump_config(cfg))
+    assert load_config(cls, written) == cfg
+    assert set(yaml.safe_load(written.read_text())["method"]) - {"name", "activation_checkpointing"} == \
+        METHOD_SECTIONS[method]
+    assert set(cfg.method.model_dump()) >= METHOD_SECTION_NAMES  # the code still sees every section
 
 
 @pytest.mark.parametrize("overrides, expected", [

@@ -15,8 +15,15 @@ import torch
 from honed.config import ConfigError, MethodConfig, OptimConfig, TrainConfig, load_config
 from honed.train.backends import deep_merge, deepspeed_config
 from honed.train.efficiency import Meter, efficiency_report, measure_peak_flops
-from honed.train.loop import causal_lm_loss, collate, my_rows, should_stop
-from honed.train.methods import build_model, count_params, make_optimizer, param_groups, peft_config
+from honed.train.loop import causal_lm_loss, collate, length_grouped, my_rows, should_stop
+from honed.train.methods import (
+    FastDropout,
+    build_model,
+    count_params,
+    make_optimizer,
+    param_groups,
+    peft_config,
+)
 
 CPU = torch.device("cpu")
 # The tiny Llama: 2 layers x (q, k, v, o, gate, up, down); lm_head is tied to the embeddings and never quantized.
@@ -248,6 +255,74 @@ def test_make_optimizer_builds_the_named_class_and_steps_on_cpu(tiny_model, name
     assert len(opt.state) == len(params)
 
 
+def test_torch_adamw_runs_fused_and_matches_the_reference_implementation(tiny_model):
+    """The fused kernel is picked for CPU/CUDA float parameters and steps like the for-loop AdamW."""
+    spec = method("full")
+    settings = optim(lr=1e-2, weight_decay=0.1)
+    models = [build_model(spec, tiny_model, "auto", CPU) for _ in range(2)]
+    fused = make_optimizer(settings, param_groups(models[0], spec, settings))
+    assert all(g["fused"] for g in fused.param_groups)
+    reference = torch.optim.AdamW(param_groups(models[1], spec, settings), lr=1e-2, foreach=False)
+    batch = fixed_batch(seed=4)
+    for _ in range(3):
+        for model, opt in zip(models, (fused, reference)):
+            loss, _ = causal_lm_loss(model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------------------- dropout, masks
+def test_fast_dropout_rate_scale_gradient_and_reproducibility():
+    drop = FastDropout(0.1)
+    x = torch.randn(400, 500, requires_grad=True)
+    torch.manual_seed(7)
+    y = drop(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.1) < 0.005  # 200k draws: 5 sigma is ~0.0034
+    torch.testing.assert_close(y[kept], x[kept] / 0.9)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)  # backward masks with the forward's mask
+    torch.manual_seed(7)
+    assert torch.equal(drop(x), y)  # the torch seed fixes the mask
+    assert not torch.equal(drop(x), y)  # and the next call draws a new one
+    drop.eval()
+    assert drop(x) is x or torch.equal(drop(x), x)
+
+
+def test_lora_dropout_is_swapped_on_cpu_only_when_it_drops(tiny_model):
+    with_dropout = build_model(method("lora", lora={"dropout": 0.05}), tiny_model, "auto", CPU)
+    drops = [m for m in with_dropout.modules() if isinstance(m, torch.nn.Dropout) and m.p == 0.05]
+    assert len(drops) == LINEARS_PER_LAYER * LAYERS and all(isinstance(m, FastDropout) for m in drops)
+    without = build_model(method("lora", lora={"dropout": 0.0}), tiny_model, "auto", CPU)
+    assert not any(isinstance(m, FastDropout) for m in without.modules())
+
+
+def test_right_padded_batch_loses_the_mask_without_changing_a_loss(tiny_model):
+    """Causal attention already hides the trailing padding from every scored token: dropping the mask of a
+    right-padded batch gives the same losses; a left-padded batch keeps its mask and its losses."""
+    from honed.train.loop import row_losses
+
+    model = build_model(method("full"), tiny_model, "auto", CPU).eval()
+    batch = fixed_batch(seed=5)
+    assert int(batch["attention_mask"].sum()) < batch["attention_mask"].numel()  # there is padding
+    with torch.no_grad():
+        padded = row_losses(model, batch)
+        alone = [row_losses(model, {k: v[i:i + 1, :n] for k, v in batch.items() if k != "n_tokens"})[0]
+                 for i, n in enumerate(batch["attention_mask"].sum(1).tolist())]
+    for (s, n), (s1, n1) in zip(padded, alone):
+        assert n == n1 and s == pytest.approx(s1, rel=1e-5)
+
+    left = {k: torch.flip(v, dims=[1]) for k, v in batch.items() if k != "n_tokens"}  # padding first
+    left["labels"] = torch.flip(batch["labels"], dims=[1])
+    with torch.no_grad():
+        with_mask = row_losses(model, left)
+        without = row_losses(model, {k: v for k, v in left.items() if k != "attention_mask"})
+    assert with_mask != without  # the mask mattered here, so it was kept
+
+
 # ------------------------------------------------------------------------------------ 3. DeepSpeed config
 def ds_method(**deepspeed) -> dict:
     return method("full", deepspeed=deepspeed)
@@ -460,6 +535,47 @@ def test_my_rows_slices_cover_every_row_once(n, world):
         assert list(rows["source"]) == [f"s{i}" for i in ids]  # columns stay aligned
         seen.extend(ids.tolist())
     assert seen == list(range(n))  # in rank order, each row exactly once
+
+
+def stream(lengths: list[int], batch: int) -> list[dict]:
+    """Global batches as Ray Data hands them: ragged token rows plus a per-row id column."""
+    rows = [np.full(n, i, dtype=np.int64) for i, n in enumerate(lengths)]
+    return [{"input_ids": ragged(rows[j:j + batch]), "labels": ragged(rows[j:j + batch]),
+             "row": np.arange(j, min(j + batch, len(rows)))} for j in range(0, len(rows), batch)]
+
+
+def padded_width(batches) -> int:
+    return sum(len(b["input_ids"]) * max(len(x) for x in b["input_ids"]) for b in batches)
+
+
+def test_length_grouping_reorders_rows_without_losing_or_repeating_any():
+    lengths = np.random.default_rng(0).integers(5, 200, 8 * 19).tolist()
+    plain = stream(lengths, 8)
+    grouped = list(length_grouped(iter(stream(lengths, 8)), 4, seed=(0, 0)))
+    assert [len(b["row"]) for b in grouped] == [len(b["row"]) for b in plain]  # same batch sizes, same count
+    assert sorted(int(r) for b in grouped for r in b["row"]) == list(range(len(lengths)))
+    for b in grouped:  # every row keeps its own tokens and labels
+        assert all(len(x) == lengths[r] and (x == r).all() for x, r in zip(b["input_ids"], b["row"]))
+        assert all((y == x).all() for x, y in zip(b["input_ids"], b["labels"]))
+    # rows never leave their window of 4 batches (32 rows), and padding shrinks
+    for w in range(0, len(grouped), 4):
+        window_rows = {int(r) for b in grouped[w:w + 4] for r in b["row"]}
+        assert window_rows == set(range(w * 8, min((w + 4) * 8, len(lengths))))
+    assert padded_width(grouped) < 0.8 * padded_width(plain)
+    assert collate(grouped[0], pad_id=0, device=CPU)["input_ids"].shape[0] == 8
+
+
+def test_length_grouping_is_deterministic_resumable_and_off_at_one():
+    lengths = np.random.default_rng(1).integers(5, 90, 6 * 12).tolist()
+    first = [b["row"].tolist() for b in length_grouped(iter(stream(lengths, 6)), 3, seed=(0, 1))]
+    again = [b["row"].tolist() for b in length_grouped(iter(stream(lengths, 6)), 3, seed=(0, 1))]
+    assert first == again  # a resumed run skipping k batches skips the same rows
+    other_epoch = [b["row"].tolist() for b in length_grouped(iter(stream(lengths, 6)), 3, seed=(0, 2))]
+    assert sorted(map(sorted, other_epoch)) == sorted(map(sorted, first)) and other_epoch != first
+    off = [b["row"].tolist() for b in length_grouped(iter(stream(lengths, 6)), 1, seed=(0, 1))]
+    assert off == [b["row"].tolist() for b in stream(lengths, 6)]
+    packed = [{"input_ids": np.zeros((2, 16), dtype=np.int64), "position_ids": np.zeros((2, 16)), "row": np.arange(2)}]
+    assert list(length_grouped(iter(packed), 8, seed=(0, 0))) == packed  # packed rows pass through
 
 
 def test_my_rows_rank_without_rows_gets_one_zero_weight_row():

@@ -97,6 +97,7 @@ class Loop:
             skip = done_in_epoch * accum  # micro-batches of this epoch already trained
             batches = shard.iter_batches(batch_size=optim["batch_size"] * self.world, batch_format="numpy",
                                          drop_last=True)
+            batches = length_grouped(batches, optim["group_by_length"], seed=(config["seed"], epoch))
             for i, global_batch in enumerate(batches):
                 if i < skip:
                     continue
@@ -244,6 +245,40 @@ class Loop:
         return {"inputs": keep, "logits": logits.float().cpu()}
 
 
+def length_grouped(batches, group: int, seed: tuple[int, ...]):
+    """Re-cut each window of `group` consecutive batches into batches of rows of similar length: the rows are
+    sorted by length (stable), cut into the same number of batches of the same size, and those run in an
+    order drawn from `seed` + the window's index. Deterministic in the stream, so skipping the first k
+    batches on resume skips the same rows. Packed batches (with `position_ids`) pass through unchanged."""
+    pending: list[dict] = []
+    window = 0
+    for batch in batches:
+        if group <= 1 or "position_ids" in batch:
+            yield batch
+            continue
+        pending.append(batch)
+        if len(pending) == group:
+            yield from _regroup(pending, (*seed, window))
+            pending, window = [], window + 1
+    if pending:
+        yield from _regroup(pending, (*seed, window))
+
+
+def _regroup(batches: list[dict], seed: tuple[int, ...]):
+    columns = {}
+    for key in batches[0]:
+        items = [x for b in batches for x in b[key]]
+        columns[key] = np.empty(len(items), dtype=object)  # rows of any length, whatever each batch held
+        for i, x in enumerate(items):
+            columns[key][i] = x
+    lengths = np.array([len(x) for x in columns["input_ids"]])
+    order = np.argsort(-lengths, kind="stable")
+    bounds = np.cumsum([0] + [len(b["input_ids"]) for b in batches])
+    cuts = [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for c in np.random.default_rng(list(seed)).permutation(len(cuts)):
+        yield {k: v[cuts[c]] for k, v in columns.items()}
+
+
 def my_rows(batch: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
     """This rank's contiguous slice of a global batch, with a `_weight` column; a rank left without rows gets
     one zero-weight copy of the first row so every rank runs the same number of forwards."""
@@ -278,7 +313,12 @@ def scored_token_losses(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.T
     keep[:, :-1] = labels[:, 1:] != -100  # logits at position p predict token p + 1
     # Packed rows carry position ids and no mask: the model then keeps attention inside each example
     # (transformers builds that block-diagonal mask only when no KV cache is in play, hence use_cache=False).
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+    mask = inputs.get("attention_mask")
+    if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        # Right padding only: causal attention already keeps every real token from seeing the padding after
+        # it, so the mask changes nothing that is scored, and without it SDPA runs its unmasked causal kernel.
+        mask = None
+    logits = model(input_ids=inputs["input_ids"], attention_mask=mask,
                    position_ids=inputs.get("position_ids"), use_cache=False, logits_to_keep=keep).logits
     if logits.dim() == 3:  # a model without boolean logits_to_keep returned every position
         logits = logits[keep]

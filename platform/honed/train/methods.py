@@ -30,7 +30,64 @@ def build_model(method: dict, model_path: str, dtype: str, device: torch.device)
         return base
     from peft import get_peft_model
 
-    return get_peft_model(base, peft_config(method))
+    model = get_peft_model(base, peft_config(method))
+    if device.type == "cpu":
+        use_fast_dropout(model)
+    return model
+
+
+class FastDropout(torch.nn.Dropout):
+    """Dropout on CPU whose mask comes from 16-bit random integers instead of `bernoulli_`.
+
+    torch's per-element Bernoulli sampling on CPU costs several times the rest of the dropout, and LoRA
+    drops out the input of every adapted layer (12 % of a SmolLM2-135M LoRA step went to `bernoulli_`).
+    The mask is drawn by numpy's SFC64 from one 62-bit seed taken from torch's generator, so
+    `torch.manual_seed`, checkpointed RNG states and activation-checkpoint recomputation reproduce it; it is
+    kept for backward as one byte a value, as `nn.Dropout` keeps its boolean mask. Same distribution up to
+    rounding p to a multiple of 2^-16 (0.05 -> 0.0500031), same 1 / (1 - p) scaling."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.p == 1.0:
+            return super().forward(x)
+        return _SeededDropout.apply(x, self.p, int(torch.randint(0, 2**62, (1,))))
+
+
+def seeded_keep_mask(seed: int, p: float, shape: torch.Size) -> torch.Tensor:
+    """A uint8 mask of `shape`: 1 (kept) with probability 1 - p, from the seed alone."""
+    import numpy as np
+
+    n = shape.numel()
+    bits = np.frombuffer(np.random.Generator(np.random.SFC64(seed)).bytes(2 * n), dtype=np.int16)
+    keep = bits >= round(p * 65536) - 32768  # int16 bits are uniform on [-32768, 32767]
+    return torch.from_numpy(keep.view(np.uint8)).view(shape)
+
+
+class _SeededDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+        keep = seeded_keep_mask(seed, p, x.shape)
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return x * keep.to(x.dtype).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad * keep.to(grad.dtype).mul_(ctx.scale), None, None
+
+
+def use_fast_dropout(model) -> int:
+    """Swap the `nn.Dropout` modules of a peft model's adapters (`lora_dropout`) for `FastDropout`; returns
+    how many were swapped."""
+    swapped = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for key, drop in drops.items():
+                if type(drop) is torch.nn.Dropout and drop.p > 0:
+                    drops[key] = FastDropout(drop.p)
+                    swapped += 1
+    return swapped
 
 
 def load_base(method: dict, model_path: str, dtype: str, device: torch.device):
@@ -108,11 +165,17 @@ def param_groups(model, method: dict, optim: dict) -> list[dict]:
 
 
 def make_optimizer(optim: dict, groups: list[dict]) -> torch.optim.Optimizer:
-    """torch AdamW or a bitsandbytes 8-bit / paged AdamW over the given parameter groups."""
+    """torch AdamW or a bitsandbytes 8-bit / paged AdamW over the given parameter groups.
+
+    torch AdamW runs its fused kernel when every parameter is a floating tensor on CPU or CUDA: one pass
+    over each tensor instead of a dozen elementwise ops (on CPU, 0.16 s instead of 0.50 s a step for the
+    135M model's full fine-tuning)."""
     kwargs = {"lr": optim["lr"], "betas": tuple(optim["betas"]), "weight_decay": optim["weight_decay"]}
     name = optim["optimizer"]
     if name == "adamw":
-        return torch.optim.AdamW(groups, **kwargs)
+        params = [p for g in groups for p in g["params"]]
+        fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(groups, fused=fused, **kwargs)
     import bitsandbytes as bnb
 
     classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
