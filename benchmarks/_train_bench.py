@@ -155,9 +155,27 @@ def train_rows(data_dir: Path, n: int) -> list[dict]:
     return rows
 
 
-def step_token_counts(data_dir: Path, batch_size: int, steps: int) -> list[dict]:
+GROUP_BY_LENGTH = 8  # honed's default optim.group_by_length
+
+
+def batched_rows(data_dir: Path, batch_size: int, steps: int, group: int = GROUP_BY_LENGTH) -> list[dict]:
+    """The rows of the first `steps` batches in the order honed's loop trains them (1 worker, epoch 0, seed 0):
+    shard order, then length-grouped over windows of `group` batches (honed.train.batching)."""
+    from honed.train.batching import length_grouped
+
+    windows = -(-steps // group) if group > 1 else steps
+    rows = train_rows(data_dir, batch_size * windows * max(group, 1))
+    plain = [{"input_ids": [r["input_ids"] for r in rows[j:j + batch_size]],
+              "index": list(range(j, min(j + batch_size, len(rows))))} for j in range(0, len(rows), batch_size)]
+    if "position_ids" in rows[0]:
+        return rows[:batch_size * steps]
+    grouped = length_grouped(iter(plain), group, seed=(0, 0))
+    return [rows[i] for b in itertools.islice(grouped, steps) for i in b["index"]]
+
+
+def step_token_counts(data_dir: Path, batch_size: int, steps: int, group: int = GROUP_BY_LENGTH) -> list[dict]:
     """Per optimizer step (1 worker, no accumulation): tokens fed (padded), non-pad, labelled."""
-    rows = train_rows(data_dir, batch_size * steps)
+    rows = batched_rows(data_dir, batch_size, steps, group)
     out = []
     for s in range(steps):
         batch = rows[s * batch_size:(s + 1) * batch_size]
@@ -543,7 +561,9 @@ def bare_main(spec: dict, result_path: str) -> None:
 
         peak = measure_peak_flops(device, compute)
     extra = spec.get("profile_steps", 0)
-    rows = train_rows(Path(spec["data_dir"]), batch_size * (steps + extra))
+    # honed's batches (length-grouped like its loop) or, for the plain loop, shard order
+    rows = batched_rows(Path(spec["data_dir"]), batch_size, steps + extra, 1 if plain else spec.get("group_by_length",
+                                                                                                  GROUP_BY_LENGTH))
     autocast = torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 

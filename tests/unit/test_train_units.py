@@ -15,7 +15,8 @@ import torch
 from honed.config import ConfigError, MethodConfig, OptimConfig, TrainConfig, load_config
 from honed.train.backends import deep_merge, deepspeed_config
 from honed.train.efficiency import Meter, efficiency_report, measure_peak_flops
-from honed.train.loop import causal_lm_loss, collate, length_grouped, my_rows, should_stop
+from honed.train.batching import length_grouped
+from honed.train.loop import causal_lm_loss, collate, my_rows, should_stop
 from honed.train.methods import (
     FastDropout,
     build_model,
