@@ -539,9 +539,10 @@ def bare_main(spec: dict, result_path: str) -> None:
         from honed.config import MethodConfig, OptimConfig
         from honed.train.methods import build_model, make_optimizer, param_groups
 
-        method = MethodConfig(name=spec["method"], **({"lora": spec.get("lora", LORA)}
-                                                      if spec["method"] in ("lora", "qlora") else {})).model_dump()
-        settings = OptimConfig(lr=spec["lr"], weight_decay=0.0).model_dump()
+        method = MethodConfig(name=spec["method"], activation_checkpointing=spec.get("activation_checkpointing", False),
+                              **({"lora": spec.get("lora", LORA)} if spec["method"] in ("lora", "qlora") else {})
+                              ).model_dump()
+        settings = OptimConfig(lr=spec["lr"], weight_decay=0.0, optimizer=spec.get("optimizer", "adamw")).model_dump()
         model = build_model(method, model_path, "auto", device)
     load_s = time.perf_counter() - load_started
     params = [p for p in model.parameters() if p.requires_grad]
@@ -562,8 +563,9 @@ def bare_main(spec: dict, result_path: str) -> None:
         peak = measure_peak_flops(device, compute)
     extra = spec.get("profile_steps", 0)
     # honed's batches (length-grouped like its loop) or, for the plain loop, shard order
-    rows = batched_rows(Path(spec["data_dir"]), batch_size, steps + extra, 1 if plain else spec.get("group_by_length",
-                                                                                                  GROUP_BY_LENGTH))
+    needed = steps + extra + (1 if spec.get("tensor_memory") else 0)
+    rows = batched_rows(Path(spec["data_dir"]), batch_size, needed,
+                        1 if plain else spec.get("group_by_length", GROUP_BY_LENGTH))
     autocast = torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
@@ -637,6 +639,8 @@ def bare_main(spec: dict, result_path: str) -> None:
         result["mfu"] = round(6 * total_params * nonpad / seconds / peak, 4)
     if extra:
         result["profile"] = profile_steps(one_step, range(steps, steps + extra), device)
+    if spec.get("tensor_memory"):
+        result["tensor_memory"] = tensor_memory(one_step, steps + extra, model, optimizer, device)
     if spec.get("optimizer_variants"):
         result["optimizer_variants"] = optimizer_variants(params, spec["lr"], spec["optimizer_variants"], sync)
     if spec.get("variants"):  # where a step's time goes by loss variant, on the first batch
@@ -900,6 +904,37 @@ def categorize(name: str) -> str:
     if name.startswith("aten::"):
         return "elementwise / norms / activations (other aten ops)"
     return "framework (autograd engine, python, record_function)"
+
+
+def tensor_memory(one_step, step: int, model, optimizer, device) -> dict:
+    """Peak bytes held in tensors during one more training step: the CPU counterpart of CUDA's max allocated.
+
+    held    what lives between steps: every parameter and buffer as stored (4-bit packed for qlora; weights
+            memory-mapped from the checkpoint count too, since training reads them every step) and the
+            optimizer state (gradients are freed by zero_grad(set_to_none=True))
+    step    the highest running sum of the step's allocations minus frees, op by op (torch.profiler with
+            profile_memory: activations, saved tensors, gradients, temporaries, the optimizer's scratch)
+    RSS is reported beside it but cannot compare methods here: it counts the checkpoint pages a loader has
+    touched (all of them for qlora, which read every weight to quantize it) and the interpreter and libraries."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    parts = memory_parts(model, optimizer)
+    held = parts["weights_mb"] + parts["buffers_mb"] + parts["optimizer_state_mb"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        one_step(step)
+        return {"held_mb": held, "peak_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "kind": "cuda_max_allocated", "parts": parts}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        one_step(step)
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return {"held_mb": held, "step_peak_mb": round(peak / 2**20, 1), "peak_mb": round(held + peak / 2**20, 1),
+            "kind": "tensor bytes (parameters + buffers + optimizer state + the step's peak allocations)",
+            "parts": parts}
 
 
 def profile_steps(one_step, steps, device) -> dict:

