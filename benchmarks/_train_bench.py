@@ -155,7 +155,7 @@ def train_rows(data_dir: Path, n: int) -> list[dict]:
     return rows
 
 
-GROUP_BY_LENGTH = 8  # honed's default optim.group_by_length
+GROUP_BY_LENGTH = 1  # honed's default optim.group_by_length (off)
 
 
 def batched_rows(data_dir: Path, batch_size: int, steps: int, group: int = GROUP_BY_LENGTH) -> list[dict]:

@@ -32,6 +32,7 @@ import json
 import time
 
 from _train_bench import (
+    GROUP_BY_LENGTH,
     MODEL,
     WARMUP_STEPS_EXCLUDED,
     WORK,
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--group-by-length", type=int, default=GROUP_BY_LENGTH,
+                        help="honed's optim.group_by_length (default: honed's default, off)")
     parser.add_argument("--peak-flops", type=float, help="a datasheet peak (e.g. 989e12 for H100/H200 dense bf16): "
                                                            "adds MFU against it")
     parser.add_argument("--gpu", action="store_true", help="CUDA, bf16 autocast over fp32 master weights")
@@ -78,7 +81,7 @@ def main() -> None:
     log_every = 1  # every step in the live log: per-step rates (`best_steps`)
 
     data = prepared_dataset()
-    tokens = step_token_counts(data, args.batch_size, args.steps)
+    tokens = step_token_counts(data, args.batch_size, args.steps, args.group_by_length)
     model_path = resolve_model_path()
     repeats = []
     for r in range(args.repeats):
@@ -89,7 +92,8 @@ def main() -> None:
             log(f"repeat {r + 1}/{args.repeats}: {kind} full fine-tuning ({args.steps} steps) ...")
             if kind == "honed":
                 cfg = honed_config(data, WORK / "runs" / tag, method="full", steps=args.steps, lr=LR,
-                                   batch_size=args.batch_size, threads=args.threads, gpu=args.gpu, log_every=log_every)
+                                   batch_size=args.batch_size, threads=args.threads, gpu=args.gpu, log_every=log_every,
+                                   extra={"optim.group_by_length": args.group_by_length})
                 runs[kind] = run_process("honed", {"config": cfg, "threads": args.threads}, tag)
                 e = runs[kind]["efficiency"]
                 log(f"  honed: {e['nonpad_tokens_per_s']:.1f} non-pad tok/s, MFU {e['mfu']:.3f} of "
@@ -111,6 +115,7 @@ def main() -> None:
         "method": "full", "model_path": model_path, "data_dir": str(data), "steps": profile_warmup,
         "batch_size": args.batch_size, "lr": LR, "warmup": 10, "threads": args.threads, "gpu": args.gpu,
         "measure_peak": False, "seed": 0, "kernels": "honed", "profile_steps": args.profile_steps,
+        "group_by_length": args.group_by_length,
         "optimizer_variants": 1 if args.quick else 3}, "mfu-profile")
 
     # Both sides' MFU against each process's own peak and against the best peak measured in this invocation.
@@ -151,7 +156,8 @@ def main() -> None:
 
     analysis = {}
     if profile:
-        counts = step_token_counts(data, args.batch_size, profile_warmup + args.profile_steps)[profile_warmup:]
+        counts = step_token_counts(data, args.batch_size, profile_warmup + args.profile_steps,
+                                   args.group_by_length)[profile_warmup:]
         profiled_tokens = sum(t["nonpad"] for t in counts)
         fed_tokens = sum(t["fed"] for t in counts)
         analysis = {
@@ -179,7 +185,8 @@ def main() -> None:
         "config": {"model": MODEL, "method": "full", "steps": args.steps, "warmup_steps_excluded": WARMUP_STEPS_EXCLUDED,
                    "batch_size": args.batch_size, "lr": LR, "threads": args.threads, "gpu": args.gpu,
                    "repeats": args.repeats, "profile_steps": args.profile_steps, "data": str(data),
-                   "total_params": n_params, "datasheet_peak_flops": args.peak_flops},
+                   "total_params": n_params, "datasheet_peak_flops": args.peak_flops,
+                   "group_by_length": args.group_by_length},
         "peaks_measured": peaks, "common_peak_flops": common,
         "repeats": rows,
         "mfu": {"honed": spread(honed_mfu), "bare": spread(bare_mfu),

@@ -376,10 +376,12 @@ class OptimConfig(Section):
     grad_accum_steps: int = Field(default=1, gt=0)
     """Micro-steps per optimizer step: global batch = batch_size x grad_accum_steps x num_workers."""
     grad_clip: float | None = Field(default=1.0, gt=0)
-    group_by_length: int = Field(default=8, ge=1)
+    group_by_length: int = Field(default=1, ge=1)
     """Windows of this many global micro-batches have their rows sorted by length before the batches are cut
-    (the window's batches then run in a seeded random order): far less padding for unpacked data. 1 keeps
-    the shard order; packed rows (all one length) are left as they are."""
+    (the window's batches then run in a seeded random order): less padding for unpacked data, more tokens/s.
+    Off (1) by default: where length tracks the kind of example, grouped batches are also batches of one kind
+    (on the demo corpus, 8 cut padding from 9.3 % to 1.8 % but the tuned model's exact match fell from ~0.3 to
+    0.21). Packed rows (all one length) are left as they are."""
 
 
 class ScalingSettings(Section):
