@@ -2,6 +2,7 @@
 generated DeepSpeed config, config validation (and the CLI refusing before Ray starts), and the loop's
 pure helpers (row slicing, early stopping, efficiency accounting)."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -577,6 +578,17 @@ def test_length_grouping_is_deterministic_resumable_and_off_at_one():
     assert off == [b["row"].tolist() for b in stream(lengths, 6)]
     packed = [{"input_ids": np.zeros((2, 16), dtype=np.int64), "position_ids": np.zeros((2, 16)), "row": np.arange(2)}]
     assert list(length_grouped(iter(packed), 8, seed=(0, 0))) == packed  # packed rows pass through
+
+
+def test_live_log_creates_the_output_dir_it_writes_into(tmp_path):
+    """With storage_path elsewhere, nothing has created output_dir when the first step is logged."""
+    from honed.train.loop import live_log
+
+    path = tmp_path / "out" / "run" / "progress.jsonl"
+    live_log({"live_log": str(path)}, {"step": 1, "loss": 2.5})
+    live_log({"live_log": str(path)}, {"event": "resumed", "step": 1})
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(x.get("event"), x["step"]) for x in lines] == [(None, 1), ("resumed", 1)]
 
 
 def test_my_rows_rank_without_rows_gets_one_zero_weight_row():

@@ -381,6 +381,7 @@ def live_log(config: dict, record: dict) -> None:
     if not path:
         return
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # output_dir need not exist yet (storage_path elsewhere)
         with open(path, "a") as fh:
             fh.write(json.dumps(record | {"time": round(time.time(), 3)}) + "\n")
     except OSError:
