@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-# the live-log and checkpoint-snapshot readers of the resilience test (pytest puts tests/integration on sys.path)
-from test_train_resilience import (
+# pytest puts tests/integration on sys.path
+from _run_logs import (
     CHECKPOINT_MANAGER_SNAPSHOT_FILENAME,
     logged_steps,
     read_jsonl,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _run_logs import read_jsonl
 
 try:
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
@@ -70,19 +71,6 @@ CASES: dict[str, tuple[dict, dict, float, bool]] = {
 
 def case_params(names):
     return [pytest.param(n, id=n, marks=() if CASES[n][3] else pytest.mark.slow) for n in names]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Complete lines only: a live log may be mid-append."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return records
 
 
 def make_config(case: str, tiny_model: str, data_dir: str, out: Path):
