@@ -87,6 +87,21 @@ def machine_info() -> dict:
     return info
 
 
+def parse_args(parser, name: str, gpu_help: str, quick: dict):
+    """Add the options every training benchmark has last (--gpu, --dry-run, --out), parse, apply `quick`'s
+    settings under --quick, and under --dry-run print the resolved settings and exit."""
+    parser.add_argument("--gpu", action="store_true", help=gpu_help)
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
+    parser.add_argument("--out", help=f"result file (default benchmarks/results/{name}.json)")
+    args = parser.parse_args()
+    if args.quick:
+        vars(args).update(quick)
+    if args.dry_run:
+        print(json.dumps(vars(args)))
+        raise SystemExit(0)
+    return args
+
+
 def write_result(name: str, result: dict, out: str | None = None) -> Path:
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ from _train_bench import (
     honed_wall_rate,
     log,
     machine_info,
+    parse_args,
     prepared_dataset,
     public,
     resolve_model_path,
@@ -64,15 +65,7 @@ def main() -> None:
     parser.add_argument("--packed-batch-size", type=int, default=1, help="packed batch (rows of --seq-len)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variant-repeats", type=int, default=3)
-    parser.add_argument("--gpu", action="store_true", help="CUDA, bf16")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
-    parser.add_argument("--out", help="result file (default benchmarks/results/packing.json)")
-    args = parser.parse_args()
-    if args.quick:
-        args.steps, args.repeats, args.variant_repeats = 4, 1, 1
-    if args.dry_run:
-        print(json.dumps(vars(args)))
-        return
+    args = parse_args(parser, "packing", "CUDA, bf16", quick={"steps": 4, "repeats": 1, "variant_repeats": 1})
     log_every = 1  # every step in the live log: per-step rates (`best_steps`)
 
     data = {"padded": prepared_dataset(), "packed": prepared_dataset(args.seq_len)}

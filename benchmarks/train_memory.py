@@ -28,7 +28,6 @@ Writes `benchmarks/results/train_memory.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from _train_bench import (
@@ -39,6 +38,7 @@ from _train_bench import (
     honed_config,
     log,
     machine_info,
+    parse_args,
     prepared_dataset,
     public,
     resolve_model_path,
@@ -62,15 +62,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-honed", action="store_true", help="skip honed's Ray Train runs (process RSS)")
-    parser.add_argument("--gpu", action="store_true", help="CUDA, bf16 compute; memory = CUDA max allocated")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
-    parser.add_argument("--out", help="result file (default benchmarks/results/train_memory.json)")
-    args = parser.parse_args()
-    if args.quick:
-        args.steps, args.no_honed = 2, True
-    if args.dry_run:
-        print(json.dumps(vars(args)))
-        return
+    args = parse_args(parser, "train_memory", "CUDA, bf16 compute; memory = CUDA max allocated", quick={"steps": 2, "no_honed": True})
     data = prepared_dataset()
     model_path = resolve_model_path()
 

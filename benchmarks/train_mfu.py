@@ -28,7 +28,6 @@ disturbed least. Writes `benchmarks/results/train_mfu.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from _train_bench import (
@@ -45,6 +44,7 @@ from _train_bench import (
     honed_wall_rate,
     log,
     machine_info,
+    parse_args,
     prepared_dataset,
     resolve_model_path,
     run_process,
@@ -69,15 +69,7 @@ def main() -> None:
                         help="honed's optim.group_by_length (default: honed's default, off)")
     parser.add_argument("--peak-flops", type=float, help="a datasheet peak (e.g. 989e12 for H100/H200 dense bf16): "
                                                            "adds MFU against it")
-    parser.add_argument("--gpu", action="store_true", help="CUDA, bf16 autocast over fp32 master weights")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
-    parser.add_argument("--out", help="result file (default benchmarks/results/train_mfu.json)")
-    args = parser.parse_args()
-    if args.quick:
-        args.steps, args.repeats, args.profile_steps = 4, 1, 1
-    if args.dry_run:
-        print(json.dumps(vars(args)))
-        return
+    args = parse_args(parser, "train_mfu", "CUDA, bf16 autocast over fp32 master weights", quick={"steps": 4, "repeats": 1, "profile_steps": 1})
     log_every = 1  # every step in the live log: per-step rates (`best_steps`)
 
     data = prepared_dataset()

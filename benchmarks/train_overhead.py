@@ -32,7 +32,6 @@ Writes `benchmarks/results/train_overhead.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from _train_bench import (
@@ -48,6 +47,7 @@ from _train_bench import (
     honed_wall_rate,
     log,
     machine_info,
+    parse_args,
     prepared_dataset,
     resolve_model_path,
     run_process,
@@ -78,15 +78,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--gpu", action="store_true", help="CUDA, bf16 compute (honed's dtype auto), NCCL")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
-    parser.add_argument("--out", help="result file (default benchmarks/results/train_overhead.json)")
-    args = parser.parse_args()
-    if args.quick:
-        args.steps, args.repeats = 4, 1
-    if args.dry_run:
-        print(json.dumps(vars(args)))
-        return
+    args = parse_args(parser, "train_overhead", "CUDA, bf16 compute (honed's dtype auto), NCCL", quick={"steps": 4, "repeats": 1})
     log_every = 1  # every step reports to Ray Train (honed's default is every 10): per-step times, a strict test
 
     data = prepared_dataset()

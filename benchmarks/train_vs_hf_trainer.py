@@ -47,6 +47,7 @@ from _train_bench import (
     log,
     loss_variants,
     machine_info,
+    parse_args,
     prepared_dataset,
     resolve_model_path,
     run_process,
@@ -143,15 +144,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variant-repeats", type=int, default=3, help="timed passes per loss variant")
-    parser.add_argument("--gpu", action="store_true", help="CUDA, bf16 (honed's dtype auto; HF bf16=True)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
-    parser.add_argument("--out", help="result file (default benchmarks/results/train_vs_hf_trainer.json)")
-    args = parser.parse_args()
-    if args.quick:
-        args.steps, args.repeats, args.variant_repeats = 4, 1, 1
-    if args.dry_run:
-        print(json.dumps(vars(args)))
-        return
+    args = parse_args(parser, "train_vs_hf_trainer", "CUDA, bf16 (honed's dtype auto; HF bf16=True)", quick={"steps": 4, "repeats": 1, "variant_repeats": 1})
     log_every = 1  # honed reports every step (10x its default): its live log then times every step
 
     data = prepared_dataset()
