@@ -5,6 +5,7 @@
     honed train jobs/train_lora.yaml optim.lr=1e-3 --address ray://head:10001
     ray job submit --working-dir . -- honed train jobs/train_lora.yaml
     honed submit jobs/submit/train_lora.yaml --address http://head:8265   # the same as a Ray job (honed.jobs)
+    honed registry add icd10-lora runs/train/adapter --eval runs/eval/eval.json   # → icd10-lora@1 (honed.registry)
 
 Local Ray by default; `--address` or `RAY_ADDRESS` points the same command at a cluster. Configs are
 validated before Ray starts: a bad key, type or value exits with status 2 and names what is allowed.
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from honed import jobs
+from honed import jobs, registry
 from honed.config import CONFIGS, ConfigError, dump_config, load_config
 
 COMMANDS = {
@@ -49,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
             how.add_argument("--restart", action="store_true",
                              help="delete the run's local checkpoints first and train from step 0")
     jobs.add_commands(subs)
+    registry.add_commands(subs)
     return top
 
 
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command in ("submit", "jobs"):
         return jobs.main(args)
+    if args.command == "registry":
+        return registry.main(args)
     path, overrides = split_config_arg(args)
     try:
         cfg = load_config(CONFIGS[args.command], path, overrides)

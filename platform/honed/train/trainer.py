@@ -5,7 +5,8 @@
 Writes `output_dir/`: adapter/ (PEFT safetensors + honed.json) for lora/qlora/prefix/ia3 or model/ (a full HF
 model + honed.json) for full fine-tuning, metrics.jsonl, efficiency.json, progress.jsonl (the live log),
 train.yaml; Ray Train's checkpoints live under `storage_path` (default `output_dir/checkpoints`). Rerunning
-the same command with the same `name` and `storage_path` resumes from the latest checkpoint.
+the same command with the same `name` and `storage_path` resumes from the latest checkpoint. With
+`register: {name: icd10-lora}` the adapter is also added to the adapter registry (honed.registry) as icd10-lora@N.
 """
 
 from __future__ import annotations
@@ -65,7 +66,19 @@ def train(cfg: TrainConfig) -> dict:
     print(f"[honed.train] {cfg.method.name}{deepspeed_label(cfg)}: {loop_config['total_steps']} steps on "
           f"{cfg.scaling.num_workers} workers ({loop_config['steps_per_epoch']} per epoch)", flush=True)
     result = trainer.fit()
-    return export_result(result, cfg, manifest, model_path)
+    metrics = export_result(result, cfg, manifest, model_path)
+    if cfg.register:  # PEFT methods only (the config refuses `register` with method full)
+        metrics["registered"] = register_adapter(cfg)
+    return metrics
+
+
+def register_adapter(cfg: TrainConfig) -> str:
+    """Add the exported adapter to `cfg.register.registry` as the next version of `cfg.register.name`."""
+    from honed.registry import Registry
+
+    ref = Registry(cfg.register.registry).add(cfg.register.name, str(Path(cfg.output_dir) / "adapter"))
+    print(f"[honed.train] registered {ref} in {cfg.register.registry}", flush=True)
+    return ref
 
 
 def deepspeed_label(cfg: TrainConfig) -> str:
