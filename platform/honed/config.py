@@ -8,11 +8,13 @@ key, the value and what is allowed.
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_SYSTEM_PROMPT = "You are a medical coding assistant. Answer with ICD-10-CM facts only."
@@ -407,8 +409,38 @@ class EarlyStopping(Section):
     min_delta: float = Field(default=0.0, ge=0)
 
 
+# Adapter registry names (`honed registry`, `register.name`): they become one directory level of the registry.
+ADAPTER_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def check_adapter_name(name: str) -> str:
+    """The name if it is a valid adapter name (`ADAPTER_NAME`, without `..`), else ValueError saying what is allowed."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"adapter name {name!r} is not allowed: use 1-64 characters of a-z 0-9 . _ -, starting "
+                         "with a letter or digit, without '..'")
+    return name
+
+
+class RegisterConfig(Section):
+    """Register the exported adapter in an adapter registry (`honed registry`) once training succeeded."""
+
+    registry: str = "runs/registry"
+    """Registry directory: a local path or a cloud URI (s3://bucket/registry, gs://...)."""
+    name: str
+    """Adapter name; the run becomes version `name@N`, one after the last registered version."""
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return check_adapter_name(value)
+
+
 def is_val_metric(name: str) -> bool:
     return name == "val_loss" or (name.startswith("val_loss/") and len(name) > len("val_loss/"))
+
+
+# `register` shadows only ABCMeta.register, a class-level method nobody calls on a config; instances read the field.
+warnings.filterwarnings("ignore", message='Field name "register" in "TrainConfig" shadows', category=UserWarning)
 
 
 class TrainConfig(Section):
@@ -440,6 +472,8 @@ class TrainConfig(Section):
     """Stop when the validation metric stops improving (validates at every checkpoint)."""
     peak_flops: float | None = Field(default=None, gt=0)
     """Peak FLOP/s of one worker's device for MFU; default: measured (fp32/bf16 matmul) at the start."""
+    register: RegisterConfig | None = None
+    """Register the exported adapter (PEFT methods only) in an adapter registry, e.g. {name: icd10-lora}."""
 
     @model_validator(mode="after")
     def _check_method(self) -> "TrainConfig":
@@ -455,6 +489,9 @@ class TrainConfig(Section):
         if self.early_stopping and not is_val_metric(self.early_stopping.metric):
             raise ValueError(f"early_stopping.metric '{self.early_stopping.metric}' is not a validation metric; "
                              "use val_loss or val_loss/<source>")
+        if self.register and not m.peft:
+            raise ValueError("register: method full exports a whole model, which is served as a merged model, not "
+                             "registered as an adapter; remove `register` or use lora / qlora / prefix / ia3")
         return self
 
 
@@ -489,6 +526,23 @@ class MergeConfig(Section):
 
 
 # ----------------------------------------------------------------------------------------------- serve
+class AutoscalingSettings(Section):
+    """Ray Serve autoscaling of the model replicas (each replica holds the base and its hot adapters)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, gt=0)
+    target_ongoing_requests: float = Field(default=8.0, gt=0)
+    """Requests in flight per replica the autoscaler aims for; about `max_batch_size` keeps batches full."""
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=120.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
 class ServeConfig(Section):
     """Arguments of the Serve app `honed.serve.app:build_app` (`honed serve` and `serve run`)."""
 
@@ -497,12 +551,28 @@ class ServeConfig(Section):
     """`model` value that selects the base model without adapter."""
     adapters: dict[str, str] = {}
     """Adapter name → adapter dir, selected by the request's `model` field."""
-    max_adapters_per_replica: int = Field(default=4, gt=0)
+    registry: str | None = None
+    """Adapter registry (local dir or cloud URI, see `honed registry`): each adapter in it is served as `name`
+    (its latest version) and `name@N`, loaded on first use; adapters registered later appear without a redeploy."""
+    merged: dict[str, str] = {}
+    """Name → merged model dir (`honed merge`, or a full fine-tune's model/): each its own deployment."""
+    max_adapters_per_replica: int = Field(default=8, gt=0)
+    """Adapters kept loaded per replica (LRU); requests are routed to replicas that hold their adapter."""
+    max_batch_size: int = Field(default=8, gt=0)
+    """Concurrent requests decoded together in one batch, whatever adapter each asks for (1: one at a time)."""
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    """How long a batch waits for more requests before it starts."""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_tokens: int = Field(default=256, gt=0)
     """Upper bound for a request's `max_tokens`; larger requests are refused with 400."""
+    num_replicas: int = Field(default=1, gt=0)
+    """Model replicas per served model when `autoscaling` is not set."""
+    autoscaling: AutoscalingSettings | None = None
     num_cpus: float = Field(default=1.0, gt=0)
+    """CPUs per model replica."""
+    num_gpus: float = Field(default=0.0, ge=0)
+    """GPUs per model replica (a replica decodes on CUDA when it has one)."""
     torch_threads: int = Field(default=1, gt=0)
     api_keys_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """Name of an environment variable holding comma-separated API keys (read where the app is built);
@@ -510,9 +580,14 @@ class ServeConfig(Section):
 
     @model_validator(mode="after")
     def _check_names(self) -> "ServeConfig":
-        for name in self.adapters:
-            if name == self.base_name:
-                raise ValueError(f"adapter name '{name}' collides with base_name")
+        seen = {self.base_name: "base_name"}
+        for kind, names in (("adapters", self.adapters), ("merged", self.merged)):
+            for name in names:
+                if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
+                    raise ValueError(f"{kind} name '{name}' is not allowed: use lowercase letters, digits, '.', '_', '-'")
+                if name in seen:
+                    raise ValueError(f"{kind} name '{name}' collides with {seen[name]}")
+                seen[name] = kind
         return self
 
 

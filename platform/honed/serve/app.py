@@ -1,24 +1,28 @@
-"""The Serve app: one OpenAI-compatible endpoint for a base model and its domain adapters.
+"""The Serve app: one OpenAI-compatible endpoint for a base model, its domain adapters and merged models.
 
-    serve run serving/demo.yaml            # Ray Serve's own CLI, through `build_app`
-    honed serve serving/demo.yaml adapters.icd10=runs/demo/train/adapter
+    serve run serving/icd10.yaml           # Ray Serve's own CLI, through `build_app`
+    honed serve serving/icd10.yaml adapters.icd10=runs/demo/train/adapter
 
 Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions. The request's `model` picks the
-base (`base_name`) or an adapter; adapters load on demand through `@serve.multiplexed` (LRU per replica)
-and are answered with the system prompt and template they were trained with (their honed.json).
+base (`base_name`), an adapter (from `adapters`, or `name` / `name@N` from the `registry`) or a merged model
+(`merged`: a deployment of its own). Adapters load on demand through `@serve.multiplexed` (LRU per replica,
+requests routed to replicas holding theirs) and answer with the system prompt, template and stop strings they
+were trained with (their honed.json). Concurrent requests are decoded as one batch whatever adapter each names.
 """
 
 
 import asyncio
-import contextlib
+import collections
 import hashlib
-import json
 import hmac
+import json
 import os
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,9 +32,10 @@ from ray import serve
 from ray.exceptions import RayTaskError
 
 from honed.config import ServeConfig
-from honed.generation import Completion, generate, render_chat
+from honed.generation import BASE, Completion, DecodeJob, decode_steps, render_chat
 from honed.models import load_model, resolve_model, weights_hash
-from honed.train.trainer import read_adapter_meta
+from honed.registry import Registry, RegistryError
+from honed.train.trainer import ADAPTER_META, read_adapter_meta
 
 
 # ------------------------------------------------------------------------------------------ request types
@@ -108,105 +113,200 @@ class LoadedAdapter:
             self.server = None
 
 
+def peft_name(model_id: str) -> str:
+    """peft keeps adapters in ModuleDicts, whose keys cannot hold '.'; '~' cannot occur in served names."""
+    return model_id.replace(".", "~")
+
+
+class LiveModel:
+    """The replica's model as of each forward: the base, or the PeftModel once the first adapter is injected.
+    Forwards hold the model lock, so adapters are injected or deleted only between decode steps."""
+
+    def __init__(self, server: "ModelServer"):
+        self.server = server
+
+    def parameters(self):
+        return self.server.model.parameters()
+
+    def __call__(self, adapter_names: list[str] | None = None, **inputs):
+        with self.server.model_lock:
+            if self.server.peft is None:
+                return self.server.model(**inputs)
+            return self.server.peft(adapter_names=adapter_names, **inputs)
+
+
 @serve.deployment
 class ModelServer:
-    """Holds the base model once and the adapters on top of it; decodes one request at a time."""
+    """Holds one model (the base, or a merged model) and LoRA adapters on top of it. Concurrent requests are
+    decoded together (`@serve.batch`): rows of different adapters and of the base share each forward through
+    peft's per-row `adapter_names`."""
 
-    def __init__(self, cfg: dict, loader: Callable = load_model):
+    def __init__(self, cfg: dict, model_path: str | None = None, loader: Callable = load_model):
         import torch
 
         self.cfg = ServeConfig.model_validate(cfg)
         torch.set_num_threads(self.cfg.torch_threads)
-        model_path = resolve_model(self.cfg.model.name_or_path)
+        path = model_path or resolve_model(self.cfg.model.name_or_path)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU replica (num_gpus) decodes on it
-        self.model, self.tokenizer = loader(model_path, self.cfg.model.dtype, device)
+        self.model, self.tokenizer = loader(path, self.cfg.model.dtype, device)
         self.model.eval()
-        self.base_sha256 = weights_hash(model_path)
+        self.meta = json.loads((Path(path) / ADAPTER_META).read_text()) if (Path(path) / ADAPTER_META).is_file() else {}
+        self.base_sha256 = weights_hash(path)
         self.context_len = getattr(self.model.config, "max_position_embeddings", 2048)
+        self.registry = Registry(self.cfg.registry) if self.cfg.registry else None
         self.peft = None  # becomes a PeftModel when the first adapter loads
-        self.lock = asyncio.Lock()
+        self.live = LiveModel(self)
+        self.model_lock = threading.Lock()
+        self.in_use: collections.Counter[str] = collections.Counter()  # adapter → requests decoding with it
+        self.evicted: set[str] = set()  # evicted by the LRU while in use: deleted when the last request ends
+        self._decode_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._decode_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
-        async def load(name: str) -> LoadedAdapter:
-            return self._load_adapter(name)
+        async def load(model_id: str) -> LoadedAdapter:
+            return await asyncio.to_thread(self._load_adapter, model_id)
 
         # Wrapped here rather than decorated so the LRU size comes from the config.
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.max_adapters_per_replica)(load)
 
-    def _load_adapter(self, name: str) -> LoadedAdapter:
-        path = self.cfg.adapters[name]
-        meta = read_adapter_meta(path)
+    # ---- adapters
+    def _adapter_dir(self, model_id: str) -> str:
+        if model_id in self.cfg.adapters:
+            return self.cfg.adapters[model_id]
+        if self.registry is None:
+            raise APIError(404, f"model '{model_id}' is not served here", "model", "model_not_found")
+        return self.registry.local_dir(model_id)
+
+    def _load_adapter(self, model_id: str) -> LoadedAdapter:
+        """Read, check and inject one adapter; a failure leaves the replica as it was and fails only this request."""
+        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        name = peft_name(model_id)
+        with self.model_lock:
+            if name in self.evicted:  # evicted but still decoding: it never left the model
+                self.evicted.discard(name)
+                return LoadedAdapter(self, name, self._adapter_meta(model_id))
+        try:
+            path = self._adapter_dir(model_id)
+            meta = read_adapter_meta(path)
+            config = PeftConfig.from_pretrained(path)
+            weights = load_file(str(Path(path) / "adapter_model.safetensors"), device=str(self.model.device))
+        except APIError:
+            raise
+        except Exception as err:  # noqa: BLE001 — any unreadable adapter is this request's error, not the replica's
+            raise APIError(500, f"adapter '{model_id}' could not be loaded: {type(err).__name__}: {err}",
+                           "model", "adapter_load_failed") from None
         expected = meta.get("base_weights_sha256")
         if expected and expected != self.base_sha256:
-            raise APIError(400, f"adapter '{name}' was trained on other base weights ({expected[:12]}…) than "
+            raise APIError(400, f"adapter '{model_id}' was trained on other base weights ({expected[:12]}…) than "
                                 f"the served base ({self.base_sha256[:12]}…)", "model", "base_mismatch")
-        if self.peft is None:
-            from peft import PeftModel
-
-            self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
-        else:
-            self.peft.load_adapter(path, adapter_name=name)
+        if str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type) != "LORA":
+            raise APIError(400, f"adapter '{model_id}' is a {config.peft_type} adapter; this endpoint serves LoRA "
+                                "adapters (batched across adapters). Merge it (`honed merge`) and serve the "
+                                "merged model under `merged`.", "model", "adapter_type_not_served")
+        config.inference_mode = True
+        with self.model_lock:
+            try:
+                if self.peft is None:
+                    self.peft = get_peft_model(self.model, config, adapter_name=name).eval()
+                else:
+                    self.peft.add_adapter(name, config)
+                loaded = set_peft_model_state_dict(self.peft, weights, adapter_name=name)
+                if loaded.unexpected_keys:
+                    raise ValueError(f"weights that fit no module of the base: {loaded.unexpected_keys[:3]}")
+                self.peft.eval()
+            except Exception as err:  # noqa: BLE001
+                if self.peft is not None and name in self.peft.peft_config:
+                    self.peft.delete_adapter(name)
+                raise APIError(500, f"adapter '{model_id}' could not be loaded: {type(err).__name__}: {err}",
+                               "model", "adapter_load_failed") from None
         return LoadedAdapter(self, name, meta)
 
-    def unload_adapter(self, name: str) -> None:
-        if self.peft is not None and name in self.peft.peft_config:
-            self.peft.delete_adapter(name)
+    def _adapter_meta(self, model_id: str) -> dict:
+        return read_adapter_meta(self._adapter_dir(model_id))
 
+    def unload_adapter(self, name: str) -> None:
+        with self.model_lock:
+            if self.in_use[name]:
+                self.evicted.add(name)
+            elif self.peft is not None and name in self.peft.peft_config:
+                self.peft.delete_adapter(name)
+
+    def _release(self, name: str) -> None:
+        with self.model_lock:
+            self.in_use[name] -= 1
+            if not self.in_use[name] and name in self.evicted:
+                self.evicted.discard(name)
+                self.peft.delete_adapter(name)
+
+    # ---- requests
     async def complete(self, request: dict) -> dict:
-        """`request`: {"messages" | "prompt", sampling fields}; the multiplexed id names the adapter."""
-        async with self.lock:  # one decode at a time: the active adapter is replica-wide state
-            model, prompt, max_tokens, adapter_scope = await self._prepare(request)
-            with adapter_scope:
-                return self._decode(model, prompt, max_tokens, request).__dict__
+        """`request`: {"messages" | "prompt", sampling fields}; the multiplexed id names the model or adapter."""
+        done = None
+        async for event in self.stream(request):
+            done = event.get("done", done)
+        return done
 
     async def stream(self, request: dict):
-        """Like `complete`, as a stream: {"ready"} once checks pass, then {"text"} pieces, then {"done"}: the
-        finished Completion. A refusal (APIError) comes before the first item, so it can still be a 400."""
-        from transformers import TextIteratorStreamer
-
-        async with self.lock:
-            model, prompt, max_tokens, adapter_scope = await self._prepare(request)
+        """{"ready"} once the request's checks pass, then {"text"} pieces, then {"done"}: the finished
+        Completion. A refusal (APIError) comes before the first item, so it can still be a 400."""
+        job, adapter = await self._prepare(request)
+        try:
             yield {"ready": True}
-            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            with adapter_scope:
-                decoding = asyncio.get_running_loop().run_in_executor(
-                    None, lambda: self._decode(model, prompt, max_tokens, request, streamer))
-                while (piece := await asyncio.to_thread(next, streamer, None)) is not None:
-                    if piece:
-                        yield {"text": piece}
-                done = await decoding
-            yield {"done": done.__dict__}
+            async for event in self._decode_batch(job):
+                if event.get("text"):
+                    yield {"text": event["text"]}
+                if "done" in event:
+                    yield {"done": event["done"].__dict__}
+        finally:
+            if adapter is not None:
+                self._release(adapter)
 
-    async def _prepare(self, request: dict):
-        """The model to decode with (base or adapter), the rendered prompt, the token budget and the scope
-        in which the adapter is switched on or off; refuses prompts that do not fit the context."""
-        name = serve.get_multiplexed_model_id()
-        template, model, scope = None, self.model, contextlib.nullcontext()
-        if name != self.cfg.base_name:
-            adapter = await self.get_adapter(name)
-            template = adapter.meta.get("template")
-            self.peft.set_adapter(name)
-            model = self.peft
-        elif self.peft is not None:  # adapters were injected into the base: decode the base with them off
-            model, scope = self.peft, self.peft.disable_adapter()
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _decode_batch(self, jobs: list[DecodeJob]):
+        """One decode of the requests that arrived together; yields each step's event per request."""
+        steps = decode_steps(self.live, self.tokenizer, jobs)
+        finished = [False] * len(jobs)
+        while (events := await asyncio.to_thread(next, steps, None)) is not None:
+            out = []
+            for i, event in enumerate(events):
+                out.append(StopIteration if finished[i] else event)
+                finished[i] = finished[i] or (event is not None and "done" in event)
+            yield out
+
+    async def _prepare(self, request: dict) -> tuple[DecodeJob, str | None]:
+        """The decode job (rendered prompt, the adapter's template and stops, token budget) and the adapter it
+        holds in use; refuses prompts that do not fit the context."""
+        model_id = serve.get_multiplexed_model_id()  # empty for the replica's own model (base or merged)
+        meta, adapter = self.meta, None
+        if model_id:
+            loaded = await self.get_adapter(model_id)
+            adapter, meta = loaded.name, loaded.meta
+            with self.model_lock:
+                self.in_use[adapter] += 1
+        try:
+            return self._job(request, meta.get("template"), adapter), adapter
+        except BaseException:
+            if adapter is not None:
+                self._release(adapter)
+            raise
+
+    def _job(self, request: dict, template: dict | None, adapter: str | None) -> DecodeJob:
         prompt = (render_chat(self.tokenizer, request["messages"], template)
                   if "messages" in request else request["prompt"])
+        stops = list(request.get("stops") or [])
         if template and "messages" in request:  # the end-of-turn strings of the training template stop a turn
-            extra = [t for t in template.get("stop", []) if t != self.tokenizer.eos_token]
-            request["stops"] = list(dict.fromkeys((request.get("stops") or []) + extra)) or None
-        n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if n_prompt >= self.context_len:
-            raise APIError(400, f"prompt ({n_prompt} tokens) does not fit the context length {self.context_len}",
+            stops = list(dict.fromkeys(stops + list(template.get("stop", []))))
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) >= self.context_len:
+            raise APIError(400, f"prompt ({len(ids)} tokens) does not fit the context length {self.context_len}",
                            "messages", "context_length_exceeded")
-        max_tokens = request.get("max_tokens") or min(self.cfg.max_tokens, self.context_len - n_prompt)
-        if n_prompt + max_tokens > self.context_len:
-            raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "
+        max_tokens = request.get("max_tokens") or min(self.cfg.max_tokens, self.context_len - len(ids))
+        if len(ids) + max_tokens > self.context_len:
+            raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context "
                                 f"length {self.context_len}", "messages", "context_length_exceeded")
-        return model, prompt, max_tokens, scope
-
-    def _decode(self, model, prompt: str, max_tokens: int, request: dict, streamer=None) -> Completion:
-        (done,) = generate(model, self.tokenizer, [prompt], max_tokens, request.get("temperature", 0.0),
-                           request.get("top_p", 1.0), request.get("stops"), request.get("seed"), streamer)
-        return done
+        return DecodeJob(ids, max_tokens, request.get("temperature", 1.0), request.get("top_p", 1.0), stops,
+                         request.get("seed"), adapter=adapter or BASE)
 
 
 # -------------------------------------------------------------------------------------------- the router
@@ -230,9 +330,10 @@ async def _api_error(request: Request, err: APIError) -> JSONResponse:
 class OpenAIRouter:
     """OpenAI routes; checks the API key, `model` and limits, then routes to the model replicas by adapter id."""
 
-    def __init__(self, server, cfg: dict, key_hashes: list[str] = ()):
-        self.server = server
+    def __init__(self, server, merged: dict, cfg: dict, key_hashes: list[str] = ()):
+        self.server, self.merged = server, merged
         self.cfg = ServeConfig.model_validate(cfg)
+        self.registry = Registry(self.cfg.registry) if self.cfg.registry else None
         self.key_hashes = list(key_hashes)
 
     def authorize(self, request: Request) -> None:
@@ -245,16 +346,39 @@ class OpenAIRouter:
                            None, "invalid_api_key")
 
     def served_names(self) -> list[str]:
-        return [self.cfg.base_name, *self.cfg.adapters]
+        names = [self.cfg.base_name, *self.cfg.merged, *self.cfg.adapters]
+        if self.registry is not None:
+            for row in self.registry.list():
+                names += [row["name"], f"{row['name']}@{row['version']}"]
+        return list(dict.fromkeys(names))
+
+    def target(self, model: str):
+        """The deployment that answers `model` and the adapter it loads there ("" for the deployment's own model)."""
+        if model == self.cfg.base_name:
+            return self.server, ""
+        if model in self.cfg.merged:
+            return self.merged[model], ""
+        if model in self.cfg.adapters:
+            return self.server, model
+        if self.registry is not None:
+            try:
+                return self.server, self.registry.resolve(model)  # `name` → `name@N`: replicas cache versions
+            except RegistryError as err:
+                raise APIError(404, f"model '{model}' does not exist: {err}", "model", "model_not_found") from None
+        raise APIError(404, f"model '{model}' does not exist; served models: {', '.join(self.served_names())}",
+                       "model", "model_not_found")
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self.authorize(request)
         now = int(time.time())
+        names = await asyncio.to_thread(self.served_names)
+        own = {self.cfg.base_name, *self.cfg.merged}
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": now, "owned_by": "honed",
-             "root": self.cfg.model.name_or_path, "parent": None if name == self.cfg.base_name else self.cfg.base_name}
-            for name in self.served_names()]}
+             "root": self.cfg.merged.get(name, self.cfg.model.name_or_path),
+             "parent": None if name in own else self.cfg.base_name}
+            for name in names]}
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, request: Request):
@@ -269,15 +393,13 @@ class OpenAIRouter:
     async def _answer(self, body: SamplingFields, prompt: dict[str, Any], chat: bool):
         """One response (or an event stream) from the model replica that holds `body.model`."""
         payload = self._payload(body, prompt)
-        handle = self.server.options(multiplexed_model_id=body.model)
+        server, adapter = await asyncio.to_thread(self.target, body.model)
+        handle = server.options(multiplexed_model_id=adapter) if adapter else server
         if body.stream:
             return await self._stream(body, handle.options(stream=True).stream.remote(payload), chat)
         return self._response(body, Completion(**await self._call(handle.complete.remote(payload))), chat)
 
     def _payload(self, body: SamplingFields, prompt: dict[str, Any]) -> dict[str, Any]:
-        if body.model not in self.served_names():
-            raise APIError(404, f"model '{body.model}' does not exist; served models: "
-                                f"{', '.join(self.served_names())}", "model", "model_not_found")
         if body.max_tokens and body.max_tokens > self.cfg.max_tokens:
             raise APIError(400, f"max_tokens {body.max_tokens} exceeds this server's limit {self.cfg.max_tokens}",
                            "max_tokens", "max_tokens_too_large")
@@ -336,16 +458,31 @@ class OpenAIRouter:
 
 
 def build_app(args: dict) -> serve.Application:
-    """Serve's `import_path` builder: validates the args as a `ServeConfig` before anything starts."""
+    """Serve's `import_path` builder: validates the args as a `ServeConfig` and the adapter and merged-model
+    dirs before anything starts, then binds the base deployment, one per merged model, and the router."""
     cfg = ServeConfig.model_validate(args)
     for name, path in cfg.adapters.items():
         read_adapter_meta(path)  # a missing or non-adapter dir fails here, not on the first request
         cfg.adapters[name] = str(Path(path).resolve())
+    for name, path in cfg.merged.items():
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"merged model '{name}': '{path}' is not a model directory (config.json missing)")
+        cfg.merged[name] = str(Path(path).resolve())
+    if cfg.registry:
+        Registry(cfg.registry).list()  # an unreadable registry fails here
     cfg_dict = cfg.model_dump()
-    server = ModelServer.options(
-        ray_actor_options={"num_cpus": cfg.num_cpus},
-    ).bind(cfg_dict)
-    return OpenAIRouter.options(ray_actor_options={"num_cpus": 0}).bind(server, cfg_dict, api_key_hashes(cfg))
+    replicas: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+                                # room for one batch decoding and the next one filling
+                                "max_ongoing_requests": 2 * cfg.max_batch_size}
+    if cfg.autoscaling:
+        replicas["autoscaling_config"] = cfg.autoscaling.model_dump()
+    else:
+        replicas["num_replicas"] = cfg.num_replicas
+    server = ModelServer.options(name="ModelServer", **replicas).bind(cfg_dict)
+    merged = {name: ModelServer.options(name=f"Merged-{name}", **replicas).bind(cfg_dict, path)
+              for name, path in cfg.merged.items()}
+    return OpenAIRouter.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind(
+        server, merged, cfg_dict, api_key_hashes(cfg))
 
 
 def api_key_hashes(cfg: ServeConfig) -> list[str]:
