@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,7 @@ from honed.config import ServeConfig
 from honed.generation import BASE, Completion, DecodeJob, decode_steps, render_chat
 from honed.models import load_model, resolve_model, weights_hash
 from honed.registry import Registry, RegistryError
+from honed.serve.batcher import StepBatcher
 from honed.train.trainer import ADAPTER_META, read_adapter_meta
 
 
@@ -138,7 +139,7 @@ class LiveModel:
 @serve.deployment
 class ModelServer:
     """Holds one model (the base, or a merged model) and LoRA adapters on top of it. Concurrent requests are
-    decoded together (`@serve.batch`): rows of different adapters and of the base share each forward through
+    decoded together (StepBatcher): rows of different adapters and of the base share each forward through
     peft's per-row `adapter_names`."""
 
     def __init__(self, cfg: dict, model_path: str | None = None, loader: Callable = load_model):
@@ -159,8 +160,8 @@ class ModelServer:
         self.model_lock = threading.Lock()
         self.in_use: collections.Counter[str] = collections.Counter()  # adapter → requests decoding with it
         self.evicted: set[str] = set()  # evicted by the LRU while in use: deleted when the last request ends
-        self._decode_batch.set_max_batch_size(self.cfg.max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.counts = collections.Counter()  # batches, rows, mixed batches (rows of ≥ 2 models), largest batch
+        self.batcher = StepBatcher(self._decode_batch, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
 
         async def load(model_id: str) -> LoadedAdapter:
             return await asyncio.to_thread(self._load_adapter, model_id)
@@ -239,6 +240,12 @@ class ModelServer:
                 self.evicted.discard(name)
                 self.peft.delete_adapter(name)
 
+    def stats(self) -> dict:
+        """This replica's batching counts and resident adapters."""
+        with self.model_lock:
+            loaded = sorted(self.peft.peft_config) if self.peft is not None else []
+        return dict(self.counts) | {"adapters_loaded": [n.replace("~", ".") for n in loaded]}
+
     # ---- requests
     async def complete(self, request: dict) -> dict:
         """`request`: {"messages" | "prompt", sampling fields}; the multiplexed id names the model or adapter."""
@@ -253,7 +260,7 @@ class ModelServer:
         job, adapter = await self._prepare(request)
         try:
             yield {"ready": True}
-            async for event in self._decode_batch(job):
+            async for event in self.batcher.submit(job):
                 if event.get("text"):
                     yield {"text": event["text"]}
                 if "done" in event:
@@ -262,17 +269,11 @@ class ModelServer:
             if adapter is not None:
                 self._release(adapter)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _decode_batch(self, jobs: list[DecodeJob]):
-        """One decode of the requests that arrived together; yields each step's event per request."""
-        steps = decode_steps(self.live, self.tokenizer, jobs)
-        finished = [False] * len(jobs)
-        while (events := await asyncio.to_thread(next, steps, None)) is not None:
-            out = []
-            for i, event in enumerate(events):
-                out.append(StopIteration if finished[i] else event)
-                finished[i] = finished[i] or (event is not None and "done" in event)
-            yield out
+    def _decode_batch(self, jobs: list[DecodeJob]) -> Iterator[list[dict | None]]:
+        """One decode of the requests that arrived together (run by the batcher, step by step)."""
+        self.counts.update(batches=1, rows=len(jobs), mixed_batches=int(len({j.adapter for j in jobs}) > 1))
+        self.counts["largest_batch"] = max(self.counts["largest_batch"], len(jobs))
+        return decode_steps(self.live, self.tokenizer, jobs)
 
     async def _prepare(self, request: dict) -> tuple[DecodeJob, str | None]:
         """The decode job (rendered prompt, the adapter's template and stops, token budget) and the adapter it
@@ -380,6 +381,12 @@ class OpenAIRouter:
              "parent": None if name in own else self.cfg.base_name}
             for name in names]}
 
+    @api.get("/v1/honed/stats")
+    async def stats(self, request: Request) -> dict:
+        """Batching counts and resident adapters of one replica of the base deployment (not OpenAI API)."""
+        self.authorize(request)
+        return await self.server.stats.remote()
+
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, request: Request):
         self.authorize(request)
@@ -469,6 +476,11 @@ def build_app(args: dict) -> serve.Application:
             raise FileNotFoundError(f"merged model '{name}': '{path}' is not a model directory (config.json missing)")
         cfg.merged[name] = str(Path(path).resolve())
     if cfg.registry:
+        if "://" not in cfg.registry and not Path(cfg.registry).is_dir():
+            raise FileNotFoundError(f"registry '{cfg.registry}' is not a directory: register an adapter first "
+                                    "(`honed registry add NAME ADAPTER_DIR --registry ...`) or fix the path")
+        if "://" not in cfg.registry:
+            cfg.registry = str(Path(cfg.registry).resolve())  # replicas may start in another directory
         Registry(cfg.registry).list()  # an unreadable registry fails here
     cfg_dict = cfg.model_dump()
     replicas: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
