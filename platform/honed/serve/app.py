@@ -36,6 +36,7 @@ from honed.generation import BASE, Completion, DecodeJob, decode_steps, render_c
 from honed.models import load_model, resolve_model, weights_hash
 from honed.registry import Registry, RegistryError
 from honed.serve.batcher import StepBatcher
+from honed.serve.lora import AdapterNotServable, MultiLora
 from honed.train.trainer import ADAPTER_META, read_adapter_meta
 
 
@@ -114,14 +115,9 @@ class LoadedAdapter:
             self.server = None
 
 
-def peft_name(model_id: str) -> str:
-    """peft keeps adapters in ModuleDicts, whose keys cannot hold '.'; '~' cannot occur in served names."""
-    return model_id.replace(".", "~")
-
-
 class LiveModel:
-    """The replica's model as of each forward: the base, or the PeftModel once the first adapter is injected.
-    Forwards hold the model lock, so adapters are injected or deleted only between decode steps."""
+    """The replica's model for the decode loop: routes each forward's rows to their adapters (or the base)
+    under the model lock, so adapters are placed or removed only between decode steps."""
 
     def __init__(self, server: "ModelServer"):
         self.server = server
@@ -131,16 +127,15 @@ class LiveModel:
 
     def __call__(self, adapter_names: list[str] | None = None, **inputs):
         with self.server.model_lock:
-            if self.server.peft is None:
-                return self.server.model(**inputs)
-            return self.server.peft(adapter_names=adapter_names, **inputs)
+            self.server.lora.select(adapter_names or [BASE] * inputs["input_ids"].shape[0], BASE)
+            return self.server.model(**inputs)
 
 
 @serve.deployment
 class ModelServer:
     """Holds one model (the base, or a merged model) and LoRA adapters on top of it. Concurrent requests are
-    decoded together (StepBatcher): rows of different adapters and of the base share each forward through
-    peft's per-row `adapter_names`."""
+    decoded together (StepBatcher): rows of different adapters and of the base share each forward, every
+    row with its own adapter's factors (honed.serve.lora.MultiLora)."""
 
     def __init__(self, cfg: dict, model_path: str | None = None, loader: Callable = load_model):
         import torch
@@ -155,7 +150,7 @@ class ModelServer:
         self.base_sha256 = weights_hash(path)
         self.context_len = getattr(self.model.config, "max_position_embeddings", 2048)
         self.registry = Registry(self.cfg.registry) if self.cfg.registry else None
-        self.peft = None  # becomes a PeftModel when the first adapter loads
+        self.lora = MultiLora(self.model)
         self.live = LiveModel(self)
         self.model_lock = threading.Lock()
         self.in_use: collections.Counter[str] = collections.Counter()  # adapter → requests decoding with it
@@ -178,20 +173,14 @@ class ModelServer:
         return self.registry.local_dir(model_id)
 
     def _load_adapter(self, model_id: str) -> LoadedAdapter:
-        """Read, check and inject one adapter; a failure leaves the replica as it was and fails only this request."""
-        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        name = peft_name(model_id)
+        """Read, check and place one adapter; a failure leaves the replica as it was and fails only this request."""
         with self.model_lock:
-            if name in self.evicted:  # evicted but still decoding: it never left the model
-                self.evicted.discard(name)
-                return LoadedAdapter(self, name, self._adapter_meta(model_id))
+            if model_id in self.evicted:  # evicted but still decoding: it never left the model
+                self.evicted.discard(model_id)
+                return LoadedAdapter(self, model_id, self._adapter_meta(model_id))
         try:
             path = self._adapter_dir(model_id)
             meta = read_adapter_meta(path)
-            config = PeftConfig.from_pretrained(path)
-            weights = load_file(str(Path(path) / "adapter_model.safetensors"), device=str(self.model.device))
         except APIError:
             raise
         except Exception as err:  # noqa: BLE001 — any unreadable adapter is this request's error, not the replica's
@@ -201,27 +190,16 @@ class ModelServer:
         if expected and expected != self.base_sha256:
             raise APIError(400, f"adapter '{model_id}' was trained on other base weights ({expected[:12]}…) than "
                                 f"the served base ({self.base_sha256[:12]}…)", "model", "base_mismatch")
-        if str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type) != "LORA":
-            raise APIError(400, f"adapter '{model_id}' is a {config.peft_type} adapter; this endpoint serves LoRA "
-                                "adapters (batched across adapters). Merge it (`honed merge`) and serve the "
-                                "merged model under `merged`.", "model", "adapter_type_not_served")
-        config.inference_mode = True
         with self.model_lock:
             try:
-                if self.peft is None:
-                    self.peft = get_peft_model(self.model, config, adapter_name=name).eval()
-                else:
-                    self.peft.add_adapter(name, config)
-                loaded = set_peft_model_state_dict(self.peft, weights, adapter_name=name)
-                if loaded.unexpected_keys:
-                    raise ValueError(f"weights that fit no module of the base: {loaded.unexpected_keys[:3]}")
-                self.peft.eval()
+                self.lora.load(model_id, path)
+            except AdapterNotServable as err:
+                raise APIError(400, f"adapter '{model_id}' cannot be served per request: {err}", "model",
+                               "adapter_type_not_served") from None
             except Exception as err:  # noqa: BLE001
-                if self.peft is not None and name in self.peft.peft_config:
-                    self.peft.delete_adapter(name)
                 raise APIError(500, f"adapter '{model_id}' could not be loaded: {type(err).__name__}: {err}",
                                "model", "adapter_load_failed") from None
-        return LoadedAdapter(self, name, meta)
+        return LoadedAdapter(self, model_id, meta)
 
     def _adapter_meta(self, model_id: str) -> dict:
         return read_adapter_meta(self._adapter_dir(model_id))
@@ -230,21 +208,21 @@ class ModelServer:
         with self.model_lock:
             if self.in_use[name]:
                 self.evicted.add(name)
-            elif self.peft is not None and name in self.peft.peft_config:
-                self.peft.delete_adapter(name)
+            else:
+                self.lora.unload(name)
 
     def _release(self, name: str) -> None:
         with self.model_lock:
             self.in_use[name] -= 1
             if not self.in_use[name] and name in self.evicted:
                 self.evicted.discard(name)
-                self.peft.delete_adapter(name)
+                self.lora.unload(name)
 
     def stats(self) -> dict:
         """This replica's batching counts and resident adapters."""
         with self.model_lock:
-            loaded = sorted(self.peft.peft_config) if self.peft is not None else []
-        return dict(self.counts) | {"adapters_loaded": [n.replace("~", ".") for n in loaded]}
+            loaded = sorted(self.lora.slots)
+        return dict(self.counts) | {"adapters_loaded": loaded}
 
     # ---- requests
     async def complete(self, request: dict) -> dict:

@@ -1,0 +1,209 @@
+"""Serving many LoRA adapters from one endpoint: batched across adapters vs one request at a time.
+
+    .venv/bin/python benchmarks/serve_adapters.py            # 8 adapters, 32 requests x 32 tokens (~6 min on 2 CPUs)
+    .venv/bin/python benchmarks/serve_adapters.py --quick    # 4 adapters, 8 requests x 8 tokens (a smoke run)
+
+Setup: SmolLM2-135M-Instruct (fp32, CPU), N LoRA adapters (r 16, alpha 32, all linear layers: the demo's
+adapter shape; random non-zero weights) registered in a registry dir, one Serve app (`honed.serve.app`) on a
+local Ray with one model replica (1 CPU, `--threads` torch threads), driven over HTTP by `--concurrency` client
+threads sending chat requests (greedy, `max_tokens`), each to the adapter its index picks round-robin.
+
+  mixed        the same request set against the app with `max_batch_size` 8 (concurrent requests decoded as one
+               batch, rows of different adapters in one forward through peft's `adapter_names`) and with
+               `max_batch_size` 1 (`@serve.multiplexed` routing, one request decoded at a time): completion
+               tokens/s ratio batched / one-at-a-time (goal ≥ 4), p50/p99 request latency of each. Greedy
+               decoding gives the same tokens both ways (checked: `same_answers`), so the work is equal.
+  one_adapter  on a fresh batched app, the same requests all to the base (before any adapter is loaded: the
+               base model alone) and then all to one adapter: tokens/s ratio adapter / base (goal ≥ 0.85), at
+               the load's concurrency and with one client at a time.
+  cold_load    per adapter, the first request (the replica reads it from the registry and injects it) minus the
+               same request once it is resident: the cost of a cold adapter, median and max.
+
+Writes `benchmarks/results/serve_adapters.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from _train_bench import MODEL, commit, log, machine_info, write_result
+
+WORK = Path("/tmp/honed-bench-serve")
+QUESTIONS = ["Which ICD-10-CM chapter contains code E11.9?", "What does code I10 describe?",
+             "Which chapter holds J45.909?", "What category is K21.9 in?", "Name the chapter of code F32.9.",
+             "What does code M54.5 describe?", "Which chapter contains N39.0?", "What is code R51 about?"]
+GOALS = {"mixed_batched_over_one_at_a_time": 4.0, "one_adapter_over_base": 0.85}
+
+
+def make_adapters(model_path: str, n: int) -> list[Path]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from honed.models import load_model, weights_hash
+
+    base_hash, dirs = weights_hash(model_path), []
+    for i in range(n):
+        target = WORK / "adapters" / f"a{i}"
+        if not (target / "honed.json").is_file():
+            model, _ = load_model(model_path, "float32", "cpu")
+            torch.manual_seed(i)
+            peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                    init_lora_weights=False))
+            with torch.no_grad():  # non-zero but small: answers stay text, the compute is the same
+                for name, p in peft.named_parameters():
+                    if "lora_B" in name:
+                        p.mul_(0.02)
+            peft.save_pretrained(target)
+            (target / "honed.json").write_text(json.dumps({
+                "base_model": MODEL, "base_weights_sha256": base_hash,
+                "template": {"system_prompt": f"You are coding assistant {i}.", "stop": ["<|im_end|>"]}}))
+        dirs.append(target)
+    return dirs
+
+
+def ask(url: str, model: str, question: str, max_tokens: int) -> dict:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
+                       "max_tokens": max_tokens, "temperature": 0}).encode()
+    request = urllib.request.Request(url + "/chat/completions", body, {"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as response:
+        out = json.loads(response.read())
+    return {"model": model, "question": question, "latency_s": time.perf_counter() - t0,
+            "tokens": out["usage"]["completion_tokens"], "text": out["choices"][0]["message"]["content"]}
+
+
+def load(url: str, requests: list[tuple[str, str]], concurrency: int, max_tokens: int) -> dict:
+    """Send every (model, question) with `concurrency` clients; tokens/s over the wall time, latencies."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        answers = list(pool.map(lambda r: ask(url, r[0], r[1], max_tokens), requests))
+    wall = time.perf_counter() - t0
+    latencies = sorted(a["latency_s"] for a in answers)
+    tokens = sum(a["tokens"] for a in answers)
+    return {"requests": len(answers), "concurrency": concurrency, "completion_tokens": tokens,
+            "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
+            "latency_p50_s": round(statistics.median(latencies), 3),
+            "latency_p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+            "answers": {f"{a['model']}|{a['question']}": a["text"] for a in answers}}
+
+
+def deploy(registry: Path, max_batch_size: int, n_adapters: int, threads: int, port: int) -> str:
+    from honed.config import ServeConfig
+    from honed.serve import deploy as serve_deploy
+
+    cfg = ServeConfig(model={"name_or_path": MODEL}, registry=str(registry), max_batch_size=max_batch_size,
+                      batch_wait_timeout_s=0.02, max_adapters_per_replica=n_adapters, torch_threads=threads,
+                      num_cpus=1, port=port, max_tokens=256)
+    return serve_deploy.start(cfg)
+
+
+def stats(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(url + "/honed/stats", timeout=60).read())
+
+
+def cold_loads(url: str, names: list[str], max_tokens: int) -> list[float]:
+    """First request to each adapter minus the same request right after (resident)."""
+    costs = []
+    for name in names:
+        cold = ask(url, name, QUESTIONS[0], max_tokens)["latency_s"]
+        warm = ask(url, name, QUESTIONS[0], max_tokens)["latency_s"]
+        costs.append(cold - warm)
+    return costs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4 adapters, 8 requests x 8 tokens")
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=32, help="requests of the mixed load (round-robin)")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the model replica")
+    parser.add_argument("--port", type=int, default=8731)
+    parser.add_argument("--out", help="result file (default benchmarks/results/serve_adapters.json)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
+    args = parser.parse_args()
+    if args.quick:
+        args.adapters, args.requests, args.max_tokens = 4, 8, 8
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "dry_run")}
+    if args.dry_run:
+        print(json.dumps(settings))
+        return
+
+    import ray
+
+    from honed.models import resolve_model
+    from honed.registry import Registry
+    from honed.serve import deploy as serve_deploy
+
+    model_path = resolve_model(MODEL)
+    registry_dir = WORK / "registry"
+    shutil.rmtree(registry_dir, ignore_errors=True)
+    registry = Registry(str(registry_dir))
+    names = []
+    for i, adapter in enumerate(make_adapters(model_path, args.adapters)):
+        registry.add(f"a{i}", str(adapter))
+        names.append(f"a{i}")
+    mixed = [(names[i % len(names)], QUESTIONS[(i // len(names)) % len(QUESTIONS)]) for i in range(args.requests)]
+    started = time.time()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    result: dict = {"benchmark": "serve_adapters", "settings": settings, "model": MODEL, **commit(),
+                    "machine": machine_info()}
+    try:
+        log("batched app: base alone, then one adapter, then cold loads, then the mixed load")
+        url = deploy(registry_dir, 8, args.adapters, args.threads, args.port)
+        ask(url, "base", QUESTIONS[0], 4)  # the replica's first forward (allocator, threads) is not measured
+        single = [("base", q) for q in QUESTIONS[: max(4, args.requests // 4)]]
+        base_c = load(url, single, args.concurrency, args.max_tokens)
+        base_1 = load(url, single[:4], 1, args.max_tokens)
+        one_c = load(url, [(names[0], q) for _, q in single], args.concurrency, args.max_tokens)
+        one_1 = load(url, [(names[0], q) for _, q in single[:4]], 1, args.max_tokens)
+        cold = cold_loads(url, names[1:], args.max_tokens)
+        batched = load(url, mixed, args.concurrency, args.max_tokens)
+        batched_stats = stats(url)
+        serve_deploy.stop()
+
+        log("one-at-a-time app (max_batch_size 1): the same mixed load")
+        url = deploy(registry_dir, 1, args.adapters, args.threads, args.port)
+        for name in names:  # resident first, as on the batched app
+            ask(url, name, QUESTIONS[0], 4)
+        sequential = load(url, mixed, args.concurrency, args.max_tokens)
+        sequential_stats = stats(url)
+        serve_deploy.stop()
+    finally:
+        ray.shutdown()
+
+    same = batched["answers"] == sequential["answers"]
+    ratio = batched["tokens_per_s"] / sequential["tokens_per_s"]
+    one_ratio = one_c["tokens_per_s"] / base_c["tokens_per_s"]
+    for part in (batched, sequential, base_c, base_1, one_c, one_1):
+        part.pop("answers")
+    result |= {
+        "mixed": {"batched": batched | {"replica_stats": batched_stats},
+                  "one_at_a_time": sequential | {"replica_stats": sequential_stats},
+                  "same_answers": same, "ratio": round(ratio, 2),
+                  "goal": GOALS["mixed_batched_over_one_at_a_time"],
+                  "met": same and ratio >= GOALS["mixed_batched_over_one_at_a_time"]},
+        "one_adapter": {"base": base_c, "adapter": one_c, "ratio": round(one_ratio, 3),
+                        "base_one_client": base_1, "adapter_one_client": one_1,
+                        "ratio_one_client": round(one_1["tokens_per_s"] / base_1["tokens_per_s"], 3),
+                        "goal": GOALS["one_adapter_over_base"], "met": one_ratio >= GOALS["one_adapter_over_base"]},
+        "cold_load_s": {"median": round(statistics.median(cold), 3), "max": round(max(cold), 3),
+                        "each": [round(c, 3) for c in cold]},
+        "wall_s": round(time.time() - started, 1),
+    }
+    path = write_result("serve_adapters", result, args.out)
+    log(f"mixed batched/one-at-a-time {ratio:.2f}x (same answers: {same}); one adapter/base {one_ratio:.3f}; "
+        f"cold load median {result['cold_load_s']['median']} s → {path}")
+
+
+if __name__ == "__main__":
+    main()
