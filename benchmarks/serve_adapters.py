@@ -28,7 +28,6 @@ import argparse
 import json
 import shutil
 import statistics
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
