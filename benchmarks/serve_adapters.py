@@ -1,6 +1,6 @@
 """Serving many LoRA adapters from one endpoint: batched across adapters vs one request at a time.
 
-    .venv/bin/python benchmarks/serve_adapters.py            # 8 adapters, 32 requests x 32 tokens (~6 min on 2 CPUs)
+    .venv/bin/python benchmarks/serve_adapters.py            # 8 adapters, 32 requests x 32 tokens, 2 rounds (~8 min)
     .venv/bin/python benchmarks/serve_adapters.py --quick    # 4 adapters, 8 requests x 8 tokens (a smoke run)
 
 Setup: SmolLM2-135M-Instruct (fp32, CPU), N LoRA adapters (r 16, alpha 32, all linear layers: the demo's
@@ -8,8 +8,8 @@ adapter shape; random non-zero weights) registered in a registry dir, one Serve 
 local Ray with one model replica (1 CPU, `--threads` torch threads), driven over HTTP by `--concurrency` client
 threads sending chat requests (greedy, `max_tokens`), each to the adapter its index picks round-robin.
 
-  mixed        the same request set against the app with `max_batch_size` 8 (concurrent requests decoded as one
-               batch, rows of different adapters in one forward through peft's `adapter_names`) and with
+  mixed        the same request set against the app with `max_batch_size` 8 (continuous batching: requests join
+               the running batch between decode steps, rows of different adapters in one forward) and with
                `max_batch_size` 1 (`@serve.multiplexed` routing, one request decoded at a time): completion
                tokens/s ratio batched / one-at-a-time (goal ≥ 4), p50/p99 request latency of each. Greedy
                decoding gives the same tokens both ways (checked: `same_answers`), so the work is equal.
@@ -19,6 +19,8 @@ threads sending chat requests (greedy, `max_tokens`), each to the adapter its in
   cold_load    per adapter, the first request (the replica reads it from the registry and injects it) minus the
                same request once it is resident: the cost of a cold adapter, median and max.
 
+Each round starts fresh apps (batched, then one-at-a-time); ratios are medians over `--repeats` rounds.
+Everything (Ray, the replica, the proxy, the clients) shares the machine's CPUs, as on a laptop.
 Writes `benchmarks/results/serve_adapters.json`.
 """
 
@@ -126,12 +128,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the model replica")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds (fresh apps each); ratios are medians")
     parser.add_argument("--port", type=int, default=8731)
     parser.add_argument("--out", help="result file (default benchmarks/results/serve_adapters.json)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
     args = parser.parse_args()
     if args.quick:
-        args.adapters, args.requests, args.max_tokens = 4, 8, 8
+        args.adapters, args.requests, args.max_tokens, args.repeats = 4, 8, 8, 1
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "dry_run")}
     if args.dry_run:
         print(json.dumps(settings))
@@ -156,51 +159,63 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     result: dict = {"benchmark": "serve_adapters", "settings": settings, "model": MODEL, **commit(),
                     "machine": machine_info()}
+    single = [("base", q) for q in QUESTIONS[: max(4, args.requests // 4)]]
+    on_adapter = [(names[0], q) for _, q in single]
+    rounds = []
     try:
-        log("batched app: base alone, then one adapter, then cold loads, then the mixed load")
-        url = deploy(registry_dir, 8, args.adapters, args.threads, args.port)
-        ask(url, "base", QUESTIONS[0], 4)  # the replica's first forward (allocator, threads) is not measured
-        single = [("base", q) for q in QUESTIONS[: max(4, args.requests // 4)]]
-        base_c = load(url, single, args.concurrency, args.max_tokens)
-        base_1 = load(url, single[:4], 1, args.max_tokens)
-        one_c = load(url, [(names[0], q) for _, q in single], args.concurrency, args.max_tokens)
-        one_1 = load(url, [(names[0], q) for _, q in single[:4]], 1, args.max_tokens)
-        cold = cold_loads(url, names[1:], args.max_tokens)
-        batched = load(url, mixed, args.concurrency, args.max_tokens)
-        batched_stats = stats(url)
-        serve_deploy.stop()
+        for r in range(args.repeats):
+            log(f"round {r + 1}/{args.repeats}: batched app — base alone, one adapter, cold loads, mixed load")
+            url = deploy(registry_dir, 8, args.adapters, args.threads, args.port)
+            load(url, single, args.concurrency, 4)  # warm-up: first forwards (allocator, threads) not measured
+            one = {"base": load(url, single, args.concurrency, args.max_tokens),
+                   "base_one_client": load(url, single[:4], 1, args.max_tokens)}
+            one |= {"adapter": load(url, on_adapter, args.concurrency, args.max_tokens),
+                    "adapter_one_client": load(url, on_adapter[:4], 1, args.max_tokens)}
+            cold = cold_loads(url, names[1:], args.max_tokens)
+            before = stats(url)
+            batched = load(url, mixed, args.concurrency, args.max_tokens)
+            batched["replica_stats"] = {k: v - before.get(k, 0) if isinstance(v, int) and k != "largest_batch" else v
+                                        for k, v in stats(url).items()}
+            serve_deploy.stop()
 
-        log("one-at-a-time app (max_batch_size 1): the same mixed load")
-        url = deploy(registry_dir, 1, args.adapters, args.threads, args.port)
-        for name in names:  # resident first, as on the batched app
-            ask(url, name, QUESTIONS[0], 4)
-        sequential = load(url, mixed, args.concurrency, args.max_tokens)
-        sequential_stats = stats(url)
-        serve_deploy.stop()
+            log(f"round {r + 1}/{args.repeats}: one-at-a-time app (max_batch_size 1) — the same mixed load")
+            url = deploy(registry_dir, 1, args.adapters, args.threads, args.port)
+            load(url, [(name, QUESTIONS[0]) for name in names], 1, 4)  # resident first, as on the batched app
+            sequential = load(url, mixed, args.concurrency, args.max_tokens)
+            serve_deploy.stop()
+            rounds.append({"one": one, "cold": cold, "batched": batched, "sequential": sequential})
     finally:
         ray.shutdown()
 
-    same = batched["answers"] == sequential["answers"]
-    ratio = batched["tokens_per_s"] / sequential["tokens_per_s"]
-    one_ratio = one_c["tokens_per_s"] / base_c["tokens_per_s"]
-    for part in (batched, sequential, base_c, base_1, one_c, one_1):
-        part.pop("answers")
+    def med(values: list[float]) -> float:
+        return round(statistics.median(values), 3)
+
+    ratios = [x["batched"]["tokens_per_s"] / x["sequential"]["tokens_per_s"] for x in rounds]
+    one_ratios = [x["one"]["adapter"]["tokens_per_s"] / x["one"]["base"]["tokens_per_s"] for x in rounds]
+    one_client = [x["one"]["adapter_one_client"]["tokens_per_s"] / x["one"]["base_one_client"]["tokens_per_s"]
+                  for x in rounds]
+    same = all(x["batched"]["answers"] == x["sequential"]["answers"] == rounds[0]["batched"]["answers"]
+               for x in rounds)
+    cold = [c for x in rounds for c in x["cold"]]
+    for x in rounds:
+        for part in (x["batched"], x["sequential"], *x["one"].values()):
+            part.pop("answers")
+    ratio, one_ratio = med(ratios), med(one_ratios)
     result |= {
-        "mixed": {"batched": batched | {"replica_stats": batched_stats},
-                  "one_at_a_time": sequential | {"replica_stats": sequential_stats},
-                  "same_answers": same, "ratio": round(ratio, 2),
+        "mixed": {"ratio": ratio, "ratios": [round(v, 3) for v in ratios], "same_answers": same,
                   "goal": GOALS["mixed_batched_over_one_at_a_time"],
-                  "met": same and ratio >= GOALS["mixed_batched_over_one_at_a_time"]},
-        "one_adapter": {"base": base_c, "adapter": one_c, "ratio": round(one_ratio, 3),
-                        "base_one_client": base_1, "adapter_one_client": one_1,
-                        "ratio_one_client": round(one_1["tokens_per_s"] / base_1["tokens_per_s"], 3),
-                        "goal": GOALS["one_adapter_over_base"], "met": one_ratio >= GOALS["one_adapter_over_base"]},
-        "cold_load_s": {"median": round(statistics.median(cold), 3), "max": round(max(cold), 3),
-                        "each": [round(c, 3) for c in cold]},
+                  "met": same and ratio >= GOALS["mixed_batched_over_one_at_a_time"],
+                  "batched": [x["batched"] for x in rounds], "one_at_a_time": [x["sequential"] for x in rounds]},
+        "one_adapter": {"ratio": one_ratio, "ratios": [round(v, 3) for v in one_ratios],
+                        "ratio_one_client": med(one_client), "ratios_one_client": [round(v, 3) for v in one_client],
+                        "goal": GOALS["one_adapter_over_base"], "met": one_ratio >= GOALS["one_adapter_over_base"],
+                        "rounds": [x["one"] for x in rounds]},
+        "cold_load_s": {"median": med(cold), "max": round(max(cold), 3), "each": [round(c, 3) for c in cold]},
         "wall_s": round(time.time() - started, 1),
     }
     path = write_result("serve_adapters", result, args.out)
-    log(f"mixed batched/one-at-a-time {ratio:.2f}x (same answers: {same}); one adapter/base {one_ratio:.3f}; "
+    log(f"mixed batched/one-at-a-time {ratio:.2f}x (same answers: {same}); one adapter/base {one_ratio:.3f} "
+        f"(one client: {med(one_client)}); "
         f"cold load median {result['cold_load_s']['median']} s → {path}")
 
 

@@ -105,7 +105,7 @@ def prepared(ray_local, tiny_model, corpus_with_bad_records, tmp_path_factory) -
 
 @pytest.fixture(scope="session")
 def trained(prepared, tiny_model, tmp_path_factory) -> dict:
-    """A 2-worker LoRA run on the tiny model (real TorchTrainer.fit)."""
+    """A 2-worker LoRA run on the tiny model (real TorchTrainer.fit), its adapter registered as `tuned`."""
     from honed.config import TrainConfig
     from honed.train.trainer import train
 
@@ -115,9 +115,11 @@ def trained(prepared, tiny_model, tmp_path_factory) -> dict:
         "optim": {"lr": 2e-2, "max_steps": 36, "batch_size": 8, "warmup_steps": 2},
         "method": {"lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
         "log_every": 6, "checkpoint_every": 18,
+        "register": {"registry": str(out.parent / "registry"), "name": "tuned"},
     })
     metrics = train(cfg)
-    return {"dir": str(out), "adapter": str(out / "adapter"), "final": metrics, "config": cfg}
+    return {"dir": str(out), "adapter": str(out / "adapter"), "final": metrics, "config": cfg,
+            "registry": str(out.parent / "registry")}
 
 
 class RayNodes:

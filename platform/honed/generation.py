@@ -106,53 +106,163 @@ def _pick(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
     return picked
 
 
+class BatchDecoder:
+    """A running batch that rows can join between steps (continuous batching) and leave when they finish.
+
+    `add(jobs)` prefills the new rows in a forward of their own and merges their KV cache into the running
+    one (both left-padded to the longer, so padding stays on the left of every row); `step()` decodes one
+    token for every live row. Both return `(key, event)` per row they touched: `{"text": piece}`, with
+    `"done": Completion` added when the row finished. Rows name their adapter (`DecodeJob.adapter`); when any
+    does, every forward passes `adapter_names` (one per row) to the model. Stop strings end a row where they
+    start; streamed text holds back any tail that could still turn into a stop string."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.rows: list[_Row] = []
+        self.keys: list = []
+        self.cache = self.mask = self.positions = None  # KV cache, [rows, length] mask, [rows, 1] next position
+        self.tokens: list[int] = []  # each live row's last token, the input of the next step
+        self.mixed = False
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def can_join(self) -> bool:
+        """Whether rows can join now (a KV cache of plain layers, or nothing running)."""
+        return not self.rows or _plain_layers(self.cache)
+
+    def drop(self, keys: list) -> None:
+        """Remove rows whose requests went away."""
+        gone = set(map(id, keys))
+        self._select([i for i, key in enumerate(self.keys) if id(key) not in gone])
+
+    @torch.inference_mode()
+    def add(self, jobs: list[DecodeJob], keys: list | None = None) -> list[tuple]:
+        keys = list(range(len(jobs))) if keys is None else list(keys)
+        rows = [_row(self.tokenizer, job) for job in jobs]
+        self.mixed = self.mixed or any(job.adapter is not None for job in jobs)
+        width = max(len(job.prompt_ids) for job in jobs)
+        input_ids = torch.tensor([[self.pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs],
+                                 device=self.device)
+        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward(rows, input_ids, mask, positions, None)
+        if self.rows and not self._merge(out.cache, mask):
+            raise RuntimeError("this model's KV cache cannot take rows mid-decode; decode in separate batches")
+        if not self.rows:
+            self.cache, self.mask = out.cache, mask
+            self.positions = positions[:, -1:] + 1
+        else:
+            self.positions = torch.cat([self.positions, positions[:, -1:] + 1])
+        self.rows += rows
+        self.keys += keys
+        return self._advance_all(len(self.rows) - len(rows), out.logits[:, -1])
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple]:
+        if not self.rows:
+            return []
+        out = self._forward(self.rows, torch.tensor(self.tokens, device=self.device)[:, None],
+                            torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], -1), self.positions,
+                            self.cache)
+        self.cache, self.mask = out.cache, torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], -1)
+        self.positions = self.positions + 1
+        return self._advance_all(0, out.logits[:, -1])
+
+    def _forward(self, rows: list[_Row], input_ids, mask, positions, cache):
+        extra = {"adapter_names": [row.job.adapter or BASE for row in rows]} if self.mixed else {}
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                          use_cache=True, logits_to_keep=1, **extra)
+
+    def _advance_all(self, first: int, logits: torch.Tensor) -> list[tuple]:
+        """Pick and add the next token of rows `first`..; then drop the rows that finished."""
+        picked = _pick(logits, self.rows[first:])  # `logits`: one row per row from `first` on
+        if first:
+            self.tokens += picked
+        else:
+            self.tokens = picked
+        events = [(self.keys[first + i], _advance(self.tokenizer, self.rows[first + i], token))
+                  for i, token in enumerate(picked)]
+        keep = [i for i, row in enumerate(self.rows) if row.finish is None]
+        if len(keep) < len(self.rows):
+            self._select(keep)
+        return events
+
+    def _select(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self.keys = [self.keys[i] for i in keep]
+        self.tokens = [self.tokens[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.positions = None
+            self.mixed = False
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns no row attends to
+        if unused and _plain_layers(self.cache):
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+            self.mask = self.mask[:, unused:]
+
+    def _merge(self, new_cache, new_mask) -> bool:
+        """Append the new rows' cache to the running one, left-padding whichever is shorter."""
+        if not (_plain_layers(self.cache) and _plain_layers(new_cache)):
+            return False
+        old_len, new_len = self.mask.shape[1], new_mask.shape[1]
+        length = max(old_len, new_len)
+        for old, new in zip(self.cache.layers, new_cache.layers):
+            old.keys, old.values = (torch.cat([_left_pad(old.keys, length), _left_pad(new.keys, length)])
+                                    , torch.cat([_left_pad(old.values, length), _left_pad(new.values, length)]))
+        self.mask = torch.cat([_left_pad(self.mask, length, dim=1), _left_pad(new_mask, length, dim=1)])
+        return True
+
+
+def _plain_layers(cache) -> bool:
+    """Every layer a plain DynamicLayer (keys/values [rows, heads, length, dim]), which rows can be spliced into."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim)
+
+
+def _row(tokenizer, job: DecodeJob) -> _Row:
+    stop_ids, stop_text = stop_split(tokenizer, job.stop)
+    generator = None
+    if job.temperature > 0:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(job.seed if job.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    return _Row(job, stop_ids, stop_text, generator)
+
+
 @torch.inference_mode()
 def decode_steps(model, tokenizer, jobs: list[DecodeJob]) -> Iterator[list[dict | None]]:
-    """Decode `jobs` together, one token per row per step, and yield one event per job after each step:
-    `{"text": piece}` (new text, possibly ""), `{"done": Completion}` once, then None.
-
-    Left-padded prompts, one KV cache; finished rows leave the batch. Rows name their adapter: when any row
-    names one, every forward passes peft's `adapter_names`, so rows of different LoRA adapters (and of the base,
-    BASE) share each forward. Stop strings end a row where they start; streamed text holds back any tail that
-    could still turn into a stop string."""
-    device = next(model.parameters()).device
-    rows = []
-    for job in jobs:
-        stop_ids, stop_text = stop_split(tokenizer, job.stop)
-        generator = None
-        if job.temperature > 0:
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(job.seed if job.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        rows.append(_Row(job, stop_ids, stop_text, generator))
-    mixed = any(job.adapter is not None for job in jobs)
-    width = max(len(job.prompt_ids) for job in jobs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=device)
-    mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    live = list(range(len(jobs)))  # indices of rows still decoding, in batch order
-    cache = None
-    while live:
-        extra = {"adapter_names": [jobs[i].adapter or BASE for i in live]} if mixed else {}
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                    use_cache=True, logits_to_keep=1, **extra)
-        cache = out.cache
-        tokens = _pick(out.logits[:, -1], [rows[i] for i in live])
+    """Decode `jobs` as one batch (BatchDecoder) and yield one event per job after each step: `{"text": piece}`
+    (possibly ""), with `"done": Completion` once it finished, then None."""
+    decoder = BatchDecoder(model, tokenizer)
+    touched = decoder.add(jobs)
+    while True:
         events: list[dict | None] = [None] * len(jobs)
-        for i, token in zip(live, tokens):
-            events[i] = _advance(tokenizer, rows[i], token)
+        for key, event in touched:
+            events[key] = event
         yield events
-        keep = [k for k, i in enumerate(live) if rows[i].finish is None]
-        if not keep:
-            break
-        if len(keep) < len(live):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, positions, tokens = mask[index], positions[index], [tokens[k] for k in keep]
-            live = [live[k] for k in keep]
-        input_ids = torch.tensor(tokens, device=device)[:, None]
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], -1)
-        positions = positions[:, -1:] + 1
+        if not decoder:
+            return
+        touched = decoder.step()
 
 
 def _advance(tokenizer, row: _Row, token: int) -> dict:

@@ -4,6 +4,7 @@ base and a trained adapter, and errors in the OpenAI format."""
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -16,7 +17,7 @@ def client(ray_local, trained, free_port, monkeypatch_module):
 
     monkeypatch_module.setenv("HONED_TEST_KEYS", "first-key, second-key")
     cfg = ServeConfig(model=trained["config"].model, adapters={"icd10": trained["adapter"]},
-                      port=free_port(), max_tokens=64, api_keys_env="HONED_TEST_KEYS")
+                      registry=trained["registry"], port=free_port(), max_tokens=64, api_keys_env="HONED_TEST_KEYS")
     url = deploy.start(cfg)
     yield openai.OpenAI(base_url=url, api_key="second-key", max_retries=0, timeout=120)
     deploy.stop()
@@ -35,7 +36,27 @@ def ask(client, model: str, **kw):
 
 
 def test_lists_base_and_adapter(client):
-    assert sorted(m.id for m in client.models.list()) == ["base", "icd10"]
+    assert sorted(m.id for m in client.models.list()) == ["base", "icd10", "tuned", "tuned@1"]
+
+
+def test_training_registered_the_adapter_it_exported_and_the_registry_serves_it(client, trained):
+    from honed.registry import Registry
+
+    assert trained["final"]["registered"] == "tuned@1"
+    meta = Registry(trained["registry"]).show("tuned")
+    exported = json.loads((Path(trained["adapter"]) / "honed.json").read_text())
+    for key in ("base_weights_sha256", "template", "data_manifest_sha256", "base_model"):
+        assert meta[key] == exported[key]
+    assert ask(client, "tuned@1").choices[0].message.content == ask(client, "icd10").choices[0].message.content
+
+
+def test_same_seed_same_sample_at_temperature(client):
+    def sample(seed: int) -> str:
+        return client.completions.create(model="icd10", prompt="Code E11", max_tokens=12, temperature=1.5,
+                                         seed=seed).choices[0].text
+
+    assert sample(7) == sample(7)
+    assert len({sample(7), sample(8), sample(9), sample(10)}) > 1
 
 
 def test_base_and_adapter_answer_differently(client):

@@ -110,8 +110,7 @@ def test_rayservice_serves_the_honed_app():
     serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     (app,) = serve_config["applications"]
     assert app["import_path"] == "honed.serve.app:build_app"
-    ServeConfig.model_validate(app["args"])
-    (deployment,) = app["deployments"]
-    assert deployment["name"] == "ModelServer"
-    scaling = deployment["autoscaling_config"]
-    assert 1 <= scaling["min_replicas"] < scaling["max_replicas"]
+    cfg = ServeConfig.model_validate(app["args"])
+    assert cfg.registry.startswith("s3://") and cfg.num_gpus == 1
+    assert 1 <= cfg.autoscaling.min_replicas < cfg.autoscaling.max_replicas
+    assert "deployments" not in app  # replica options come from the args, through build_app

@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,10 +32,10 @@ from ray import serve
 from ray.exceptions import RayTaskError
 
 from honed.config import ServeConfig
-from honed.generation import BASE, Completion, DecodeJob, decode_steps, render_chat
+from honed.generation import BASE, BatchDecoder, Completion, DecodeJob, render_chat
 from honed.models import load_model, resolve_model, weights_hash
 from honed.registry import Registry, RegistryError
-from honed.serve.batcher import StepBatcher
+from honed.serve.batcher import ContinuousBatcher
 from honed.serve.lora import AdapterNotServable, MultiLora
 from honed.train.trainer import ADAPTER_META, read_adapter_meta
 
@@ -134,8 +134,9 @@ class LiveModel:
 @serve.deployment
 class ModelServer:
     """Holds one model (the base, or a merged model) and LoRA adapters on top of it. Concurrent requests are
-    decoded together (StepBatcher): rows of different adapters and of the base share each forward, every
-    row with its own adapter's factors (honed.serve.lora.MultiLora)."""
+    decoded together (ContinuousBatcher: requests join the running batch between decode steps): rows of
+    different adapters and of the base share each forward, every row with its own adapter's factors
+    (honed.serve.lora.MultiLora)."""
 
     def __init__(self, cfg: dict, model_path: str | None = None, loader: Callable = load_model):
         import torch
@@ -155,8 +156,9 @@ class ModelServer:
         self.model_lock = threading.Lock()
         self.in_use: collections.Counter[str] = collections.Counter()  # adapter → requests decoding with it
         self.evicted: set[str] = set()  # evicted by the LRU while in use: deleted when the last request ends
-        self.counts = collections.Counter()  # batches, rows, mixed batches (rows of ≥ 2 models), largest batch
-        self.batcher = StepBatcher(self._decode_batch, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
+        self.mixed_steps = 0  # decode steps whose rows named two or more models
+        self.batcher = ContinuousBatcher(lambda: BatchDecoder(self.live, self.tokenizer), self.cfg.max_batch_size,
+                                         self.cfg.batch_wait_timeout_s, on_step=self._count_step)
 
         async def load(model_id: str) -> LoadedAdapter:
             return await asyncio.to_thread(self._load_adapter, model_id)
@@ -219,10 +221,11 @@ class ModelServer:
                 self.lora.unload(name)
 
     def stats(self) -> dict:
-        """This replica's batching counts and resident adapters."""
+        """This replica's batching counts (decode steps, rows summed over steps, the largest batch, requests, steps
+        mixing models) and resident adapters."""
         with self.model_lock:
             loaded = sorted(self.lora.slots)
-        return dict(self.counts) | {"adapters_loaded": loaded}
+        return dict(self.batcher.counts) | {"mixed_steps": self.mixed_steps, "adapters_loaded": loaded}
 
     # ---- requests
     async def complete(self, request: dict) -> dict:
@@ -247,11 +250,8 @@ class ModelServer:
             if adapter is not None:
                 self._release(adapter)
 
-    def _decode_batch(self, jobs: list[DecodeJob]) -> Iterator[list[dict | None]]:
-        """One decode of the requests that arrived together (run by the batcher, step by step)."""
-        self.counts.update(batches=1, rows=len(jobs), mixed_batches=int(len({j.adapter for j in jobs}) > 1))
-        self.counts["largest_batch"] = max(self.counts["largest_batch"], len(jobs))
-        return decode_steps(self.live, self.tokenizer, jobs)
+    def _count_step(self, decoder: BatchDecoder) -> None:
+        self.mixed_steps += len({row.job.adapter for row in decoder.rows}) > 1
 
     async def _prepare(self, request: dict) -> tuple[DecodeJob, str | None]:
         """The decode job (rendered prompt, the adapter's template and stops, token budget) and the adapter it
@@ -343,7 +343,9 @@ class OpenAIRouter:
             try:
                 return self.server, self.registry.resolve(model)  # `name` → `name@N`: replicas cache versions
             except RegistryError as err:
-                raise APIError(404, f"model '{model}' does not exist: {err}", "model", "model_not_found") from None
+                fixed = ", ".join([self.cfg.base_name, *self.cfg.merged, *self.cfg.adapters])
+                raise APIError(404, f"model '{model}' does not exist; served models: {fixed}, and the registry's "
+                                    f"adapters ({err})", "model", "model_not_found") from None
         raise APIError(404, f"model '{model}' does not exist; served models: {', '.join(self.served_names())}",
                        "model", "model_not_found")
 

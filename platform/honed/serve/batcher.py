@@ -1,68 +1,112 @@
-"""Batches of concurrent requests for one replica, whatever model or adapter each names.
+"""Continuous batching of one replica's requests, whatever model or adapter each names.
 
 Ray Serve's `@serve.batch` splits every batch by multiplexed model id (one sub-batch per adapter), which is
-the opposite of what a replica holding many LoRA adapters wants: one forward for all of them. `StepBatcher`
-collects the jobs that arrive within `wait_s` (up to `max_batch_size`), runs their decode steps off the event
-loop, and hands each request its own events as the steps complete, so streams flow while the batch decodes.
+the opposite of what a replica holding many LoRA adapters wants: one forward for all of them. It is also
+static: a batch decodes to its last row while new requests wait. `ContinuousBatcher` keeps one running batch
+(a decoder: `add(jobs, keys)`, `step()`, `drop(keys)`, `len()`, `can_join`, as honed.generation.BatchDecoder):
+requests that arrive join it between two steps, up to `max_batch_size` rows; finished rows leave at once; a
+client that goes away frees its row. Decoding runs off the event loop, so streams flow while it works.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 _END = object()
 
 
-class StepBatcher:
-    """`run_batch(jobs)` yields, after each step, one event per job (None once that job has nothing more)."""
-
-    def __init__(self, run_batch: Callable[[list[Any]], Iterator[list[Any]]], max_batch_size: int, wait_s: float):
-        self.run_batch, self.max_batch_size, self.wait_s = run_batch, max_batch_size, wait_s
+class ContinuousBatcher:
+    def __init__(self, new_decoder: Callable[[], Any], max_batch_size: int, wait_s: float,
+                 on_step: Callable[[Any], None] | None = None):
+        self.new_decoder, self.max_batch_size, self.wait_s = new_decoder, max_batch_size, wait_s
+        self.on_step = on_step
         self.queue: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
+        self.cancelled: set[asyncio.Queue] = set()
+        self.counts: Counter = Counter()  # steps, row_steps (rows summed over steps), largest_batch, requests
 
     async def submit(self, job: Any) -> AsyncIterator[Any]:
-        """The events of `job`, decoded in a batch with whatever other jobs arrive meanwhile."""
+        """The events of `job` (its row's `(key, event)` events, without the key) until it is done."""
         if self.worker is None or self.worker.done():  # created lazily: it must live on the replica's loop
             self.queue = asyncio.Queue()
             self.worker = asyncio.get_running_loop().create_task(self._work())
         events: asyncio.Queue = asyncio.Queue()
         await self.queue.put((job, events))
-        while (event := await events.get()) is not _END:
-            if isinstance(event, BaseException):
-                raise event
-            yield event
+        finished = False
+        try:
+            while (event := await events.get()) is not _END:
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+            finished = True
+        finally:
+            if not finished:  # the caller stopped listening (client gone): free the row
+                self.cancelled.add(events)
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
+        decoder = None
         while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.wait_s
-            while len(batch) < self.max_batch_size:
-                if not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except TimeoutError:
-                    break
-            await self._decode(batch)
+            if decoder is None or not len(decoder):
+                decoder = self.new_decoder()
+                pending = await self._gather()
+            elif decoder.can_join:
+                pending = self._take(self.max_batch_size - len(decoder))
+            else:
+                pending = []
+            if pending:
+                await self._run(decoder.add, [job for job, _ in pending], [out for _, out in pending], pending=pending)
+            if self.cancelled:
+                gone = [key for key in decoder.keys if key in self.cancelled]
+                if gone:
+                    decoder.drop(gone)
+                self.cancelled.clear()
+            if len(decoder):
+                self.counts.update(steps=1, row_steps=len(decoder))
+                self.counts["largest_batch"] = max(self.counts["largest_batch"], len(decoder))
+                if self.on_step is not None:
+                    self.on_step(decoder)
+                await self._run(decoder.step, live=decoder)
 
-    async def _decode(self, batch: list[tuple[Any, asyncio.Queue]]) -> None:
+    async def _gather(self) -> list:
+        """The first request, and whatever else arrives within `wait_s` (up to `max_batch_size`)."""
+        loop = asyncio.get_running_loop()
+        batch = [await self.queue.get()]
+        deadline = loop.time() + self.wait_s
+        while len(batch) < self.max_batch_size:
+            batch += self._take(self.max_batch_size - len(batch))
+            remaining = deadline - loop.time()
+            if len(batch) >= self.max_batch_size or remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    def _take(self, n: int) -> list:
+        taken = []
+        while len(taken) < n and not self.queue.empty():
+            taken.append(self.queue.get_nowait())
+        return taken
+
+    async def _run(self, fn: Callable, *args, pending: list | None = None, live=None) -> None:
+        """Run one add or step in a thread and hand out its events; a failure fails the rows it touched."""
+        if pending:
+            self.counts.update(requests=len(pending))
         try:
-            steps = self.run_batch([job for job, _ in batch])
-            while (events := await asyncio.to_thread(next, steps, None)) is not None:
-                for (_, out), event in zip(batch, events):
-                    if event is not None:
-                        out.put_nowait(event)
-        except Exception as err:  # noqa: BLE001 — every request of the batch learns why it failed
-            for _, out in batch:
+            events = await asyncio.to_thread(fn, *args)
+        except Exception as err:  # noqa: BLE001 — the requests of the failed add / step learn why
+            failed = [out for _, out in pending] if pending else list(live.keys)
+            if live is not None:
+                live.drop(list(live.keys))
+            for out in failed:
                 out.put_nowait(err)
-        finally:
-            for _, out in batch:
+                out.put_nowait(_END)
+            return
+        for out, event in events:
+            out.put_nowait(event)
+            if "done" in event:
                 out.put_nowait(_END)
