@@ -1,21 +1,23 @@
 """Serving many LoRA adapters from one endpoint: batched across adapters vs one request at a time.
 
-    .venv/bin/python benchmarks/serve_adapters.py            # 8 adapters, 32 requests x 32 tokens, 2 rounds (~8 min)
-    .venv/bin/python benchmarks/serve_adapters.py --quick    # 4 adapters, 8 requests x 8 tokens (a smoke run)
+    .venv/bin/python benchmarks/serve_adapters.py            # 8 adapters, 8 and 16 clients x 4 requests x 32 tokens, 2 rounds (~15 min)
+    .venv/bin/python benchmarks/serve_adapters.py --quick    # 4 adapters, 4 clients x 2 requests x 8 tokens (a smoke run)
 
 Setup: SmolLM2-135M-Instruct (fp32, CPU), N LoRA adapters (r 16, alpha 32, all linear layers: the demo's
 adapter shape; random non-zero weights) registered in a registry dir, one Serve app (`honed.serve.app`) on a
 local Ray with one model replica (1 CPU, `--threads` torch threads), driven over HTTP by `--concurrency` client
 threads sending chat requests (greedy, `max_tokens`), each to the adapter its index picks round-robin.
 
-  mixed        the same request set against the app with `max_batch_size` 8 (continuous batching: requests join
-               the running batch between decode steps, rows of different adapters in one forward) and with
-               `max_batch_size` 1 (`@serve.multiplexed` routing, one request decoded at a time): completion
-               tokens/s ratio batched / one-at-a-time (goal ≥ 4), p50/p99 request latency of each. Greedy
-               decoding gives the same tokens both ways (checked: `same_answers`), so the work is equal.
-  one_adapter  on a fresh batched app, the same requests all to the base (before any adapter is loaded: the
-               base model alone) and then all to one adapter: tokens/s ratio adapter / base (goal ≥ 0.85), at
-               the load's concurrency and with one client at a time.
+  mixed        per load level (`--loads`, concurrent clients, each sending `--requests-per-client` requests one
+               after another), the same request set against the app with `max_batch_size` = the clients
+               (continuous batching: requests join the running batch between decode steps, rows of different
+               adapters in one forward) and with `max_batch_size` 1 (`@serve.multiplexed` routing, one request
+               decoded at a time): completion tokens/s ratio batched / one-at-a-time (goal ≥ 4), p50/p99
+               request latency of each. Greedy decoding gives the same tokens both ways (checked:
+               `same_answers`), so the work is equal.
+  one_adapter  on a fresh batched app, 8 requests from 8 clients all to the base (before any adapter is loaded:
+               the base model alone) and then all to one adapter: tokens/s ratio adapter / base (goal ≥ 0.85);
+               and 4 requests from one client each way.
   cold_load    per adapter, the first request (the replica reads it from the registry and injects it) minus the
                same request once it is resident: the cost of a cold adapter, median and max.
 
@@ -124,8 +126,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 adapters, 8 requests x 8 tokens")
     parser.add_argument("--adapters", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=32, help="requests of the mixed load (round-robin)")
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--loads", type=lambda v: [int(x) for x in v.split(",")], default=[8, 16],
+                        help="concurrent clients of the mixed load, comma-separated (batched app: max_batch_size = it)")
+    parser.add_argument("--requests-per-client", type=int, default=4, help="mixed load: requests = this x clients")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the model replica")
     parser.add_argument("--repeats", type=int, default=2, help="rounds (fresh apps each); ratios are medians")
@@ -134,7 +137,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
     args = parser.parse_args()
     if args.quick:
-        args.adapters, args.requests, args.max_tokens, args.repeats = 4, 8, 8, 1
+        args.adapters, args.loads, args.requests_per_client, args.max_tokens, args.repeats = 4, [4], 2, 8, 1
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "dry_run")}
     if args.dry_run:
         print(json.dumps(settings))
@@ -154,58 +157,68 @@ def main() -> None:
     for i, adapter in enumerate(make_adapters(model_path, args.adapters)):
         registry.add(f"a{i}", str(adapter))
         names.append(f"a{i}")
-    mixed = [(names[i % len(names)], QUESTIONS[(i // len(names)) % len(QUESTIONS)]) for i in range(args.requests)]
     started = time.time()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     result: dict = {"benchmark": "serve_adapters", "settings": settings, "model": MODEL, **commit(),
                     "machine": machine_info()}
-    single = [("base", q) for q in QUESTIONS[: max(4, args.requests // 4)]]
+    single = [("base", q) for q in QUESTIONS]
     on_adapter = [(names[0], q) for _, q in single]
     rounds = []
     try:
         for r in range(args.repeats):
-            log(f"round {r + 1}/{args.repeats}: batched app — base alone, one adapter, cold loads, mixed load")
+            log(f"round {r + 1}/{args.repeats}: batched app (max_batch_size 8) — base alone, one adapter, cold loads")
             url = deploy(registry_dir, 8, args.adapters, args.threads, args.port)
-            load(url, single, args.concurrency, 4)  # warm-up: first forwards (allocator, threads) not measured
-            one = {"base": load(url, single, args.concurrency, args.max_tokens),
+            load(url, single, 8, 4)  # warm-up: the first forwards (allocator, threads) are not measured
+            one = {"base": load(url, single, 8, args.max_tokens),
                    "base_one_client": load(url, single[:4], 1, args.max_tokens)}
-            one |= {"adapter": load(url, on_adapter, args.concurrency, args.max_tokens),
+            one |= {"adapter": load(url, on_adapter, 8, args.max_tokens),
                     "adapter_one_client": load(url, on_adapter[:4], 1, args.max_tokens)}
             cold = cold_loads(url, names[1:], args.max_tokens)
-            before = stats(url)
-            batched = load(url, mixed, args.concurrency, args.max_tokens)
-            batched["replica_stats"] = {k: v - before.get(k, 0) if isinstance(v, int) and k != "largest_batch" else v
-                                        for k, v in stats(url).items()}
             serve_deploy.stop()
-
-            log(f"round {r + 1}/{args.repeats}: one-at-a-time app (max_batch_size 1) — the same mixed load")
-            url = deploy(registry_dir, 1, args.adapters, args.threads, args.port)
-            load(url, [(name, QUESTIONS[0]) for name in names], 1, 4)  # resident first, as on the batched app
-            sequential = load(url, mixed, args.concurrency, args.max_tokens)
-            serve_deploy.stop()
-            rounds.append({"one": one, "cold": cold, "batched": batched, "sequential": sequential})
+            mixed = {}
+            for level in args.loads:
+                requests = [(names[i % len(names)], QUESTIONS[(i // len(names)) % len(QUESTIONS)])
+                            for i in range(args.requests_per_client * level)]
+                runs = {}
+                for mode, batch in (("batched", level), ("one_at_a_time", 1)):
+                    log(f"round {r + 1}/{args.repeats}: {level} clients, {len(requests)} requests, {mode} app")
+                    url = deploy(registry_dir, batch, args.adapters, args.threads, args.port)
+                    load(url, [(name, QUESTIONS[0]) for name in names], min(level, len(names)), 4)  # resident, warm
+                    before = stats(url)
+                    runs[mode] = load(url, requests, level, args.max_tokens)
+                    runs[mode]["replica_stats"] = {
+                        k: v - before.get(k, 0) if isinstance(v, int) and k != "largest_batch" else v
+                        for k, v in stats(url).items()}
+                    serve_deploy.stop()
+                mixed[level] = runs
+            rounds.append({"one": one, "cold": cold, "mixed": mixed})
     finally:
         ray.shutdown()
 
     def med(values: list[float]) -> float:
         return round(statistics.median(values), 3)
 
-    ratios = [x["batched"]["tokens_per_s"] / x["sequential"]["tokens_per_s"] for x in rounds]
+    by_load = {}
+    for level in args.loads:
+        runs = [x["mixed"][level] for x in rounds]
+        ratios = [x["batched"]["tokens_per_s"] / x["one_at_a_time"]["tokens_per_s"] for x in runs]
+        same = all(x["batched"]["answers"] == x["one_at_a_time"]["answers"] == runs[0]["batched"]["answers"]
+                   for x in runs)
+        for x in runs:
+            x["batched"].pop("answers"), x["one_at_a_time"].pop("answers")
+        by_load[f"{level}_clients"] = {
+            "ratio": med(ratios), "ratios": [round(v, 3) for v in ratios], "same_answers": same,
+            "met": same and med(ratios) >= GOALS["mixed_batched_over_one_at_a_time"], "rounds": runs}
     one_ratios = [x["one"]["adapter"]["tokens_per_s"] / x["one"]["base"]["tokens_per_s"] for x in rounds]
     one_client = [x["one"]["adapter_one_client"]["tokens_per_s"] / x["one"]["base_one_client"]["tokens_per_s"]
                   for x in rounds]
-    same = all(x["batched"]["answers"] == x["sequential"]["answers"] == rounds[0]["batched"]["answers"]
-               for x in rounds)
     cold = [c for x in rounds for c in x["cold"]]
     for x in rounds:
-        for part in (x["batched"], x["sequential"], *x["one"].values()):
+        for part in x["one"].values():
             part.pop("answers")
-    ratio, one_ratio = med(ratios), med(one_ratios)
+    one_ratio = med(one_ratios)
     result |= {
-        "mixed": {"ratio": ratio, "ratios": [round(v, 3) for v in ratios], "same_answers": same,
-                  "goal": GOALS["mixed_batched_over_one_at_a_time"],
-                  "met": same and ratio >= GOALS["mixed_batched_over_one_at_a_time"],
-                  "batched": [x["batched"] for x in rounds], "one_at_a_time": [x["sequential"] for x in rounds]},
+        "mixed": {"goal": GOALS["mixed_batched_over_one_at_a_time"], **by_load},
         "one_adapter": {"ratio": one_ratio, "ratios": [round(v, 3) for v in one_ratios],
                         "ratio_one_client": med(one_client), "ratios_one_client": [round(v, 3) for v in one_client],
                         "goal": GOALS["one_adapter_over_base"], "met": one_ratio >= GOALS["one_adapter_over_base"],
@@ -213,8 +226,10 @@ def main() -> None:
         "cold_load_s": {"median": med(cold), "max": round(max(cold), 3), "each": [round(c, 3) for c in cold]},
         "wall_s": round(time.time() - started, 1),
     }
+    summary = ", ".join(f"{k.split('_')[0]} clients {v['ratio']:.2f}x (same answers: {v['same_answers']})"
+                        for k, v in by_load.items())
     path = write_result("serve_adapters", result, args.out)
-    log(f"mixed batched/one-at-a-time {ratio:.2f}x (same answers: {same}); one adapter/base {one_ratio:.3f} "
+    log(f"mixed batched/one-at-a-time: {summary}; one adapter/base {one_ratio:.3f} "
         f"(one client: {med(one_client)}); "
         f"cold load median {result['cold_load_s']['median']} s → {path}")
 

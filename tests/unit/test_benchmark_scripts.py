@@ -40,3 +40,14 @@ def test_gpu_runner_refuses_unknown_arguments():
     done = subprocess.run(["bash", "benchmarks/gpu/run_train_benchmarks.sh", "--fast"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "unknown argument: --fast" in done.stderr
+
+
+@pytest.mark.parametrize("flags, expect", [([], {"adapters": 8, "loads": [8, 16], "repeats": 2}),
+                                           (["--quick"], {"adapters": 4, "loads": [4], "repeats": 1}),
+                                           (["--loads", "4,12"], {"loads": [4, 12]})])
+def test_serving_benchmark_resolves_its_settings(flags, expect):
+    done = subprocess.run([sys.executable, "benchmarks/serve_adapters.py", *flags, "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    settings = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {k: settings[k] for k in expect} == expect

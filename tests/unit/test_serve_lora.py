@@ -44,7 +44,8 @@ def peft_logits(base_path: str, adapter_dir: str | None, ids: torch.Tensor) -> t
         return model.eval()(input_ids=ids).logits
 
 
-def test_mixed_rows_match_each_adapter_alone_under_peft(setup):
+@pytest.mark.parametrize("tokens", [7, 1], ids=["prefill", "decode"])
+def test_mixed_rows_match_each_adapter_alone_under_peft(setup, tokens):
     from honed.models import load_model
 
     base_path, dirs = setup
@@ -53,7 +54,7 @@ def test_mixed_rows_match_each_adapter_alone_under_peft(setup):
     for name, path in dirs.items():
         lora.load(name, path)
     torch.manual_seed(0)
-    ids = torch.randint(3, 400, (5, 7))
+    ids = torch.randint(3, 400, (5, tokens))  # 1 token a row: the all-slots + mask path; more: per-row gather
     names = ["qv4", "base", "all8", "mlp2rs", "qv4"]
     lora.select(names, "base")
     with torch.no_grad():

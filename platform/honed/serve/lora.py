@@ -1,12 +1,16 @@
 """Many LoRA adapters resident on one base model, applied per row: the serving side of LoRA.
 
 Each targeted linear layer of the base is wrapped once (`MultiLoraLinear`) and keeps every resident adapter's
-factors stacked by slot: A as [slots, r, in] and B·scaling as [slots, out, r] (ranks zero-padded to the
+factors stacked by slot: A as [slots, r, in] and B·scaling as [out, slots, r] (ranks zero-padded to the
 largest; slot 0 is the base: zeros). A forward reads the slot of each row from the shared `SlotRows`:
   - all rows on the base: the base layer alone;
   - all rows on one adapter: y = W·x + B·(A·x), two small matmuls;
-  - rows on different adapters: A and B gathered per row and applied with two batched matmuls (the BGMV
-    idea of Punica / S-LoRA), so one forward serves a batch whatever adapters its rows name.
+  - rows on different adapters, decoding (one token a row): x times every slot's A at once ([slots·r, in],
+    a view), a one-hot block mask keeps each row's own slot, times every slot's B ([out, slots·r]): two
+    matmuls and a multiply, no copies of the factors;
+  - rows on different adapters, prefill: A and B gathered per row and applied with batched matmuls (the
+    BGMV idea of Punica / S-LoRA).
+So one forward serves a batch whatever adapters its rows name.
 
 peft's own mixed-batch path (`adapter_names`) loops in Python over the adapters of a batch in every layer; at
 8 adapters × 210 layers of SmolLM2 that loop costs more than the base forward. Adapter files are the peft
@@ -36,48 +40,60 @@ class SlotRows:
     def __init__(self):
         self.uniform: int | None = BASE_SLOT  # the one slot of every row, or None when rows differ
         self.rows: torch.Tensor | None = None
+        self.masks: dict[tuple[int, int], torch.Tensor] = {}
 
     def set(self, slots: list[int], device) -> None:
+        self.masks = {}
         if len(set(slots)) == 1:
             self.uniform, self.rows = slots[0], None
         else:
             self.uniform, self.rows = None, torch.tensor(slots, device=device)
 
+    def mask(self, n_slots: int, rank: int, like: torch.Tensor) -> torch.Tensor:
+        """[rows, 1, n_slots·rank]: ones on each row's own slot block (built once per forward and shape)."""
+        if (n_slots, rank) not in self.masks:
+            onehot = torch.nn.functional.one_hot(self.rows, n_slots).to(like.dtype)
+            self.masks[n_slots, rank] = onehot.repeat_interleave(rank, dim=1)[:, None, :]
+        return self.masks[n_slots, rank]
+
 
 class MultiLoraLinear(nn.Module):
+    """A base linear layer plus every resident adapter's factors: A as [slots, r, in], B·scaling as
+    [out, slots, r], so both read as one matrix over all slots ([slots·r, in], [out, slots·r]) without a copy."""
+
     def __init__(self, base: nn.Linear, rows: SlotRows):
         super().__init__()
         self.base, self.slot_rows = base, rows
         w = base.weight
         self.register_buffer("lora_a", w.new_zeros(1, 0, base.in_features), persistent=False)
-        self.register_buffer("lora_b", w.new_zeros(1, base.out_features, 0), persistent=False)
+        self.register_buffer("lora_b", w.new_zeros(base.out_features, 1, 0), persistent=False)
         self.filled: set[int] = set()
 
     def reserve(self, slot: int) -> None:
-        """Room up to `slot` (zeros), so a batch may gather any resident slot from every wrapped layer."""
+        """Room up to `slot` (zeros), so a batch may address any resident slot in every wrapped layer."""
         if slot >= self.lora_a.shape[0]:
             grow = slot + 1 - self.lora_a.shape[0]
+            out, _, r = self.lora_b.shape
             self.lora_a = torch.cat([self.lora_a, self.lora_a.new_zeros(grow, *self.lora_a.shape[1:])])
-            self.lora_b = torch.cat([self.lora_b, self.lora_b.new_zeros(grow, *self.lora_b.shape[1:])])
+            self.lora_b = torch.cat([self.lora_b, self.lora_b.new_zeros(out, grow, r)], 1)
 
     def put(self, slot: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
         self.reserve(slot)
         r = a.shape[0]
         if r > self.lora_a.shape[1]:  # a larger rank than any so far: zero-pad every slot to it
             grow = r - self.lora_a.shape[1]
-            self.lora_a = torch.cat([self.lora_a, self.lora_a.new_zeros(self.lora_a.shape[0], grow, self.lora_a.shape[2])], 1)
-            self.lora_b = torch.cat([self.lora_b, self.lora_b.new_zeros(self.lora_b.shape[0], self.lora_b.shape[1], grow)], 2)
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+            n, _, d_in = self.lora_a.shape
+            self.lora_a = torch.cat([self.lora_a, self.lora_a.new_zeros(n, grow, d_in)], 1)
+            self.lora_b = torch.cat([self.lora_b, self.lora_b.new_zeros(self.lora_b.shape[0], n, grow)], 2)
+        self.clear(slot)
         self.lora_a[slot, :r] = a.to(self.lora_a.dtype)
-        self.lora_b[slot, :, :r] = b_scaled.to(self.lora_b.dtype)
+        self.lora_b[:, slot, :r] = b_scaled.to(self.lora_b.dtype)
         self.filled.add(slot)
 
     def clear(self, slot: int) -> None:
-        if slot in self.filled:
-            self.lora_a[slot].zero_()
-            self.lora_b[slot].zero_()
-            self.filled.discard(slot)
+        self.lora_a[slot].zero_()
+        self.lora_b[:, slot].zero_()
+        self.filled.discard(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -85,12 +101,14 @@ class MultiLoraLinear(nn.Module):
         if uniform is not None:
             if uniform not in self.filled:  # the base, or an adapter that does not target this layer
                 return y
-            return y + (x @ self.lora_a[uniform].T) @ self.lora_b[uniform].T
-        rows = self.slot_rows.rows
-        a, b = self.lora_a[rows], self.lora_b[rows]  # [rows, r, in], [rows, out, r]
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])
-        delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
-        return y + delta.reshape(y.shape)
+            return y + (x @ self.lora_a[uniform].T) @ self.lora_b[:, uniform].T
+        n_slots, r, d_in = self.lora_a.shape
+        if x.shape[1] == 1:  # decoding: one token a row; every slot's A at once, each row keeps its own block
+            xa = (x @ self.lora_a.view(n_slots * r, d_in).T) * self.slot_rows.mask(n_slots, r, x)
+            return y + xa @ self.lora_b.view(-1, n_slots * r).T
+        rows = self.slot_rows.rows  # prefill: many tokens a row; gather each row's own factors
+        a, b = self.lora_a[rows], self.lora_b[:, rows].transpose(0, 1)  # [rows, r, in], [rows, out, r]
+        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
 
 class MultiLora:
