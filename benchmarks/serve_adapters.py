@@ -98,13 +98,15 @@ def load(url: str, requests: list[tuple[str, str]], concurrency: int, max_tokens
             "answers": {f"{a['model']}|{a['question']}": a["text"] for a in answers}}
 
 
-def deploy(registry: Path, max_batch_size: int, n_adapters: int, threads: int, port: int) -> str:
+def deploy(registry: Path, max_batch_size: int, n_adapters: int, threads: int, port: int, clients: int) -> str:
+    """The app; every client's request is accepted by the replica at once (queued inside it when it decodes
+    fewer at a time), so neither mode pays Serve's router retries."""
     from honed.config import ServeConfig
     from honed.serve import deploy as serve_deploy
 
     cfg = ServeConfig(model={"name_or_path": MODEL}, registry=str(registry), max_batch_size=max_batch_size,
                       batch_wait_timeout_s=0.02, max_adapters_per_replica=n_adapters, torch_threads=threads,
-                      num_cpus=1, port=port, max_tokens=256)
+                      num_cpus=1, port=port, max_tokens=256, max_ongoing_requests=max(2 * max_batch_size, clients))
     return serve_deploy.start(cfg)
 
 
@@ -167,7 +169,7 @@ def main() -> None:
     try:
         for r in range(args.repeats):
             log(f"round {r + 1}/{args.repeats}: batched app (max_batch_size 8) — base alone, one adapter, cold loads")
-            url = deploy(registry_dir, 8, args.adapters, args.threads, args.port)
+            url = deploy(registry_dir, 8, args.adapters, args.threads, args.port, 8)
             load(url, single, 8, 4)  # warm-up: the first forwards (allocator, threads) are not measured
             one = {"base": load(url, single, 8, args.max_tokens),
                    "base_one_client": load(url, single[:4], 1, args.max_tokens)}
@@ -182,7 +184,7 @@ def main() -> None:
                 runs = {}
                 for mode, batch in (("batched", level), ("one_at_a_time", 1)):
                     log(f"round {r + 1}/{args.repeats}: {level} clients, {len(requests)} requests, {mode} app")
-                    url = deploy(registry_dir, batch, args.adapters, args.threads, args.port)
+                    url = deploy(registry_dir, batch, args.adapters, args.threads, args.port, level)
                     load(url, [(name, QUESTIONS[0]) for name in names], min(level, len(names)), 4)  # resident, warm
                     before = stats(url)
                     runs[mode] = load(url, requests, level, args.max_tokens)

@@ -561,7 +561,10 @@ class ServeConfig(Section):
     max_batch_size: int = Field(default=8, gt=0)
     """Concurrent requests decoded together in one batch, whatever adapter each asks for (1: one at a time)."""
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
-    """How long a batch waits for more requests before it starts."""
+    """How long an idle replica waits for more requests before it starts a batch (later ones join it)."""
+    max_ongoing_requests: int | None = Field(default=None, gt=0)
+    """Requests a model replica accepts at once (decoding + queued inside it); beyond, Serve queues them at
+    the router and retries. Default 2 × max_batch_size: a full batch decoding and the next one waiting."""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_tokens: int = Field(default=256, gt=0)

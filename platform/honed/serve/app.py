@@ -464,8 +464,8 @@ def build_app(args: dict) -> serve.Application:
         Registry(cfg.registry).list()  # an unreadable registry fails here
     cfg_dict = cfg.model_dump()
     replicas: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-                                # room for one batch decoding and the next one filling
-                                "max_ongoing_requests": 2 * cfg.max_batch_size}
+                                # room for one batch decoding and the next one waiting
+                                "max_ongoing_requests": cfg.max_ongoing_requests or 2 * cfg.max_batch_size}
     if cfg.autoscaling:
         replicas["autoscaling_config"] = cfg.autoscaling.model_dump()
     else:
