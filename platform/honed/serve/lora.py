@@ -129,6 +129,7 @@ class MultiLora:
         check_config(config)
         weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
         factors = self._factors(weights, config)
+        self.unload(name)  # a reload replaces the old factors
         taken = set(self.slots.values())
         slot = next(s for s in range(1, len(taken) + 2) if s not in taken)
         try:
