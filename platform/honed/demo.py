@@ -4,7 +4,8 @@
     honed demo optim.max_steps=40 run_dir=runs/quick
 
 Stages and their artifacts under `run_dir`: data/ (shards, manifest), train/ (adapter, metrics),
-eval/ (before/after table), merged/ (HF model + merge.json), report.md (all of it, with timings).
+eval/ (before/after table), merged/ (HF model + merge.json), registry/ (the adapter registered with its eval,
+served from there), report.md (all of it, with timings).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from honed.config import DemoConfig, MergeConfig, PrepareConfig, ServeConfig, TrainConfig
+from honed.registry import Registry
 from honed.runtime import run_task
 
 ADAPTER_NAME = "icd10"
@@ -52,11 +54,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     scores = stage("eval", evaluate, eval_cfg)
     merged = stage("merge", run_task, merge, MergeConfig(model=cfg.model, adapter=adapter,
                                                          output_dir=str(run / "merged")))
-    serve_cfg = cfg.serve.model_copy(update={"model": cfg.model, "adapters": {ADAPTER_NAME: adapter}})
+    # The bridge to serving: the adapter and its eval become the next version of `icd10` in the run's registry
+    # (kept across demo runs: icd10@1, @2, …), which the endpoint serves as `icd10` (its latest version).
+    registered = Registry(str(run / "registry")).add(ADAPTER_NAME, adapter, json.loads((run / "eval" / "eval.json").read_text()))
+    print(f"[honed.demo] registered {registered} in {run / 'registry'}", flush=True)
+    serve_cfg = cfg.serve.model_copy(update={"model": cfg.model, "registry": str(run / "registry"),
+                                             "merged": {f"{ADAPTER_NAME}-merged": str(run / "merged")}})
     answers = stage("serve", ask_endpoint, serve_cfg, cfg.question, deploy)
 
     summary = {"timings_s": timings, "counts": manifest["counts"]["total"], "final_train_metrics": final,
-               "scores": scores["scores"], "merge": merged, "served_answers": answers}
+               "scores": scores["scores"], "merge": merged, "registered": registered, "served_answers": answers}
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (run / "report.md").write_text(render_report(summary, run))
     print("\n" + (run / "report.md").read_text(), flush=True)
@@ -64,11 +71,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def ask_endpoint(cfg: ServeConfig, question: str, deploy) -> dict[str, str]:
-    """Start the endpoint, ask the base and the adapter the same question, shut down."""
+    """Start the endpoint, ask the base, the adapter and the merged model the same question, shut down."""
     url = deploy.start(cfg)
     try:
         answers = {}
-        for model in (cfg.base_name, ADAPTER_NAME):
+        for model in (cfg.base_name, ADAPTER_NAME, *cfg.merged):
             body = {"model": model, "messages": [{"role": "user", "content": question}],
                     "max_tokens": 48, "temperature": 0}
             reply = post_json(f"{url}/chat/completions", body)
@@ -104,6 +111,8 @@ def render_report(summary: dict, run: Path) -> str:
         comparison_table(summary["scores"]), "",
         f"Merge: max |merged − adapter logits| = {summary['merge']['max_abs_logit_diff']:.2e} "
         f"(tolerance {summary['merge']['tolerance']:.0e}).", "",
+        f"Registered as `{summary['registered']}` in `{run / 'registry'}`, served from there as `{ADAPTER_NAME}` "
+        f"(its latest version); the merged model as `{ADAPTER_NAME}-merged`.", "",
         "## Served answers", "",
     ]
     lines += [f"- `{model}`: {answer!r}" for model, answer in summary["served_answers"].items()]

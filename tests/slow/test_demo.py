@@ -39,7 +39,8 @@ def test_demo_end_to_end(tmp_path):
     assert tuned["loss/icd10"] < base["loss/icd10"]
     assert tuned["exact_match"] > base["exact_match"]
     assert summary["merge"]["max_abs_logit_diff"] <= summary["merge"]["tolerance"]
-    assert summary["served_answers"]["icd10"]
+    assert summary["served_answers"]["icd10"] and summary["served_answers"]["icd10-merged"]
+    assert summary["registered"].startswith("icd10@") and (run / "registry" / "icd10").is_dir()
     for artifact in ("data/manifest.json", "train/metrics.jsonl", "train/adapter/adapter_model.safetensors",
                      "merged/model.safetensors", "eval/eval.md", "report.md"):
         assert (run / artifact).is_file(), artifact
