@@ -586,8 +586,10 @@ class ServeConfig(Section):
         seen = {self.base_name: "base_name"}
         for kind, names in (("adapters", self.adapters), ("merged", self.merged)):
             for name in names:
-                if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
-                    raise ValueError(f"{kind} name '{name}' is not allowed: use lowercase letters, digits, '.', '_', '-'")
+                try:
+                    check_adapter_name(name)  # the registry's names: one rule for every `model` a request names
+                except ValueError as err:
+                    raise ValueError(f"{kind}: {err}") from None
                 if name in seen:
                     raise ValueError(f"{kind} name '{name}' collides with {seen[name]}")
                 seen[name] = kind

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-BASE = "__base__"  # the adapter name of rows decoded by the base model (peft's name for it)
+BASE = "__base__"  # the adapter name of rows decoded by the base model (the name peft uses too)
 
 
 @dataclass
@@ -46,8 +46,8 @@ class DecodeJob:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     adapter: str | None = None
-    """A peft adapter name or BASE (rows of different LoRA adapters then share one forward through peft's
-    `adapter_names`); None decodes with the model as it is."""
+    """An adapter name or BASE: rows of different adapters then share one forward, the model getting
+    `adapter_names` (one per row); None decodes with the model as it is."""
 
 
 @dataclass
@@ -166,11 +166,10 @@ class BatchDecoder:
     def step(self) -> list[tuple]:
         if not self.rows:
             return []
-        out = self._forward(self.rows, torch.tensor(self.tokens, device=self.device)[:, None],
-                            torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], -1), self.positions,
-                            self.cache)
-        self.cache, self.mask = out.cache, torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], -1)
-        self.positions = self.positions + 1
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], -1)
+        out = self._forward(self.rows, torch.tensor(self.tokens, device=self.device)[:, None], self.mask,
+                            self.positions, self.cache)
+        self.cache, self.positions = out.cache, self.positions + 1
         return self._advance_all(0, out.logits[:, -1])
 
     def _forward(self, rows: list[_Row], input_ids, mask, positions, cache):
@@ -181,15 +180,10 @@ class BatchDecoder:
     def _advance_all(self, first: int, logits: torch.Tensor) -> list[tuple]:
         """Pick and add the next token of rows `first`..; then drop the rows that finished."""
         picked = _pick(logits, self.rows[first:])  # `logits`: one row per row from `first` on
-        if first:
-            self.tokens += picked
-        else:
-            self.tokens = picked
+        self.tokens = self.tokens[:first] + picked
         events = [(self.keys[first + i], _advance(self.tokenizer, self.rows[first + i], token))
                   for i, token in enumerate(picked)]
-        keep = [i for i, row in enumerate(self.rows) if row.finish is None]
-        if len(keep) < len(self.rows):
-            self._select(keep)
+        self._select([i for i, row in enumerate(self.rows) if row.finish is None])
         return events
 
     def _select(self, keep: list[int]) -> None:

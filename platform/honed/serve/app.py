@@ -38,7 +38,7 @@ from honed.models import load_model, resolve_model, weights_hash
 from honed.registry import Registry, RegistryError
 from honed.serve.batcher import ContinuousBatcher
 from honed.serve.lora import AdapterNotServable, MultiLora
-from honed.train.trainer import ADAPTER_META, read_adapter_meta
+from honed.train.trainer import read_adapter_meta, read_meta
 
 
 # ------------------------------------------------------------------------------------------ request types
@@ -112,7 +112,7 @@ class LoadedAdapter:
 
     def __del__(self):
         if self.server is not None:
-            self.server.unload_adapter(self.name)
+            self.server.unload_adapter(self.name, self.meta)
             self.server = None
 
 
@@ -148,7 +148,7 @@ class ModelServer:
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU replica (num_gpus) decodes on it
         self.model, self.tokenizer = loader(path, self.cfg.model.dtype, device)
         self.model.eval()
-        self.meta = json.loads((Path(path) / ADAPTER_META).read_text()) if (Path(path) / ADAPTER_META).is_file() else {}
+        self.meta = read_meta(path)  # a merged model's training template, if honed wrote it
         self.base_sha256 = weights_hash(path)
         self.context_len = getattr(self.model.config, "max_position_embeddings", 2048)
         self.registry = Registry(self.cfg.registry) if self.cfg.registry else None
@@ -156,7 +156,7 @@ class ModelServer:
         self.live = LiveModel(self)
         self.model_lock = threading.Lock()
         self.in_use: collections.Counter[str] = collections.Counter()  # adapter → requests decoding with it
-        self.evicted: set[str] = set()  # evicted by the LRU while in use: deleted when the last request ends
+        self.evicted: dict[str, dict] = {}  # evicted by the LRU while in use (→ meta): deleted when no longer used
         self.mixed_steps = 0  # decode steps whose rows named two or more models
         # Every call into torch (decode steps, adapter loads and unloads) runs on this one thread: OpenMP gives
         # each calling thread a team of its own, and work hopping between pool threads decoded 40 % slower.
@@ -183,8 +183,7 @@ class ModelServer:
         """Read, check and place one adapter; a failure leaves the replica as it was and fails only this request."""
         with self.model_lock:
             if model_id in self.evicted:  # evicted but still decoding: it never left the model
-                self.evicted.discard(model_id)
-                return LoadedAdapter(self, model_id, self._adapter_meta(model_id))
+                return LoadedAdapter(self, model_id, self.evicted.pop(model_id))
         try:
             path = self._adapter_dir(model_id)
             meta = read_adapter_meta(path)
@@ -208,21 +207,17 @@ class ModelServer:
                                "model", "adapter_load_failed") from None
         return LoadedAdapter(self, model_id, meta)
 
-    def _adapter_meta(self, model_id: str) -> dict:
-        return read_adapter_meta(self._adapter_dir(model_id))
-
-    def unload_adapter(self, name: str) -> None:
+    def unload_adapter(self, name: str, meta: dict) -> None:
         with self.model_lock:
             if self.in_use[name]:
-                self.evicted.add(name)
+                self.evicted[name] = meta
             else:
                 self.model_thread.submit(self._unload, name)
 
     def _release(self, name: str) -> None:
         with self.model_lock:
             self.in_use[name] -= 1
-            if not self.in_use[name] and name in self.evicted:
-                self.evicted.discard(name)
+            if not self.in_use[name] and self.evicted.pop(name, None) is not None:
                 self.model_thread.submit(self._unload, name)
 
     def _unload(self, name: str) -> None:
@@ -334,8 +329,11 @@ class OpenAIRouter:
             raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                            None, "invalid_api_key")
 
+    def configured_names(self) -> list[str]:
+        return [self.cfg.base_name, *self.cfg.merged, *self.cfg.adapters]
+
     def served_names(self) -> list[str]:
-        names = [self.cfg.base_name, *self.cfg.merged, *self.cfg.adapters]
+        names = self.configured_names()
         if self.registry is not None:
             for row in self.registry.list():
                 names += [row["name"], f"{row['name']}@{row['version']}"]
@@ -353,7 +351,7 @@ class OpenAIRouter:
             try:
                 return self.server, self.registry.resolve(model)  # `name` → `name@N`: replicas cache versions
             except RegistryError as err:
-                fixed = ", ".join([self.cfg.base_name, *self.cfg.merged, *self.cfg.adapters])
+                fixed = ", ".join(self.configured_names())
                 raise APIError(404, f"model '{model}' does not exist; served models: {fixed}, and the registry's "
                                     f"adapters ({err})", "model", "model_not_found") from None
         raise APIError(404, f"model '{model}' does not exist; served models: {', '.join(self.served_names())}",
@@ -466,10 +464,10 @@ def build_app(args: dict) -> serve.Application:
             raise FileNotFoundError(f"merged model '{name}': '{path}' is not a model directory (config.json missing)")
         cfg.merged[name] = str(Path(path).resolve())
     if cfg.registry:
-        if "://" not in cfg.registry and not Path(cfg.registry).is_dir():
-            raise FileNotFoundError(f"registry '{cfg.registry}' is not a directory: register an adapter first "
-                                    "(`honed registry add NAME ADAPTER_DIR --registry ...`) or fix the path")
         if "://" not in cfg.registry:
+            if not Path(cfg.registry).is_dir():
+                raise FileNotFoundError(f"registry '{cfg.registry}' is not a directory: register an adapter first "
+                                        "(`honed registry add NAME ADAPTER_DIR --registry ...`) or fix the path")
             cfg.registry = str(Path(cfg.registry).resolve())  # replicas may start in another directory
         Registry(cfg.registry).list()  # an unreadable registry fails here
     cfg_dict = cfg.model_dump()

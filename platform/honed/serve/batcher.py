@@ -61,7 +61,9 @@ class ContinuousBatcher:
             else:
                 pending = []
             if pending:
-                await self._run(decoder.add, [job for job, _ in pending], [out for _, out in pending], pending=pending)
+                self.counts.update(requests=len(pending))
+                outs = [out for _, out in pending]
+                await self._run(decoder.add, [job for job, _ in pending], outs, touched=outs)
             if self.cancelled:
                 gone = [key for key in decoder.keys if key in self.cancelled]
                 if gone:
@@ -72,7 +74,8 @@ class ContinuousBatcher:
                 self.counts["largest_batch"] = max(self.counts["largest_batch"], len(decoder))
                 if self.on_step is not None:
                     self.on_step(decoder)
-                await self._run(decoder.step, live=decoder)
+                if not await self._run(decoder.step, touched=list(decoder.keys)):
+                    decoder.drop(list(decoder.keys))
 
     async def _gather(self) -> list:
         """The first request, and whatever else arrives within `wait_s` (up to `max_batch_size`)."""
@@ -96,21 +99,18 @@ class ContinuousBatcher:
             taken.append(self.queue.get_nowait())
         return taken
 
-    async def _run(self, fn: Callable, *args, pending: list | None = None, live=None) -> None:
-        """Run one add or step in a thread and hand out its events; a failure fails the rows it touched."""
-        if pending:
-            self.counts.update(requests=len(pending))
+    async def _run(self, fn: Callable, *args, touched: list) -> bool:
+        """Run one add or step on the executor and hand out its events; if it fails, the requests it
+        `touched` (their event queues) get the error and end. Whether it succeeded."""
         try:
             events = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
         except Exception as err:  # noqa: BLE001 — the requests of the failed add / step learn why
-            failed = [out for _, out in pending] if pending else list(live.keys)
-            if live is not None:
-                live.drop(list(live.keys))
-            for out in failed:
+            for out in touched:
                 out.put_nowait(err)
                 out.put_nowait(_END)
-            return
+            return False
         for out, event in events:
             out.put_nowait(event)
             if "done" in event:
                 out.put_nowait(_END)
+        return True

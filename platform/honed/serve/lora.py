@@ -116,7 +116,7 @@ class MultiLora:
     the multiplexing LRU bounds that, plus adapters evicted while their requests still decode)."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self.model, self.device = model, next(model.parameters()).device
         self.rows = SlotRows()
         self.slots: dict[str, int] = {}
         self.layers: dict[str, MultiLoraLinear] = {}
@@ -151,10 +151,7 @@ class MultiLora:
 
     def select(self, names: list[str], base: str) -> None:
         """Route the next forward's rows: `base` rows to the base, the others to their adapters."""
-        self.rows.set([BASE_SLOT if n == base else self.slots[n] for n in names], self._device())
-
-    def _device(self):
-        return next(self.model.parameters()).device
+        self.rows.set([BASE_SLOT if n == base else self.slots[n] for n in names], self.device)
 
     def _factors(self, weights: dict, config: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """module name → (A [r, in], B·scaling [out, r]), checked against the base's layers."""

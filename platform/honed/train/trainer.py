@@ -220,8 +220,13 @@ def verify_export(cfg: TrainConfig, model_path: str, artifact: Path, probe: dict
             "rows": int(inputs["input_ids"].shape[0])}
 
 
+def read_meta(artifact_dir: str) -> dict:
+    """The honed.json of an adapter or model dir ({} when it has none, e.g. a model honed did not write)."""
+    path = Path(artifact_dir) / ADAPTER_META
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def read_adapter_meta(adapter_dir: str) -> dict:
-    path = Path(adapter_dir) / ADAPTER_META
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"'{adapter_dir}' is not an adapter directory (adapter_config.json missing)")
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_meta(adapter_dir)
