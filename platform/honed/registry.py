@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 from honed.config import check_adapter_name
 
 DEFAULT_REGISTRY = "runs/registry"
-META = "honed.json"
+META = "honed.json"  # what honed knows of an adapter or model dir: written by `honed train` / `honed merge`
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 VERSION = re.compile(r"[1-9][0-9]{0,8}")
 EVAL_FIGURES = ("exact_match", "token_f1")
@@ -66,6 +66,12 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     if not VERSION.fullmatch(version):
         raise RegistryError(f"ref {ref!r}: the version must be an integer ≥ 1 or 'latest' (name@3, name@latest)")
     return name, int(version)
+
+
+def read_meta(artifact_dir: str | Path) -> dict:
+    """The honed.json of an adapter or model dir ({} when it has none, e.g. a model honed did not write)."""
+    path = Path(artifact_dir) / META
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def safetensors_sha256(directory: str | Path) -> str:
@@ -112,7 +118,7 @@ class Registry:
         check_name(name)
         source = Path(adapter_dir)
         files = adapter_files(source)
-        meta = json.loads((source / META).read_text()) if (source / META).is_file() else {}
+        meta = read_meta(source)
         meta["base_weights_sha256"] = base_weights_sha256 or meta.get("base_weights_sha256")
         if not meta["base_weights_sha256"]:
             raise RegistryError(f"'{adapter_dir}' has no base_weights_sha256 in {META}: register adapters that "

@@ -35,10 +35,10 @@ from ray.exceptions import RayTaskError
 from honed.config import ServeConfig
 from honed.generation import BASE, BatchDecoder, Completion, DecodeJob, render_chat
 from honed.models import load_model, resolve_model, weights_hash
-from honed.registry import Registry, RegistryError
+from honed.registry import Registry, RegistryError, read_meta
 from honed.serve.batcher import ContinuousBatcher
 from honed.serve.lora import AdapterNotServable, MultiLora
-from honed.train.trainer import read_adapter_meta, read_meta
+from honed.train.trainer import read_adapter_meta
 
 
 # ------------------------------------------------------------------------------------------ request types

@@ -21,10 +21,11 @@ import torch
 from honed.config import TrainConfig, dump_config
 from honed.data.pipeline import load_manifest
 from honed.models import resolve_model, weights_hash
+from honed.registry import META, read_meta
 from honed.train.backends import artifact_name
 from honed.train.loop import EFFICIENCY_FILE, METRICS_FILE, PROBE_FILE, train_loop_per_worker
 
-ADAPTER_META = "honed.json"
+ADAPTER_META = META  # honed.json, described in honed.registry, which reads it without torch
 LIVE_LOG = "progress.jsonl"
 # Shard reads are light (tokenized Parquet): a quarter CPU each, so nodes whose CPUs the training workers
 # mostly hold can still stream them (a 1-CPU read task would wait forever next to two 0.5-CPU workers).
@@ -218,12 +219,6 @@ def verify_export(cfg: TrainConfig, model_path: str, artifact: Path, probe: dict
     diff = float((logits - probe["logits"]).abs().max())
     return {"max_abs_diff": diff, "max_abs_logit": float(probe["logits"].abs().max()),
             "rows": int(inputs["input_ids"].shape[0])}
-
-
-def read_meta(artifact_dir: str) -> dict:
-    """The honed.json of an adapter or model dir ({} when it has none, e.g. a model honed did not write)."""
-    path = Path(artifact_dir) / ADAPTER_META
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_adapter_meta(adapter_dir: str) -> dict:
