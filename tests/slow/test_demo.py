@@ -31,8 +31,8 @@ def test_builtin_model_converts_once_and_loads(tmp_path, monkeypatch):
 
 def test_demo_end_to_end(tmp_path):
     run = tmp_path / "demo"
-    proc = subprocess.run([str(BIN / "honed"), "demo", f"run_dir={run}", "serve.port=8123"],
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run([str(BIN / "honed"), "demo", "--with-dpo", f"run_dir={run}", "serve.port=8123"],
+                          capture_output=True, text=True, timeout=2700)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     summary = json.loads((run / "summary.json").read_text())
     base, tuned = summary["scores"]["base"], summary["scores"]["tuned"]
@@ -42,5 +42,23 @@ def test_demo_end_to_end(tmp_path):
     assert summary["served_answers"]["icd10"] and summary["served_answers"]["icd10-merged"]
     assert summary["registered"].startswith("icd10@") and (run / "registry" / "icd10").is_dir()
     for artifact in ("data/manifest.json", "train/metrics.jsonl", "train/adapter/adapter_model.safetensors",
-                     "merged/model.safetensors", "eval/eval.md", "report.md"):
+                     "merged/model.safetensors", "eval/eval.md", "report.md", "pairs/manifest.json",
+                     "dpo/adapter/adapter_model.safetensors", "dpo/preference.json"):
         assert (run / artifact).is_file(), artifact
+    # SFT → DPO on the real model: above chance against its reference (the SFT adapter) on training and on
+    # held-out pairs; the held-out preference accuracy of base / SFT / DPO is reported (SFT learned the domain)
+    dpo = summary["dpo"]
+    assert dpo["registered"].startswith("icd10-dpo@") and summary["served_answers"]["icd10-dpo"]
+    final = dpo["final_train_metrics"]
+    assert final["reward_accuracy"] > 0.5 and final["val_reward_accuracy"] > 0.5 and final["val_reward_margin"] > 0
+    preference = dpo["preference"]
+    assert preference["sft"]["preference_accuracy"] > preference["base"]["preference_accuracy"], preference
+    assert {scores["pairs"] for scores in preference.values()} == {summary_pairs(run)}
+
+
+def summary_pairs(run: Path) -> int:
+    """Held-out pairs scored: the demo's eval_pairs, or all of them when fewer were held out."""
+    import pyarrow.parquet as pq
+
+    rejected = pq.read_table(run / "pairs" / "shards" / "val", columns=["rejected_input_ids"]).column(0).to_pylist()
+    return min(120, sum(1 for r in rejected if r))

@@ -405,7 +405,7 @@ def test_deep_merge_does_not_mutate_and_replaces_non_dicts():
 
 # ----------------------------------------------------------------------------- 4. bad configs fail early
 BAD_CONFIGS = {
-    "unknown method": (["method.name=dora"], ["method.name = 'dora'", "'full', 'lora', 'qlora', 'prefix' or 'ia3'"]),
+    "unknown method": (["method.name=dora"], ["method.name = 'dora'", "'full', 'lora', 'qlora', 'prefix', 'ia3' or 'dpo'"]),
     "lora rank 0": (["method.lora.r=0"], ["method.lora.r = 0", "greater than 0"]),
     "zero stage 4": (["method.name=full", "method.deepspeed.zero_stage=4"],
                      ["method.deepspeed.zero_stage = 4", "0, 1, 2 or 3"]),

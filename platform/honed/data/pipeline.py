@@ -32,15 +32,17 @@ import numpy as np
 from honed import __version__
 from honed.config import PII_TYPES, PrepareConfig, dump_config
 from honed.data.records import (
-    DROPPED, KEPT, QUARANTINED, BadRecord, assign_split, empty_field, encode_example, encode_texts, group_key,
-    map_texts, parse_record, unit_hash,
+    DROPPED, KEPT, QUARANTINED, BadRecord, assign_split, empty_field, encode_example, encode_preference, encode_texts,
+    group_key, identical_answers, map_texts, parse_record, unit_hash,
 )
-from honed.data.sources import FileReader, builtin_rows, list_files
+from honed.data.sources import DERIVED, FileReader, builtin_rows, list_files
 from honed.data.templates import resolve_template
 from honed.models import load_tokenizer, resolve_model, tokenizer_hash, weights_hash
 
-SHARD_COLUMNS = ["source", "group", "id", "prompt", "response", "text", "messages", "input_ids", "labels",
-                 "num_tokens"]
+# Preference pairs keep the chosen conversation in input_ids/labels (so any method can train on them) and the
+# rejected one beside it; other rows leave the rejected columns empty.
+SHARD_COLUMNS = ["source", "group", "id", "kind", "prompt", "response", "text", "messages", "input_ids", "labels",
+                 "num_tokens", "chosen", "rejected", "rejected_input_ids", "rejected_labels"]
 PACKED_COLUMNS = ["input_ids", "labels", "position_ids", "num_tokens", "num_examples"]
 QUARANTINE_COLUMNS = ["source", "origin", "reason", "detail", "raw"]
 # Where each drop or quarantine reason happens; the manifest's per-stage in/out counts follow this order.
@@ -118,6 +120,9 @@ class ExampleProcessor:
         if empty:  # an empty record is broken input, not a filter's choice: quarantined with its raw text
             return {"status": QUARANTINED, "reason": f"empty_{empty}", "raw": raw[:2000],
                     "detail": f"'{empty}' is empty after normalisation"}
+        if identical_answers(record):
+            return {"status": QUARANTINED, "reason": "identical_pair", "raw": raw[:2000],
+                    "detail": "chosen and rejected are the same text after normalisation: no preference to learn"}
         if s["filters"] is not None:
             failed = quality_reason(text_of(record), s["filters"])
             if failed:
@@ -144,19 +149,21 @@ class ExampleProcessor:
             row["encoded"] = {"input_ids": ids, "labels": list(ids)}
         for row, source in pending:
             record = row.pop("record")
-            encoded = row.pop("encoded", None) or encode_example(
-                record, self.tokenizer, s["system_prompt"], s["loss_on"], s["chat_template"])
-            n_tokens = len(encoded["input_ids"])
+            if record["kind"] == "preference":
+                encoded = encode_preference(record, self.tokenizer, s["system_prompt"], s["chat_template"])
+            else:
+                encoded = row.pop("encoded", None) or encode_example(
+                    record, self.tokenizer, s["system_prompt"], s["loss_on"], s["chat_template"])
+            # a pair is as long as its longer answer's conversation; both must fit max_seq_len
+            n_tokens = max(len(encoded["input_ids"]), len(encoded.get("rejected_input_ids", ())))
             if n_tokens > s["max_seq_len"] or (s["min_tokens"] and n_tokens < s["min_tokens"]):
                 row.update(status=DROPPED, reason="too_long" if n_tokens > s["max_seq_len"] else "too_few_tokens")
                 continue
             src = s["sources"][source]
             group = group_key(record)
             split = "val" if src["eval_only"] else assign_split(s["seed"], source, group, src["val_fraction"])
-            row.update(
-                status=KEPT, reason="", split=split, group=group, num_tokens=n_tokens, **encoded,
-                prompt=record.get("prompt", ""), response=record.get("response", ""), text=record.get("text", ""),
-                messages=json.dumps(record["messages"], ensure_ascii=False) if "messages" in record else "")
+            row.update(status=KEPT, reason="", split=split, group=group, num_tokens=n_tokens, kind=record["kind"],
+                       **encoded, **shard_texts(record))
 
     def add_dedup_keys(self, rows: list[dict]) -> None:
         from honed.data.dedup import exact_key
@@ -179,6 +186,17 @@ class ExampleProcessor:
             del r["dedup_text"]
 
 
+def shard_texts(record: dict) -> dict:
+    """The text columns of a kept row. A preference pair with a one-turn question also fills prompt/response
+    (question, chosen answer), so evaluation can ask it like any instruction example."""
+    out = {k: record.get(k, "") for k in ("prompt", "response", "text", "chosen", "rejected")}
+    if "messages" in record:
+        out["messages"] = json.dumps(record["messages"], ensure_ascii=False)
+    if record["kind"] == "preference" and len(record["messages"]) == 1:
+        out |= {"prompt": record["messages"][0]["content"], "response": record["chosen"], "messages": ""}
+    return out
+
+
 def list_array(lists: list[list[int]], list_type):
     """Lists of ints → an Arrow list array through flat numpy buffers (much faster than `pa.array`)."""
     import itertools
@@ -199,8 +217,9 @@ def _pii_columns(counts: Counter) -> dict:
 
 EMPTY = {
     "source": "", "id": 0, "origin": "", "status": "", "reason": "", "detail": "", "raw": "", "split": "",
-    "group": "", "prompt": "", "response": "", "text": "", "messages": "", "input_ids": [], "labels": [],
-    "num_tokens": 0, "exact_key": 0, "signature": [],
+    "group": "", "kind": "", "prompt": "", "response": "", "text": "", "messages": "", "input_ids": [], "labels": [],
+    "num_tokens": 0, "chosen": "", "rejected": "", "rejected_input_ids": [], "rejected_labels": [],
+    "exact_key": 0, "signature": [],
     **{f"pii_{t}": 0 for t in PII_TYPES},
 }
 OUTPUT_KEYS = list(EMPTY)
@@ -211,6 +230,7 @@ def _output_types() -> dict:
 
     ints = {"id": pa.int64(), "num_tokens": pa.int32(), "exact_key": pa.int64(),
             "input_ids": pa.list_(pa.int32()), "labels": pa.list_(pa.int32()), "signature": pa.list_(pa.int64()),
+            "rejected_input_ids": pa.list_(pa.int32()), "rejected_labels": pa.list_(pa.int32()),
             **{f"pii_{t}": pa.int32() for t in PII_TYPES}}
     return {key: ints.get(key, pa.string()) for key in OUTPUT_KEYS}
 
@@ -332,12 +352,16 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
     phases.done("shuffle_pack_write", f"{train_rows} training rows, {val_rows} validation rows written")
 
     counts = final.groupby(["source", "status", "reason", "split"]).count().take_all()
+    kinds: dict[str, dict[str, dict[str, int]]] = {}  # split → source → record kind → kept rows
+    for row in kept.groupby(["split", "source", "kind"]).count().take_all():
+        kinds.setdefault(row["split"], {}).setdefault(row["source"], {})[row["kind"]] = row["count()"]
     manifest = {
         "honed_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - started, 1),
         "phase_seconds": phases.seconds,
         "counts": reconcile(counts),
+        "kinds": kinds,
         "stages": stage_counts(counts),
         "pii": pii_counts(final),
         "dedup": dedup_stats,
@@ -791,6 +815,8 @@ def source_identities(cfg: PrepareConfig, files: dict[str, list[str]]) -> list[d
             for row in builtin_rows(source, index, cfg.data.seed):
                 digest.update(row["raw"].encode())
             entry["records_sha256"] = digest.hexdigest()
+            if source.kind in DERIVED:
+                entry["derived"] = DERIVED[source.kind]
         out.append(entry)
     return out
 

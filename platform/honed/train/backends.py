@@ -108,7 +108,9 @@ class TorchBackend:
 
     def artifact(self, directory: str, rank: int) -> None:
         if rank == 0:
-            self.model.save_pretrained(os.path.join(directory, artifact_name(self.config["method"])))
+            # peft would also write the frozen DPO reference adapter (a subdirectory); the artifact is the trained one
+            extra = {"selected_adapters": ["default"]} if hasattr(self.model, "peft_config") else {}
+            self.model.save_pretrained(os.path.join(directory, artifact_name(self.config["method"])), **extra)
 
     def load(self, directory: str, rank: int) -> None:
         from safetensors.torch import load_file

@@ -75,12 +75,37 @@ def train_loop_per_worker(config: dict) -> None:
     loop.run(run, meter, trainable=trainable, total_params=total_params, peak=(peak, peak_source))
 
 
+class LMObjective:
+    """Next-token loss on the labelled tokens: every method but dpo (see honed.train.dpo.DPOObjective)."""
+
+    def collate(self, batch: dict, pad_id: int, device: torch.device) -> dict:
+        return collate(batch, pad_id, device)
+
+    def loss(self, module, inputs: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
+        """Mean token loss, the number of labelled tokens (its weight in the window), and no extra sums."""
+        loss, n = causal_lm_loss(module, inputs)
+        return loss, n, {}
+
+    @torch.no_grad()
+    def row_scores(self, module, rows: dict, pad_id: int, device: torch.device) -> list[tuple[str, float, dict]]:
+        return lm_row_scores(module, rows, pad_id, device)
+
+
+def make_objective(config: dict, model):
+    if config["method"]["name"] == "dpo":
+        from honed.train.dpo import DPOObjective
+
+        return DPOObjective(config["method"]["dpo"], model)
+    return LMObjective()
+
+
 class Loop:
     def __init__(self, config: dict, backend, pad_id: int, device: torch.device, rank: int, world: int):
         self.config, self.backend, self.pad_id, self.device = config, backend, pad_id, device
         self.rank, self.world = rank, world
         self.optim = config["optim"]
         self.probe_rows: dict | None = None
+        self.objective = make_objective(config, backend.model)
 
     def run(self, run: dict, meter: Meter, *, trainable: int, total_params: int, peak: tuple[float, str]) -> None:
         import ray.train
@@ -105,14 +130,17 @@ class Loop:
                 if i >= per_epoch * accum:
                     break
                 boundary = (i + 1) % accum == 0
-                inputs = collate(my_rows(global_batch, self.rank, self.world), self.pad_id, self.device)
+                inputs = self.objective.collate(my_rows(global_batch, self.rank, self.world), self.pad_id, self.device)
                 with self.backend.no_sync(boundary):
                     with self.backend.autocast():
-                        loss, n_loss = causal_lm_loss(self.backend.module, inputs)
+                        loss, weight, sums = self.objective.loss(self.backend.module, inputs)
                     self.backend.backward(loss, boundary)
-                window["loss_sum"] += loss.item() * n_loss
-                window["loss_tokens"] += n_loss
-                for j, n in enumerate((inputs["input_ids"].numel(), inputs["n_tokens"], n_loss)):
+                window["loss_sum"] += loss.item() * weight
+                window["loss_tokens"] += weight
+                for key, value in sums.items():
+                    window["sums"][key] = window["sums"].get(key, 0.0) + value
+                labelled = int((inputs["labels"][:, 1:] != -100).sum())
+                for j, n in enumerate((inputs["input_ids"].numel(), inputs["n_tokens"], labelled)):
                     step_tokens[j] += n
                 if not boundary:
                     continue
@@ -161,18 +189,26 @@ class Loop:
 
     def window_metrics(self, window: dict, step: int, epoch: int, grad_norm: float) -> dict:
         elapsed = time.perf_counter() - window["start"]
-        loss_sum, loss_tokens, tokens = all_reduce_sum([window["loss_sum"], window["loss_tokens"], window["tokens"]])
-        return {"step": step, "epoch": epoch, "lr": self.backend.lr, "loss": round(loss_sum / max(loss_tokens, 1), 5),
-                "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
+        keys = sorted(window["sums"])
+        loss_sum, loss_tokens, tokens, *extra = all_reduce_sum(
+            [window["loss_sum"], window["loss_tokens"], window["tokens"]] + [window["sums"][k] for k in keys])
+        metrics = {"step": step, "epoch": epoch, "lr": self.backend.lr, "loss": round(loss_sum / max(loss_tokens, 1), 5),
+                   "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
+        if keys:  # dpo: reward accuracy and margins of the window's training pairs
+            from honed.train.dpo import pair_metrics
+
+            metrics |= pair_metrics(dict(zip(keys, extra)))
+        return metrics
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Mean token loss per validation source over the whole (capped) validation set, and `val_loss`: the
-        token-weighted mean over the domain (trained) sources."""
+        """Per validation source over the whole (capped) validation set: the mean token loss, or for preference
+        pairs under dpo the mean DPO loss with reward accuracy and margin; `val_loss` (and the reward figures)
+        pool the domain (trained) sources, weighted by tokens (pairs)."""
         import ray.train
 
         self.backend.train(False)
-        sums: dict[str, list[float]] = {}
+        sums: dict[str, dict[str, float]] = {}
         batches = ray.train.get_dataset_shard("val").iter_batches(
             batch_size=self.config["val_batch_size"] * self.world, batch_format="numpy")
         for global_batch in batches:
@@ -180,18 +216,13 @@ class Loop:
                 self.probe_rows = {k: v[:2] for k, v in global_batch.items()}
             rows = my_rows(global_batch, self.rank, self.world)
             with self.backend.autocast():
-                losses = row_losses(self.backend.module, collate(rows, self.pad_id, self.device))
-            for source, weight, (loss_sum, n) in zip(rows["source"], rows["_weight"], losses):
-                acc = sums.setdefault(str(source), [0.0, 0.0])
-                acc[0] += loss_sum * weight
-                acc[1] += n * weight
+                scored = self.objective.row_scores(self.backend.module, rows, self.pad_id, self.device)
+            for source, weight, values in scored:
+                acc = sums.setdefault(source, {})
+                for key, value in values.items():
+                    acc[key] = acc.get(key, 0.0) + value * weight
         self.backend.train(True)
-        merged = all_reduce_sums(sums)
-        out = {f"val_loss/{s}": round(total / max(n, 1), 5) for s, (total, n) in merged.items()}
-        domain = [merged[s] for s in self.config["domain_sources"] if s in merged]
-        if domain:
-            out["val_loss"] = round(sum(t for t, _ in domain) / max(sum(n for _, n in domain), 1), 5)
-        return out
+        return validation_metrics(all_reduce_sums(sums), self.config["domain_sources"])
 
     def efficiency(self, meter: Meter, *, trainable: int, total_params: int, peak: tuple[float, str]) -> dict:
         import torch.distributed as dist
@@ -301,6 +332,41 @@ def causal_lm_loss(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return losses.sum() / max(n, 1), n
 
 
+def lm_row_scores(module, rows: dict, pad_id: int, device: torch.device) -> list[tuple[str, float, dict]]:
+    """(source, weight, {loss, tokens}) per row: the summed token loss of each validation row."""
+    losses = row_losses(module, collate(rows, pad_id, device))
+    return [(str(source), float(weight), {"loss": loss_sum, "tokens": n})
+            for source, weight, (loss_sum, n) in zip(rows["source"], rows["_weight"], losses)]
+
+
+def validation_metrics(sums: dict[str, dict[str, float]], domain_sources: list[str]) -> dict:
+    """`val_loss/<source>` (token loss, or DPO loss for a source of pairs), `val_reward_*` for pairs, and the
+    pooled `val_loss` / `val_reward_*` over the domain sources."""
+    from honed.train.dpo import pair_metrics
+
+    def loss(acc: dict) -> float:
+        if acc.get("pairs"):
+            return acc["dpo_loss"] / acc["pairs"]
+        return acc.get("loss", 0.0) / max(acc.get("tokens", 0.0), 1)
+
+    out = {}
+    for source, acc in sums.items():
+        out[f"val_loss/{source}"] = round(loss(acc), 5)
+        if acc.get("pairs"):
+            out |= pair_metrics(acc, prefix="val_", suffix=f"/{source}")
+    domain = [sums[s] for s in domain_sources if s in sums]
+    if domain:
+        pooled: dict[str, float] = {}
+        pairs = [acc for acc in domain if acc.get("pairs")]
+        for acc in pairs or domain:  # a dpo run pools its pair sources; any other its token losses
+            for key, value in acc.items():
+                pooled[key] = pooled.get(key, 0.0) + value
+        out["val_loss"] = round(loss(pooled), 5)
+        if pairs:
+            out |= pair_metrics(pooled, prefix="val_")
+    return out
+
+
 def row_losses(model, inputs: dict[str, torch.Tensor]) -> list[tuple[float, int]]:
     """(sum of losses, number of labelled tokens) per row, for per-source validation."""
     losses, rows = scored_token_losses(model, inputs)
@@ -340,26 +406,26 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_sums(sums: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
-    """Sum per-source [loss, tokens] across workers; sources are gathered first since shards differ."""
+def all_reduce_sums(sums: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Sum each source's named sums across workers; gathered as objects since sources and names differ by rank."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return {k: tuple(v) for k, v in sorted(sums.items())}
+        return dict(sorted(sums.items()))
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, sums)
-    merged: dict[str, list[float]] = {}
+    merged: dict[str, dict[str, float]] = {}
     for part in gathered:
-        for source, (loss, n) in part.items():
-            acc = merged.setdefault(source, [0.0, 0.0])
-            acc[0] += loss
-            acc[1] += n
-    return {k: tuple(v) for k, v in sorted(merged.items())}
+        for source, values in part.items():
+            acc = merged.setdefault(source, {})
+            for key, value in values.items():
+                acc[key] = acc.get(key, 0.0) + value
+    return dict(sorted(merged.items()))
 
 
 def new_window() -> dict:
     """Counters between two reports: throughput and loss are averaged over this window."""
-    return {"tokens": 0, "loss_tokens": 0, "loss_sum": 0.0, "start": time.perf_counter()}
+    return {"tokens": 0, "loss_tokens": 0, "loss_sum": 0.0, "sums": {}, "start": time.perf_counter()}
 
 
 def ray_report(metrics: dict) -> None:

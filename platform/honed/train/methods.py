@@ -30,7 +30,8 @@ def build_model(method: dict, model_path: str, dtype: str, device: torch.device)
         return base
     from peft import get_peft_model
 
-    model = get_peft_model(base, peft_config(method))
+    sft = method["name"] == "dpo" and method["dpo"]["adapter"]
+    model = from_sft_adapter(base, sft) if sft else get_peft_model(base, peft_config(method))
     if device.type == "cpu":
         use_fast_dropout(model)
     return model
@@ -90,6 +91,22 @@ def use_fast_dropout(model) -> int:
     return swapped
 
 
+def from_sft_adapter(base, adapter_dir: str):
+    """DPO from an SFT adapter: its weights twice, as the trained adapter (`default`) and as the frozen
+    reference (`reference`, see honed.train.dpo); the base weights stay one copy."""
+    from peft import PeftModel
+
+    from honed.train.dpo import REFERENCE_ADAPTER
+
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    model.load_adapter(adapter_dir, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    model.set_adapter("default")
+    for name, p in model.named_parameters():
+        if f".{REFERENCE_ADAPTER}." in name:
+            p.requires_grad_(False)
+    return model
+
+
 def load_base(method: dict, model_path: str, dtype: str, device: torch.device):
     """The base model as the method trains on it: fp32 master weights (full), 4-bit (qlora, prepared for
     k-bit training), or frozen in the compute dtype (other peft methods)."""
@@ -128,11 +145,11 @@ def load_base(method: dict, model_path: str, dtype: str, device: torch.device):
 
 
 def peft_config(method: dict):
-    """The peft config of a method (`lora`, `qlora`, `prefix`, `ia3`)."""
+    """The peft config of a method (`lora`, `qlora`, `dpo` (a fresh LoRA adapter), `prefix`, `ia3`)."""
     from peft import IA3Config, LoraConfig, PrefixTuningConfig
 
     name = method["name"]
-    if name in ("lora", "qlora"):
+    if name in ("lora", "qlora", "dpo"):
         lora = method["lora"]
         return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                           target_modules=lora["target_modules"], use_rslora=lora["use_rslora"],
@@ -145,7 +162,7 @@ def peft_config(method: dict):
         ia3 = method["ia3"]
         return IA3Config(target_modules=ia3["target_modules"], feedforward_modules=ia3["feedforward_modules"],
                          task_type="CAUSAL_LM")
-    raise ValueError(f"method '{name}' has no peft config; peft methods are lora, qlora, prefix, ia3")
+    raise ValueError(f"method '{name}' has no peft config; peft methods are lora, qlora, prefix, ia3, dpo")
 
 
 def param_groups(model, method: dict, optim: dict) -> list[dict]:
@@ -153,7 +170,7 @@ def param_groups(model, method: dict, optim: dict) -> list[dict]:
 
     Weight decay applies to matrices only (not norms, biases or IA3/DoRA scale vectors); LoRA matrices take
     `lora.lr` when it is set."""
-    adapter_lr = method.get("lora", {}).get("lr") if method["name"] in ("lora", "qlora") else None
+    adapter_lr = method.get("lora", {}).get("lr") if method["name"] in ("lora", "qlora", "dpo") else None
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
