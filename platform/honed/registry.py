@@ -38,7 +38,7 @@ DEFAULT_REGISTRY = "runs/registry"
 META = "honed.json"  # what honed knows of an adapter or model dir: written by `honed train` / `honed merge`
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 VERSION = re.compile(r"[1-9][0-9]{0,8}")
-EVAL_FIGURES = ("exact_match", "token_f1")
+EVAL_FIGURES = ("exact_match", "token_f1", "rouge_l")
 
 
 class RegistryError(ValueError):

@@ -1,10 +1,15 @@
-"""`honed eval`: the base model and base + adapter scored on the same held-out sets, side by side.
+"""`honed eval`: the base model and a tuned one (base + adapter, a registry version, or a merged model) scored on
+the same held-out sets, side by side.
 
-    honed eval jobs/eval.yaml adapter=runs/train/adapter
+    honed eval jobs/eval_icd10.yaml adapter=runs/train/adapter
+    honed eval jobs/eval_icd10.yaml registry=runs/registry adapter=icd10@2 --gate   # exit 3 when the gate fails
 
 Per validation source: mean token loss and perplexity (domain sets score the response tokens, general text
-scores every token: the forgetting probe). On domain instruction data: greedy answers with the training
-template, scored by exact match and token F1. Writes `output_dir/eval.json` and `eval.md`.
+scores every token: the forgetting probe). On domain instruction data: greedy answers with the stored template
+and stop strings, scored by exact match, token F1 and ROUGE-L; on preference pairs, preference accuracy
+(`honed.eval.preference`). Then the forgetting gate (`honed.eval.gate`),
+the bias probe (`honed.eval.bias`) and the decontamination check (`honed.eval.contamination`). Writes
+`output_dir/eval.json`, `eval.md` and `plots/*.png`; a gate result on a registry version sets its `promotable`.
 """
 
 from __future__ import annotations
@@ -20,37 +25,90 @@ import torch
 
 from honed.config import EvalConfig
 from honed.data.pipeline import load_manifest
+from honed.eval.bias import load_probes, pair_gaps, summarize
+from honed.eval.contamination import contamination_check, eval_file_items, row_text
+from honed.eval.gate import failure_reason, gate_checks
+from honed.eval.preference import score_pairs
+from honed.eval.report import comparison_table, write_report
 from honed.generation import generate, render_chat
-from honed.models import load_model, resolve_model
+from honed.models import load_model, load_tokenizer, resolve_model
+from honed.train.dpo import is_pair
 from honed.train.loop import collate, row_losses
+
+__all__ = ["comparison_table", "evaluate", "exact_match", "rouge_l", "token_f1"]
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     manifest = load_manifest(cfg.data_dir)
     model_path = resolve_model(cfg.model.name_or_path)
+    tuned = resolve_tuned(cfg)
     by_source = validation_sets(cfg.data_dir, cfg.max_examples)
     probes = {s["name"] for s in manifest["sources"] if s["eval_only"]}
     questions = pick_questions(by_source, probes, cfg.generate_examples)
-    args = (model_path, cfg.model.dtype, by_source, questions, manifest["template"], cfg.model_dump())
-    labels = ["base"] + (["tuned"] if cfg.adapter else [])
-    adapters = [None] + ([str(Path(cfg.adapter).resolve())] if cfg.adapter else [])
-    print(f"[honed.eval] scoring {', '.join(labels)} on {', '.join(by_source)} "
-          f"+ {len(questions)} generated answers", flush=True)
+    pairs = load_probes(cfg.bias.path) if cfg.bias.enabled else []
+    args = (cfg.model.dtype, by_source, questions, manifest["template"], cfg.model_dump(), pairs)
+    models = {"base": (model_path, None)}
+    if tuned:
+        models["tuned"] = (tuned["path"], None) if tuned["kind"] == "merged" else (model_path, tuned["path"])
+    print(f"[honed.eval] scoring {', '.join(models)} on {', '.join(by_source)} + {len(questions)} generated answers"
+          f" + {len(pairs)} bias probe pairs", flush=True)
     import ray
 
-    refs = [ray.remote(num_cpus=1)(score_model).remote(*args, adapter=a) for a in adapters]
-    scores = dict(zip(labels, ray.get(refs)))
+    refs = [ray.remote(num_cpus=1)(score_model).remote(path, *args, adapter=adapter) for path, adapter in models.values()]
+    decontamination = check_contamination(cfg, manifest, model_path) if cfg.decontamination else None
+    scores = dict(zip(models, ray.get(refs)))
+    probe_sources = sorted(probes & set(by_source))
     result = {"scores": {k: v["metrics"] for k, v in scores.items()},
               "samples": {k: v["samples"] for k, v in scores.items()},
-              "domain_sources": sorted(set(by_source) - probes), "probe_sources": sorted(probes & set(by_source)),
-              "adapter": cfg.adapter, "model": cfg.model.name_or_path}
+              "domain_sources": sorted(set(by_source) - probes), "probe_sources": probe_sources,
+              "adapter": cfg.adapter, "model": cfg.model.name_or_path, "tuned": tuned,
+              "bias": summarize(pairs, {k: v["bias"] for k, v in scores.items()}, cfg.bias.max_shift) if pairs else None,
+              "decontamination": decontamination}
+    if cfg.gate.enabled:
+        result["gate"] = gate_checks(result["scores"], result["domain_sources"], probe_sources, cfg.gate)
+        if tuned.get("ref"):
+            result["gate"]["registry"] = {"ref": tuned["ref"], "promotable": result["gate"]["passed"]}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
-    table = comparison_table(result["scores"])
-    (out / "eval.md").write_text("# Evaluation\n\n" + table + "\n")
-    print(table, flush=True)
+    write_report(result, out)
+    print(comparison_table(result["scores"]), flush=True)
+    if cfg.gate.enabled and tuned.get("ref"):
+        from honed.registry import Registry
+
+        reason = failure_reason(result["gate"]) or "forgetting gate passed"
+        Registry(cfg.registry).set_promotable(tuned["ref"], result["gate"]["passed"], reason)
     return result
+
+
+def resolve_tuned(cfg: EvalConfig) -> dict | None:
+    """The tuned model: `{kind: adapter | merged, path, ref}`; a registry ref becomes its canonical `name@N` and a
+    local directory holding that version (downloaded when the registry is remote)."""
+    if cfg.merged:
+        return {"kind": "merged", "path": str(Path(cfg.merged).resolve()), "ref": None}
+    if not cfg.adapter:
+        return None
+    if not cfg.registry:
+        return {"kind": "adapter", "path": str(Path(cfg.adapter).resolve()), "ref": None}
+    from honed.registry import Registry
+
+    registry = Registry(cfg.registry)
+    ref = registry.resolve(cfg.adapter)
+    return {"kind": "adapter", "path": registry.local_dir(ref), "ref": ref}
+
+
+def check_contamination(cfg: EvalConfig, manifest: dict, model_path: str) -> dict:
+    """Every validation row and the dataset's extra eval files against the training shards, at the dataset's n."""
+    rows = pq.read_table(Path(cfg.data_dir) / "shards" / "val", columns=["source", "text", "prompt", "response",
+                                                                         "messages"]).to_pylist()
+    items = [{"source": r["source"], "text": row_text(r)} for r in rows]
+    paths = manifest.get("config", {}).get("data", {}).get("decontaminate", {}).get("paths", [])
+    extra, missing = eval_file_items(paths)
+    packed = manifest.get("shards", {}).get("packed", False)
+    report = contamination_check(items + extra, Path(cfg.data_dir) / "shards" / "train",
+                                 manifest.get("decontamination", {}).get("ngram", 13),
+                                 tokenizer=load_tokenizer(model_path) if packed else None)
+    return report | {"missing_files": missing}
 
 
 def validation_sets(data_dir: str, max_examples: int) -> dict[str, list[dict]]:
@@ -74,9 +132,9 @@ def spread(rows: list, n: int) -> list:
     return [rows[i * len(rows) // n] for i in range(n)]
 
 
-def score_model(model_path: str, dtype: str, by_source: dict, questions: list[dict], template: dict,
-                cfg: dict, adapter: str | None = None) -> dict:
-    """Runs as a Ray task: loss/perplexity per source and generation metrics for one model."""
+def score_model(model_path: str, dtype: str, by_source: dict, questions: list[dict], template: dict, cfg: dict,
+                bias_pairs: list[dict], adapter: str | None = None) -> dict:
+    """Runs as a Ray task: loss/perplexity per source, generation metrics and bias probe gaps for one model."""
     torch.set_num_threads(1)
     model, tokenizer = load_model(model_path, dtype)
     if adapter:
@@ -94,12 +152,16 @@ def score_model(model_path: str, dtype: str, by_source: dict, questions: list[di
         batch = questions[i: i + cfg["batch_size"]]
         prompts = [render_chat(tokenizer, [{"role": "user", "content": q["prompt"]}], template)
                    for q in batch]
-        for q, c in zip(batch, generate(model, tokenizer, prompts, cfg["max_new_tokens"])):
-            samples.append({**q, "answer": c.text})
-    if samples:
-        metrics["exact_match"] = round(sum(exact_match(s["answer"], s["response"]) for s in samples) / len(samples), 4)
-        metrics["token_f1"] = round(sum(token_f1(s["answer"], s["response"]) for s in samples) / len(samples), 4)
-    return {"metrics": metrics, "samples": samples}
+        completions = generate(model, tokenizer, prompts, cfg["max_new_tokens"], stop=template.get("stop"))
+        samples += [{**q, "answer": c.text} for q, c in zip(batch, completions)]
+    for name, fn in (("exact_match", exact_match), ("token_f1", token_f1), ("rouge_l", rouge_l)) if samples else ():
+        metrics[name] = round(sum(fn(s["answer"], s["response"]) for s in samples) / len(samples), 4)
+    pairs = [r for rows in by_source.values() for r in rows if is_pair(r.get("rejected_input_ids"))]
+    if pairs:  # preference pairs (a DPO dataset): how often the chosen answer is the more likely one
+        preference = score_pairs(model, pairs, tokenizer.pad_token_id, cfg["batch_size"])
+        metrics |= {k: v for k, v in preference.items() if k != "pairs"}
+    gaps = pair_gaps(model, tokenizer, bias_pairs, cfg["batch_size"]) if bias_pairs else []
+    return {"metrics": metrics, "samples": samples, "bias": gaps}
 
 
 @torch.no_grad()
@@ -131,15 +193,24 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def comparison_table(scores: dict[str, dict]) -> str:
-    """Markdown table: one row per metric, one column per model, and the change when both are present."""
-    names = list(scores)
-    header = "| metric | " + " | ".join(names) + (" | change |" if len(names) == 2 else " |")
-    lines = [header, "|---" * (len(names) + 1 + (len(names) == 2)) + "|"]
-    for metric in scores[names[0]]:
-        values = [scores[n].get(metric) for n in names]
-        row = f"| {metric} | " + " | ".join(f"{v:.4f}" for v in values)
-        if len(names) == 2:
-            row += f" | {values[1] - values[0]:+.4f}"
-        lines.append(row + " |")
-    return "\n".join(lines)
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1: longest common subsequence of the normalised words over prediction (precision) and reference
+    (recall); 1.0 when both are empty."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    lcs = lcs_length(pred, ref)
+    if not lcs:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence, one row of the dynamic programme at a time."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
