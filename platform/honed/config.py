@@ -11,10 +11,20 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_SYSTEM_PROMPT = "You are a medical coding assistant. Answer with ICD-10-CM facts only."
@@ -37,7 +47,7 @@ class ModelConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------------ data
-SOURCE_KINDS = ("icd10", "kjv", "jsonl", "parquet", "csv", "text")
+SOURCE_KINDS = ("icd10", "icd10_pairs", "kjv", "jsonl", "parquet", "csv", "text")
 FILE_KINDS = ("jsonl", "parquet", "csv", "text")
 
 
@@ -51,24 +61,31 @@ class FieldMap(Section):
     """A list of `{role, content}` chat turns."""
     group: str = "group"
     """Optional: records sharing a group never straddle train and validation (e.g. one ICD code)."""
+    chosen: str = "chosen"
+    """Preference records: the preferred answer (with `prompt` or `messages` as the question)."""
+    rejected: str = "rejected"
+    """Preference records: the dispreferred answer to the same question."""
 
 
 class SourceConfig(Section):
     name: str = Field(pattern=r"^[a-z0-9_-]+$")
     """Name of the source; per-source validation sets and counts are keyed by it."""
-    kind: Literal["icd10", "kjv", "jsonl", "parquet", "csv", "text"]
-    """`icd10`: instruction pairs built from ICD-10-CM; `kjv`: King James Bible verses (general text);
+    kind: Literal["icd10", "icd10_pairs", "kjv", "jsonl", "parquet", "csv", "text"]
+    """`icd10`: instruction pairs built from ICD-10-CM; `icd10_pairs`: preference pairs derived from ICD-10-CM
+    (chosen: the code's own description or category, rejected: a sibling code's); `kjv`: King James Bible
+    verses (general text);
     `jsonl` / `parquet` / `csv`: records with the fields in `fields`; `text`: plain-text files."""
     path: str | None = None
     """For file kinds: a file, directory or glob; local or a pyarrow filesystem URI (`s3://`, `gs://`)."""
-    format: Literal["auto", "text", "instruction", "chat"] = "auto"
-    """`text` (continued pre-training), `instruction` (prompt + response), `chat` (messages); `auto` picks
-    per record from the fields present (messages, then prompt/response, then text)."""
+    format: Literal["auto", "text", "instruction", "chat", "preference"] = "auto"
+    """`text` (continued pre-training), `instruction` (prompt + response), `chat` (messages), `preference`
+    (prompt or messages + chosen + rejected, for DPO); `auto` picks per record from the fields present
+    (chosen/rejected, then messages, then prompt/response, then text)."""
     fields: FieldMap = FieldMap()
     text_unit: Literal["file", "paragraph", "line"] = "paragraph"
     """For `text` files: what one record is (a blank-line separated paragraph by default)."""
     chapters: list[str] = ["4", "9", "10"]
-    """For `icd10`: chapter numbers (1-22) to draw codes from."""
+    """For `icd10` and `icd10_pairs`: chapter numbers (1-22) to draw codes from."""
     max_records: int | None = Field(default=None, gt=0)
     """Bundled sources: keep at most this many records (a seeded, deterministic subsample)."""
     val_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -238,15 +255,15 @@ class PrepareConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- method
-METHODS = ("full", "lora", "qlora", "prefix", "ia3")
+METHODS = ("full", "lora", "qlora", "prefix", "ia3", "dpo")
 # The settings sections each method reads; setting another one is a mistake worth naming.
 METHOD_SECTIONS = {"full": {"deepspeed"}, "lora": {"lora", "deepspeed"}, "qlora": {"lora", "quant"},
-                   "prefix": {"prefix"}, "ia3": {"ia3"}}
-METHOD_SECTION_NAMES = {"lora", "quant", "prefix", "ia3", "deepspeed"}
+                   "prefix": {"prefix"}, "ia3": {"ia3"}, "dpo": {"lora", "dpo"}}
+METHOD_SECTION_NAMES = {"lora", "quant", "prefix", "ia3", "deepspeed", "dpo"}
 
 
 class LoraSettings(Section):
-    """Handed to `peft.LoraConfig` (methods `lora` and `qlora`)."""
+    """Handed to `peft.LoraConfig` (methods `lora`, `qlora` and `dpo` without an SFT adapter)."""
 
     r: int = Field(default=16, gt=0)
     alpha: int = Field(default=32, gt=0)
@@ -286,6 +303,30 @@ class IA3Settings(Section):
     feedforward_modules: list[str] | None = None
 
 
+class DPOSettings(Section):
+    """Direct Preference Optimization (Rafailov et al. 2023) on preference pairs, with a LoRA adapter as the
+    trained policy. The reference model is the starting point: the base with the adapter switched off (no second
+    copy of the weights), or, when starting from an SFT adapter, the base with a frozen copy of that adapter
+    (a few MB) while its trainable copy learns."""
+
+    adapter: str | None = None
+    """SFT adapter dir (`honed train` output_dir/adapter, LoRA) to start from and to use as the reference;
+    null: a fresh LoRA adapter (`lora` settings) on the base, which is then the reference."""
+    beta: float = Field(default=0.1, gt=0)
+    """Strength of the pull towards the reference (the KL weight; IPO's tau)."""
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """`sigmoid`: DPO's -log σ(β·Δ); `ipo`: (Δ − 1/(2β))² on per-token mean log-ratios (Azar et al. 2023);
+    `hinge`: max(0, 1 − β·Δ) (SLiC). Δ = chosen log-ratio − rejected log-ratio against the reference."""
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    """sigmoid only: the share of pairs assumed mislabelled (conservative DPO, cDPO)."""
+
+    @model_validator(mode="after")
+    def _check_loss(self) -> "DPOSettings":
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(f"label_smoothing applies to loss sigmoid only (loss is '{self.loss}')")
+        return self
+
+
 class DeepSpeedSettings(Section):
     """DeepSpeed ZeRO for `full` (and `lora` on large bases). The DeepSpeed config is generated from these
     keys and the optim section; `config` is merged over it for anything else DeepSpeed offers."""
@@ -320,14 +361,16 @@ class DeepSpeedSettings(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["full", "lora", "qlora", "prefix", "ia3"] = "lora"
+    name: Literal["full", "lora", "qlora", "prefix", "ia3", "dpo"] = "lora"
     """full: every weight (DDP or DeepSpeed ZeRO); lora: low-rank adapters; qlora: LoRA over a 4-bit base;
-    prefix: trained virtual key/value tokens; ia3: learned activation scalings."""
+    prefix: trained virtual key/value tokens; ia3: learned activation scalings; dpo: preference tuning of a
+    LoRA adapter (from scratch or from an SFT adapter) on preference pairs."""
     lora: LoraSettings = LoraSettings()
     quant: QuantSettings = QuantSettings()
     prefix: PrefixSettings = PrefixSettings()
     ia3: IA3Settings = IA3Settings()
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    dpo: DPOSettings = DPOSettings()
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30 % more compute."""
 
@@ -341,6 +384,9 @@ class MethodConfig(Section):
                              f"remove them or change method.name")
         if self.name == "prefix" and self.activation_checkpointing:
             raise ValueError("prefix tuning cannot use activation_checkpointing (peft refuses the combination)")
+        if self.name == "dpo" and self.dpo.adapter and "lora" in self.model_fields_set:
+            raise ValueError("dpo: the LoRA settings come from the SFT adapter in dpo.adapter; remove `lora` "
+                             "(or drop dpo.adapter to start a fresh adapter)")
         return self
 
     @model_serializer(mode="wrap")
@@ -491,25 +537,86 @@ class TrainConfig(Section):
                              "use val_loss or val_loss/<source>")
         if self.register and not m.peft:
             raise ValueError("register: method full exports a whole model, which is served as a merged model, not "
-                             "registered as an adapter; remove `register` or use lora / qlora / prefix / ia3")
+                             "registered as an adapter; remove `register` or use lora / qlora / prefix / ia3 / dpo")
         return self
 
 
 # ------------------------------------------------------------------------------------------------ eval
+class GateSettings(Section):
+    """Forgetting gate: base vs tuned checks; when one fails `honed eval` exits 3 and a registry version under
+    test is marked not promotable. `null` switches a check off."""
+
+    enabled: bool = False
+    """Also `honed eval --gate`."""
+    max_general_ppl_increase: float | None = Field(default=0.10, ge=0, allow_inf_nan=False)
+    """Relative perplexity rise allowed on each eval-only (general-text) source: 0.10 = tuned ≤ 1.10 × base."""
+    domain_metric: Literal["token_f1", "exact_match", "rouge_l", "loss"] = "token_f1"
+    """`token_f1`, `exact_match`, `rouge_l` on the generated answers (must rise), or `loss` on each domain source
+    (must fall)."""
+    min_domain_gain: float | None = Field(default=0.0, allow_inf_nan=False)
+    """How much `domain_metric` must improve, absolute: tuned − base ≥ it (for `loss`: base − tuned ≥ it)."""
+
+    @model_validator(mode="after")
+    def _check_any(self) -> "GateSettings":
+        if self.enabled and self.max_general_ppl_increase is None and self.min_domain_gain is None:
+            raise ValueError("the gate has no check: set max_general_ppl_increase and/or min_domain_gain")
+        return self
+
+
+class BiasSettings(Section):
+    """Bias probe (`honed.eval.bias`): sentence pairs differing only in a demographic term, scored by both models."""
+
+    enabled: bool = True
+    path: str | None = None
+    """A probe set of your own (JSONL: category, template with `{term}`, terms: [a, b]); default the shipped one."""
+    max_shift: float = Field(default=0.2, gt=0, allow_inf_nan=False)
+    """Flag a category when tuning moved its pairs' gaps by more than this on average (nats per token). The demo's
+    LoRA on SmolLM2-135M moved them by 0.06-0.12 against base gaps of 0.17-0.45: 0.2 flags well beyond that."""
+
+
 class EvalConfig(Section):
-    """`honed eval`: base vs base+adapter on the prepared validation sets → `output_dir/eval.json`."""
+    """`honed eval`: base vs tuned (adapter, registry version or merged model) on the prepared validation sets
+    → `output_dir/{eval.json, eval.md, plots/}`."""
 
     model: ModelConfig = ModelConfig()
     adapter: str | None = None
-    """Adapter dir to compare against the base; without one only the base is measured."""
+    """Adapter dir to compare against the base, or with `registry` a ref (`name`, `name@N`); without a tuned
+    model only the base is measured."""
+    registry: str | None = None
+    """Adapter registry (dir or URI) that `adapter` names a version of; a gate result sets its `promotable`."""
+    merged: str | None = None
+    """A merged (or fully fine-tuned) model dir to compare against the base, instead of an adapter."""
     data_dir: str = "runs/data"
     output_dir: str = "runs/eval"
     max_examples: int = Field(default=200, gt=0)
     """Per validation source, for loss/perplexity."""
     generate_examples: int = Field(default=48, ge=0)
-    """Domain examples answered by greedy generation for exact match and token F1."""
+    """Domain examples answered by greedy generation for exact match, token F1 and ROUGE-L."""
     max_new_tokens: int = Field(default=32, gt=0)
     batch_size: int = Field(default=16, gt=0)
+    gate: GateSettings = GateSettings()
+    bias: BiasSettings = BiasSettings()
+    decontamination: bool = True
+    """Report word n-gram overlap of the eval sets with the training shards (streams them once)."""
+
+    @model_validator(mode="after")
+    def _check_tuned(self) -> "EvalConfig":
+        if self.adapter and self.merged:
+            raise ValueError("set `adapter` or `merged`, not both: one tuned model is compared with the base")
+        if self.registry and not self.adapter:
+            raise ValueError("`registry` needs `adapter` set to a ref in it (name, name@N or name@latest)")
+        if self.registry:
+            from honed.registry import parse_ref  # late: the registry module imports this one
+
+            parse_ref(self.adapter)
+        if self.gate.enabled and not (self.adapter or self.merged):
+            raise ValueError("the gate (--gate, gate.enabled) compares a tuned model with the base: set `adapter` "
+                             "(a dir, or a ref with `registry`) or `merged`")
+        if self.gate.enabled and self.gate.min_domain_gain is not None and self.gate.domain_metric != "loss" \
+                and not self.generate_examples:
+            raise ValueError(f"gate.domain_metric {self.gate.domain_metric} is measured on generated answers: "
+                             "set generate_examples > 0, or use domain_metric loss")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------- merge
@@ -597,24 +704,301 @@ class ServeConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------------ demo
+class DemoDPOOptim(OptimConfig):
+    """The demo's DPO optimizer: a subclass, not a default instance, so overriding one key keeps the others."""
+
+    lr: float = Field(default=1e-4, gt=0)
+    """At 5e-4 the 40 steps drifted further (held-out preference accuracy 0.71 vs 0.73, KJV loss up 0.015)."""
+    warmup_steps: int = Field(default=4, ge=0)
+    max_steps: int | None = Field(default=40, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    """Pairs per worker per micro-step (each pair runs two sequences)."""
+
+
+class DemoOptim(OptimConfig):
+    max_steps: int | None = Field(default=80, gt=0)
+
+
+class DemoData(DataConfig):
+    decontaminate: DecontamConfig = DecontamConfig(sources=["kjv"])
+
+
+class DemoDPOSettings(Section):
+    """`honed demo --with-dpo`: after SFT, DPO from the SFT adapter on preference pairs derived from the same
+    ICD-10-CM chapters (source `icd10_pairs`, split by code exactly as the SFT data), then preference accuracy
+    on held-out pairs for the base, SFT and DPO models; the DPO adapter is registered and served as `icd10-dpo`."""
+
+    enabled: bool = False
+    dpo: DPOSettings = DPOSettings()
+    optim: DemoDPOOptim = DemoDPOOptim()
+    max_pairs: int | None = Field(default=2000, gt=0)
+    """Pairs drawn from the chapters (seeded subsample); null: all of them."""
+    eval_pairs: int = Field(default=120, gt=0)
+    """Held-out pairs scored before and after."""
+
+
 class DemoConfig(Section):
-    """`honed demo`: prepare → train → eval → merge → serve in one run dir."""
+    """`honed demo`: prepare → train → eval → merge → serve in one run dir (+ DPO with `dpo.enabled`)."""
 
     run_dir: str = "runs/demo"
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig(decontaminate=DecontamConfig(sources=["kjv"]))
+    data: DemoData = DemoData()
     method: MethodConfig = MethodConfig()
-    optim: OptimConfig = OptimConfig(max_steps=80)
+    optim: DemoOptim = DemoOptim()
     scaling: ScalingSettings = ScalingSettings()
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig(port=8000)
     question: str = "Which ICD-10-CM chapter contains code E11.9?"
     """Sent through the endpoint to the adapter at the end."""
+    dpo: DemoDPOSettings = DemoDPOSettings()
+
+
+# ------------------------------------------------------------------------------------------------ tune
+SEARCH_DOMAINS = ("loguniform", "uniform", "randint", "choice", "grid")
+PER_TRIAL_KEYS = ("output_dir", "storage_path", "name", "register")
+"""Train keys `honed tune` sets for each trial; tuning or setting them in `train` is refused."""
+
+
+class SearchDomain(Section):
+    """One dimension of the search space: exactly one of these keys, handed to the `ray.tune` function of its name."""
+
+    loguniform: tuple[float, float] | None = None
+    """[lo, hi] with 0 < lo < hi, sampled uniformly in log space (learning rates)."""
+    uniform: tuple[float, float] | None = None
+    """[lo, hi], lo < hi."""
+    randint: tuple[int, int] | None = None
+    """[lo, hi): an integer, hi excluded (as `tune.randint`)."""
+    choice: list[Any] | None = Field(default=None, min_length=1)
+    """Values sampled with equal probability."""
+    grid: list[Any] | None = Field(default=None, min_length=1)
+    """Every value is run (`tune.grid_search`); crossed with the other grid keys and, for `random`, the samples."""
+
+    @model_validator(mode="after")
+    def _one_domain(self) -> "SearchDomain":
+        given = [k for k in SEARCH_DOMAINS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(SEARCH_DOMAINS)} (got {', '.join(given) or 'none'})")
+        bounds = self.loguniform or self.uniform or self.randint
+        if bounds and not bounds[0] < bounds[1]:
+            raise ValueError(f"{self.kind}: lo must be below hi (got {list(bounds)})")
+        if self.loguniform and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: lo must be > 0 (got {self.loguniform[0]})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_the_domain(self, handler, info):
+        return {self.kind: handler(self)[self.kind]}
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in SEARCH_DOMAINS if getattr(self, k) is not None)
+
+    @property
+    def args(self) -> Any:
+        return getattr(self, self.kind)
+
+    def extremes(self) -> list[Any]:
+        """The values to check against the train config before any trial runs: every listed value, or the bounds."""
+        if self.kind == "randint":
+            return [self.randint[0], self.randint[1] - 1]
+        return list(self.args)
+
+
+class SearchSettings(Section):
+    algorithm: Literal["random", "grid", "optuna"] = "random"
+    """`random`: each trial samples every domain (`grid` keys are crossed with the samples); `grid`: every
+    combination of the space's `grid` values (only `grid` domains allowed); `optuna`: Optuna's TPE sampler
+    (`ray.tune.search.optuna.OptunaSearch`; `grid` not allowed)."""
+    num_samples: int = Field(default=8, gt=0)
+    """Trials for random and optuna; for grid, how many times the whole grid is run."""
+    seed: int | None = 0
+    """Seeds the sampler (null: a different search every run)."""
+
+
+class SchedulerSettings(Section):
+    """Stopping weak trials early on `metric`; time is counted in validations (one every `train.checkpoint_every`
+    steps, and one at the end)."""
+
+    name: Literal["asha", "fifo"] = "asha"
+    """`asha`: `ray.tune.schedulers.ASHAScheduler` stops a trial whose metric at a rung is not among the best
+    1/reduction_factor of the trials that reached it; `fifo`: every trial runs to its end."""
+    grace_period: int = Field(default=1, gt=0)
+    """Validations every trial gets before it can be stopped (the first rung)."""
+    reduction_factor: float = Field(default=2, gt=1)
+    """Rungs are at grace_period x reduction_factor^k validations."""
+    max_t: int | None = Field(default=None, gt=0)
+    """Validations that bound the rungs; default: one fewer than a full trial of `train` has, so that no rung falls
+    on a trial's final validation (a trial that reached its end is always exported)."""
+
+
+class TrackingSettings(Section):
+    mlflow_uri: str | None = None
+    """Also log every trial to this MLflow tracking URI through Ray's `MLflowLoggerCallback` (needs
+    `pip install mlflow`). TensorBoard event files are always written, by Tune's `TBXLoggerCallback`."""
+    mlflow_experiment: str | None = None
+    """MLflow experiment name; default: the tune `name`."""
+
+
+def check_space_key(key: str) -> str:
+    """The key if it names a tunable value of TrainConfig (dotted), else ValueError saying what is allowed there."""
+    cls: type[BaseModel] = TrainConfig
+    parts = key.split(".")
+    if parts[0] in PER_TRIAL_KEYS:
+        raise ValueError(f"'{parts[0]}' is set per trial by honed tune and cannot be tuned")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i])
+        field = cls.model_fields.get(part)
+        if field is None:
+            allowed = ", ".join(cls.model_fields)
+            raise ValueError(f"unknown key '{part}'; allowed {f'under {where}' if where else 'at the top'}: {allowed}")
+        sub = _section_type(field.annotation)
+        last = i == len(parts) - 1
+        if last and sub is not None:
+            raise ValueError(f"'{key}' is a section; tune one of its keys: "
+                             + ", ".join(f"{key}.{f}" for f in sub.model_fields))
+        if not last and sub is None:
+            raise ValueError(f"'{'.'.join(parts[:i + 1])}' holds a value, not a section")
+        cls = sub or cls
+    return key
+
+
+def trial_train_config(train: TrainConfig, sampled: dict[str, Any], **fields: Any) -> TrainConfig:
+    """`train` with the sampled values (dotted keys) and `fields` (output_dir, name, ...) set. When the method is
+    sampled, the method sections it does not use are dropped unless sampled too. ConfigError if invalid."""
+    data = train.model_dump(mode="json", exclude_unset=True)
+    for dotted, value in sampled.items():
+        *sections, leaf = dotted.split(".")
+        node = data
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    method = sampled.get("method.name")
+    if method in METHOD_SECTIONS:
+        kept = {key.split(".")[1] for key in sampled if key.startswith("method.") and key.count(".") >= 2}
+        for section in METHOD_SECTION_NAMES - METHOD_SECTIONS[method] - kept:
+            data.get("method", {}).pop(section, None)
+    data.update(fields)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"trial config {sampled}:\n" + describe_errors(TrainConfig, err)) from None
+
+
+warnings.filterwarnings("ignore", message='Field name "register" in "TuneConfig" shadows', category=UserWarning)
+
+
+class TuneConfig(Section):
+    """`honed tune`: Ray Tune over `honed train` runs → `output_dir/{results.csv, results.md, best_train.yaml,
+    report.md, plots/, trials/<trial>/}`."""
+
+    train: TrainConfig = TrainConfig()
+    """The train config every trial starts from (its `output_dir`, `storage_path`, `name` and `register` are set
+    per trial and may not be given)."""
+    space: dict[Annotated[str, AfterValidator(check_space_key)], SearchDomain] = Field(
+        default_factory=lambda: {"optim.lr": SearchDomain(loguniform=(1e-4, 1e-2))})
+    """Dotted train-config key → domain, e.g. `optim.lr: {loguniform: [1e-4, 1e-2]}`, `method.lora.r: {choice:
+    [8, 16]}`, `method.name: {choice: [lora, ia3]}` (a trial drops the method sections its method does not use;
+    a sampled combination the train config refuses fails that trial). Nested sections work too (`optim: {lr:
+    {...}}`), and so does `space.optim.lr=...` on the command line."""
+    search: SearchSettings = SearchSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    metric: str = "val_loss"
+    """A validation metric reported at every checkpoint (`val_loss`, `val_loss/<source>`, ...): what the search and
+    the scheduler optimise and the results are sorted by."""
+    mode: Literal["min", "max"] = "min"
+    """`min`: lower `metric` is better (losses); `max`: higher is better (accuracies)."""
+    max_concurrent_trials: int = Field(default=1, gt=0)
+    """Trials (each a whole Ray Train run with `train.scaling` workers) running at once."""
+    trial_cpus: float = Field(default=0.1, gt=0)
+    """CPUs of each trial's driver (it only launches and watches the TorchTrainer); above 0, so that Ray places it."""
+    output_dir: str = "runs/tune"
+    storage_path: str | None = None
+    """Ray Tune experiment storage (local path or cloud URI); default: `output_dir`. Experiment dir: storage/name."""
+    name: str = Field(default="honed-tune", pattern=r"^[A-Za-z0-9._-]+$")
+    """Experiment name: rerunning the same name continues the experiment (`Tuner.restore`)."""
+    register: RegisterConfig | None = None
+    """Register the best trial's adapter in an adapter registry, e.g. {name: icd10-lora}."""
+    tracking: TrackingSettings = TrackingSettings()
+
+    @field_validator("train")
+    @classmethod
+    def _no_per_trial_keys(cls, train: TrainConfig) -> TrainConfig:
+        fixed = [k for k in PER_TRIAL_KEYS if k in train.model_fields_set]
+        if fixed:
+            raise ValueError(f"train.{fixed[0]} is set per trial by honed tune (trials run under "
+                             "output_dir/trials/<trial>); remove it (the best trial is registered by the top-level "
+                             "`register`)")
+        return train
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _flatten_space(cls, value: Any) -> Any:
+        """Nested sections are read as dotted keys, so `optim: {lr: {...}}` and the CLI's `space.optim.lr=...` name
+        `optim.lr` too (a later entry wins)."""
+        if not isinstance(value, dict):
+            return value
+        flat: dict[str, Any] = {}
+        for key, domain in value.items():
+            # a section holds mappings (domains or sections); a domain holds lists
+            nested = isinstance(domain, dict) and domain and all(isinstance(v, dict) for v in domain.values())
+            flat.update({f"{key}.{k}": v for k, v in cls._flatten_space(domain).items()} if nested else {key: domain})
+        return flat
+
+    @field_validator("space")
+    @classmethod
+    def _check_values(cls, space: dict[str, SearchDomain], info: ValidationInfo) -> dict[str, SearchDomain]:
+        if not space:
+            raise ValueError("the space is empty; give at least one train key to search, e.g. "
+                             "space: {optim.lr: {loguniform: [1e-4, 1e-2]}}")
+        train = info.data.get("train")
+        for key, domain in space.items() if train else ():
+            for value in domain.extremes():
+                try:
+                    trial_train_config(train, {key: value})
+                except ConfigError as err:
+                    detail = str(err).split("\n", 1)[1].strip()
+                    raise ValueError(f"{key}: the value {value!r} makes an invalid train config: {detail}") from None
+        return space
+
+    @field_validator("search")
+    @classmethod
+    def _fits_space(cls, search: SearchSettings, info: ValidationInfo) -> SearchSettings:
+        kinds = {key: domain.kind for key, domain in (info.data.get("space") or {}).items()}
+        if search.algorithm == "grid" and set(kinds.values()) - {"grid"}:
+            raise ValueError("algorithm grid runs `grid` domains only; not grid: "
+                             + ", ".join(k for k, kind in kinds.items() if kind != "grid"))
+        if search.algorithm == "optuna" and "grid" in kinds.values():
+            raise ValueError("algorithm optuna samples its own points and takes no `grid` domain ("
+                             + ", ".join(k for k, kind in kinds.items() if kind == "grid") + "); use choice")
+        return search
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_metric(cls, metric: str) -> str:
+        if not metric.startswith("val_"):
+            raise ValueError(f"'{metric}' is not a validation metric (reported at each checkpoint); use val_loss, "
+                             "val_loss/<source> or another val_ metric")
+        return metric
+
+    @field_validator("register")
+    @classmethod
+    def _adapters_only(cls, register: RegisterConfig | None, info: ValidationInfo) -> RegisterConfig | None:
+        train, space = info.data.get("train"), info.data.get("space") or {}
+        methods = set(space["method.name"].extremes()) if "method.name" in space else {train and train.method.name}
+        if register and "full" in methods:
+            raise ValueError("method full exports a whole model, not an adapter; remove `register` or keep full out "
+                             "of the methods tried")
+        return register
+
+    def trial_config(self, sampled: dict[str, Any], **fields: Any) -> TrainConfig:
+        """`train` with the sampled values and `fields` set (see trial_train_config); ConfigError if invalid."""
+        return trial_train_config(self.train, sampled, **fields)
 
 
 CONFIGS: dict[str, type[Section]] = {
     "prepare": PrepareConfig,
     "train": TrainConfig,
+    "tune": TuneConfig,
     "eval": EvalConfig,
     "merge": MergeConfig,
     "serve": ServeConfig,
@@ -683,14 +1067,18 @@ def describe_errors(cls: type[BaseModel], err: ValidationError) -> str:
 
 
 def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
-    """The field names of the section found by walking `loc` from `cls` (list indexes are skipped)."""
+    """The field names of the section found by walking `loc` from `cls` (list indexes and the keys of a mapping of
+    sections, such as TuneConfig.space, are skipped)."""
+    keyed = False
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or keyed:
+            keyed = False
             continue
         field = cls.model_fields.get(part)
         sub = _section_type(field.annotation) if field else None
         if sub is None:
             return []
+        keyed = getattr(field.annotation, "__origin__", None) is dict
         cls = sub
     return list(cls.model_fields)
 

@@ -43,7 +43,7 @@ def test_overrides_parse_yaml_values_and_win_over_the_file(tmp_path):
 @pytest.mark.parametrize("override, expected", [
     ("optim.lrr=1", ["optim.lrr", "unknown key", "allowed here: lr,"]),
     ("optim.lr=fast", ["optim.lr = 'fast'", "valid number"]),
-    ("method.name=dora", ["method.name = 'dora'", "'full', 'lora', 'qlora', 'prefix' or 'ia3'"]),
+    ("method.name=dora", ["method.name = 'dora'", "'full', 'lora', 'qlora', 'prefix', 'ia3' or 'dpo'"]),
     ("method.lora.r=0", ["method.lora.r = 0", "greater than 0"]),
     ("scaling.num_workers=-1", ["scaling.num_workers = -1", "greater than 0"]),
     ("optim.schedule=step", ["optim.schedule = 'step'", "'cosine', 'linear' or 'constant'"]),

@@ -15,7 +15,7 @@ from honed.jobs import DEFAULT_ADDRESS, honed_args, load_job, resolve_address, s
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBMIT_FILES = sorted((ROOT / "jobs" / "submit").glob("*.yaml"))
-WORKFLOWS = {"prepare", "train", "eval", "merge", "serve", "demo", "registry"}  # every honed stage with a CLI
+WORKFLOWS = {"prepare", "train", "tune", "eval", "merge", "serve", "demo", "registry"}  # every honed stage with a CLI
 
 
 @pytest.fixture

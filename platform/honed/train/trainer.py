@@ -4,8 +4,9 @@
 
 Writes `output_dir/`: adapter/ (PEFT safetensors + honed.json) for lora/qlora/prefix/ia3 or model/ (a full HF
 model + honed.json) for full fine-tuning, metrics.jsonl, efficiency.json, progress.jsonl (the live log),
-train.yaml; Ray Train's checkpoints live under `storage_path` (default `output_dir/checkpoints`). Rerunning
-the same command with the same `name` and `storage_path` resumes from the latest checkpoint. With
+train.yaml, report.md with plots/ and tensorboard/ (honed.report); Ray Train's checkpoints live under
+`storage_path` (default `output_dir/checkpoints`). Rerunning the same command with the same `name` and
+`storage_path` resumes from the latest checkpoint. With
 `register: {name: icd10-lora}` the adapter is also added to the adapter registry (honed.registry) as icd10-lora@N.
 """
 
@@ -22,6 +23,7 @@ from honed.config import TrainConfig, dump_config
 from honed.data.pipeline import load_manifest
 from honed.models import resolve_model, weights_hash
 from honed.registry import META, read_meta
+from honed.report import write_train_report
 from honed.train.backends import artifact_name
 from honed.train.loop import EFFICIENCY_FILE, METRICS_FILE, PROBE_FILE, train_loop_per_worker
 
@@ -34,8 +36,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Fit on the connected Ray cluster; returns the final metrics (with `efficiency` and `export_check`)."""
+def train(cfg: TrainConfig, callbacks: list | None = None) -> dict:
+    """Fit on the connected Ray cluster; returns the final metrics (with `efficiency` and `export_check`).
+    `callbacks` go to the TorchTrainer's RunConfig (honed.tune passes Ray's TuneReportCallback)."""
     import ray.data
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -62,12 +65,13 @@ def train(cfg: TrainConfig) -> dict:
             name=cfg.name, storage_path=storage_path(cfg),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=score,
                                                checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures), callbacks=callbacks),
     )
     print(f"[honed.train] {cfg.method.name}{deepspeed_label(cfg)}: {loop_config['total_steps']} steps on "
           f"{cfg.scaling.num_workers} workers ({loop_config['steps_per_epoch']} per epoch)", flush=True)
     result = trainer.fit()
     metrics = export_result(result, cfg, manifest, model_path)
+    metrics["report"] = str(write_train_report(cfg.output_dir))
     if cfg.register:  # PEFT methods only (the config refuses `register` with method full)
         metrics["registered"] = register_adapter(cfg)
     return metrics
@@ -111,6 +115,12 @@ def build_loop_config(cfg: TrainConfig, manifest: dict, model_path: str) -> dict
     if packed and cfg.method.name == "prefix":
         raise ValueError("prefix tuning needs unpacked shards (its virtual tokens would have to be repeated "
                          "for every example in a packed row); prepare with data.pack.seq_len: null")
+    if cfg.method.name == "dpo":
+        check_preference_data(manifest, packed)
+        if cfg.method.dpo.adapter:
+            from honed.train.dpo import check_sft_adapter
+
+            check_sft_adapter(cfg.method.dpo.adapter, weights_hash(model_path) if model_path else None)
     n_train = manifest.get("shards", {}).get("train_rows", manifest["counts"]["total"]["train"])
     per_step = cfg.scaling.num_workers * cfg.optim.batch_size * cfg.optim.grad_accum_steps
     steps_per_epoch = n_train // per_step
@@ -131,6 +141,24 @@ def build_loop_config(cfg: TrainConfig, manifest: dict, model_path: str) -> dict
         "val_batch_size": cfg.optim.batch_size * 2, "domain_sources": domain_sources(manifest),
         "peak_flops": cfg.peak_flops, "live_log": str((Path(cfg.output_dir) / LIVE_LOG).resolve()),
     }
+
+
+def check_preference_data(manifest: dict, packed: bool) -> None:
+    """DPO trains on pairs only: unpacked shards whose every training row is a preference pair."""
+    if packed:
+        raise ValueError("method dpo needs unpacked shards (a pair's two answers are scored against each other); "
+                         "prepare with data.pack.enabled: false")
+    if "kinds" not in manifest:
+        raise ValueError("method dpo: this dataset's manifest predates preference pairs; prepare it again")
+    others = {source: {k: n for k, n in kinds.items() if k != "preference"}
+              for source, kinds in manifest["kinds"].get("train", {}).items()}
+    others = {source: kinds for source, kinds in others.items() if kinds}
+    if others:
+        found = "; ".join(f"{s}: {', '.join(f'{n} {k}' for k, n in kinds.items())}" for s, kinds in others.items())
+        raise ValueError(f"method dpo trains on preference pairs (prompt/messages + chosen + rejected), but training "
+                         f"rows of other kinds are present ({found}); make those sources eval_only or drop them")
+    if not manifest["kinds"].get("train"):
+        raise ValueError("method dpo: the dataset has no training pairs")
 
 
 def plan_run(cfg: TrainConfig) -> dict:
