@@ -85,6 +85,9 @@ def test_two_worker_dpo_learns_the_training_preferences(pairs_data, tiny_model, 
     assert final["export_check"]["max_abs_diff"] < 1e-4
     meta = json.loads((tmp_path / "adapter" / "honed.json").read_text())
     assert meta["method"]["name"] == "dpo" and meta["method"]["dpo"]["beta"] == 0.5
+    report = (tmp_path / "report.md").read_text()  # the run report plots and tables the DPO metrics
+    assert (tmp_path / "plots" / "preference.png").stat().st_size > 0
+    assert f"| reward_accuracy | {last['reward_accuracy']:.6g} | {last['step']} |" in report, report
 
     # `honed eval` on a dataset of pairs adds preference accuracy, base vs the DPO adapter, on held-out pairs
     from honed.config import EvalConfig

@@ -47,13 +47,19 @@ def tune_cfg(prepared, tiny_model, tmp_path_factory):
     })
 
 
+def alive_actors(ray_local) -> dict[str, str]:
+    return {actor_id: a["ActorClassName"] for actor_id, a in ray_local._private.state.actors().items()
+            if a["State"] == "ALIVE"}
+
+
 @pytest.fixture(scope="module")
 def tuned(tune_cfg, ray_local):
     from honed.tune import tune
 
+    before = set(alive_actors(ray_local))  # the session's Ray may hold other tests' actors: only ours are judged
     started = time.time()
     summary = tune(tune_cfg)
-    return summary | {"seconds": time.time() - started}
+    return summary | {"seconds": time.time() - started, "actors_before": before}
 
 
 def read_results(cfg) -> list[dict]:
@@ -134,7 +140,7 @@ def test_stopped_trials_leave_no_train_actors_or_placement_groups(tuned, ray_loc
 
     deadline = time.time() + 60
     while True:
-        alive = [a["ActorClassName"] for a in ray_local._private.state.actors().values() if a["State"] == "ALIVE"]
+        alive = [name for actor_id, name in alive_actors(ray_local).items() if actor_id not in tuned["actors_before"]]
         live_groups = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
         if not live_groups and not any("Train" in name for name in alive) or time.time() > deadline:
             break
