@@ -93,11 +93,16 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu"):
+def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu", adapter: str | None = None):
+    """The model and its tokenizer; with `adapter`, the base wrapped with that peft adapter (for scoring)."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=device_dtype(dtype, device)).to(device)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
     return model, load_tokenizer(path)
 
 

@@ -34,15 +34,21 @@ def series(rows: list[dict], key: str, x: str = "step") -> tuple[list[float], li
     return [p[0] for p in picked], [p[1] for p in picked]
 
 
-def plot_panels(path: Path, panels: list[tuple[str, str, Series]], xlabel: str = "step",
-                styles: dict[str, dict] | None = None) -> Path:
-    """One PNG with a panel per (title, y label, series), side by side; `styles` gives matplotlib keyword
-    arguments per curve label (e.g. a dashed line for a stopped trial)."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on workers and CI): every honed plot draws here."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_panels(path: Path, panels: list[tuple[str, str, Series]], xlabel: str = "step",
+                styles: dict[str, dict] | None = None) -> Path:
+    """One PNG with a panel per (title, y label, series), side by side; `styles` gives matplotlib keyword
+    arguments per curve label (e.g. a dashed line for a stopped trial)."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 3.8), squeeze=False)
     for ax, (title, ylabel, curves) in zip(axes[0], panels):
         for label, (xs, ys) in curves.items():

@@ -834,11 +834,9 @@ def _hash_file(row: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------- report
 def plot_histogram(tokens: dict, path: Path) -> None:
-    import matplotlib
+    from honed.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     hist = tokens["histogram"]
     edges = np.asarray(hist["edges"])
     fig, ax = plt.subplots(figsize=(7, 3.5))

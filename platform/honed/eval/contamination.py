@@ -18,20 +18,20 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from honed.data.dedup import NgramIndex, ngram_hashes
+from honed.data.quality import text_of
 
 TEXT_COLUMNS = ["text", "prompt", "response", "messages"]
 
 
 def row_text(row: dict) -> str:
-    """A shard row's words: `text`, else prompt + response, else the chat turns' contents."""
-    if row.get("text"):
-        return row["text"]
-    if row.get("prompt"):
-        return f"{row['prompt']}\n{row.get('response') or ''}"
-    messages = row.get("messages") or []
-    if isinstance(messages, str):
-        messages = json.loads(messages) if messages else []
-    return "\n".join(turn["content"] for turn in messages)
+    """A shard row's words, as the pipeline's decontamination saw its record (honed.data.quality.text_of): `text`,
+    else prompt + response, else the chat turns' contents. Shard rows hold "" for absent fields and chat turns
+    as JSON."""
+    record = {k: row[k] for k in ("text", "prompt", "response") if row.get(k)}
+    messages = row.get("messages")
+    if messages:
+        record["messages"] = json.loads(messages) if isinstance(messages, str) else messages
+    return text_of(record)
 
 
 def contamination_check(items: list[dict], train_dir: str | Path, n: int, tokenizer=None, examples: int = 5,

@@ -136,11 +136,7 @@ def score_model(model_path: str, dtype: str, by_source: dict, questions: list[di
                 bias_pairs: list[dict], adapter: str | None = None) -> dict:
     """Runs as a Ray task: loss/perplexity per source, generation metrics and bias probe gaps for one model."""
     torch.set_num_threads(1)
-    model, tokenizer = load_model(model_path, dtype)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
+    model, tokenizer = load_model(model_path, dtype, adapter=adapter)
     model.eval()
     metrics = {}
     for source, rows in by_source.items():

@@ -25,11 +25,11 @@ def held_out_pairs(data_dir: str, limit: int | None = None) -> list[dict]:
     columns = ["source", "group", "prompt", "chosen", "rejected", "input_ids", "labels", "rejected_input_ids",
                "rejected_labels"]
     table = pq.read_table(Path(data_dir) / "shards" / "val", columns=columns).to_pylist()
+    from honed.eval.evaluate import spread  # evaluate imports this module
+
     pairs = sorted((r for r in table if is_pair(r["rejected_input_ids"])),
                    key=lambda r: (r["source"], r["group"], r["prompt"]))
-    if limit is not None and len(pairs) > limit:
-        pairs = [pairs[i * len(pairs) // limit] for i in range(limit)]
-    return pairs
+    return pairs if limit is None else spread(pairs, limit)
 
 
 @torch.no_grad()
@@ -55,11 +55,7 @@ def score_model(model_path: str, dtype: str, pairs: list[dict], adapter: str | N
     from honed.models import load_model
 
     torch.set_num_threads(1)
-    model, tokenizer = load_model(model_path, dtype)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
+    model, tokenizer = load_model(model_path, dtype, adapter=adapter)
     return score_pairs(model.eval(), pairs, tokenizer.pad_token_id)
 
 

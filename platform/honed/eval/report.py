@@ -134,19 +134,12 @@ def _cell(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def grouped_bars(groups: list[str], series: dict[str, list[float]], path: Path, title: str, ylabel: str,
                  log: bool = False) -> Path:
     """One group of bars per entry of `groups`, one bar per series (base, tuned), each labelled with its value."""
-    plt = _pyplot()
+    from honed.report import pyplot
+
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(groups) + 2), 3.5))
     width = 0.8 / max(len(series), 1)
     for k, (label, values) in enumerate(series.items()):
