@@ -13,8 +13,9 @@ from another:
           AdamW, the same warm-up + cosine schedule, gradient clipping 1.0. SPEC `kernels` says what it
           computes:
             honed  (default) the same step as honed's per-worker loop: honed's model builder (CPU LoRA
-                   dropout), fused AdamW with honed's parameter groups, honed's loss (logits at labelled
-                   positions only, no mask on right-padded rows): what is left is Ray Train + the loop
+                   dropout), fused AdamW with honed's parameter groups, honed's batches (padding-free rows
+                   unless SPEC `padding_free` is false) and loss (logits at labelled positions only): what is
+                   left is Ray Train + the loop
             plain  what a bare eager loop does: the HF model and peft as they come, the model's own loss
                    (`labels=`, logits at every position), torch AdamW's default implementation
 
@@ -188,8 +189,10 @@ def batched_rows(data_dir: Path, batch_size: int, steps: int, group: int = GROUP
     return [rows[i] for b in itertools.islice(grouped, steps) for i in b["index"]]
 
 
-def step_token_counts(data_dir: Path, batch_size: int, steps: int, group: int = GROUP_BY_LENGTH) -> list[dict]:
-    """Per optimizer step (1 worker, no accumulation): tokens fed (padded), non-pad, labelled."""
+def step_token_counts(data_dir: Path, batch_size: int, steps: int, group: int = GROUP_BY_LENGTH,
+                      flat: bool = True) -> list[dict]:
+    """Per optimizer step (1 worker, no accumulation): tokens fed (padded rows; with `flat`, honed's default
+    padding-free rows, the non-pad tokens), non-pad, labelled."""
     rows = batched_rows(data_dir, batch_size, steps, group)
     out = []
     for s in range(steps):
@@ -197,7 +200,7 @@ def step_token_counts(data_dir: Path, batch_size: int, steps: int, group: int = 
         lengths = [len(r["input_ids"]) for r in batch]
         nonpad = sum(r["num_tokens"] for r in batch) if "position_ids" in batch[0] else sum(lengths)
         labelled = sum(sum(1 for y in r["labels"][1:] if y != -100) for r in batch)
-        out.append({"fed": max(lengths) * len(batch), "nonpad": nonpad, "labelled": labelled})
+        out.append({"fed": nonpad if flat else max(lengths) * len(batch), "nonpad": nonpad, "labelled": labelled})
     return out
 
 
@@ -584,8 +587,14 @@ def bare_main(spec: dict, result_path: str) -> None:
     autocast = torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
+    flat = not plain and spec.get("padding_free", True)  # honed's loop: optim.padding_free (default on)
+    if flat:
+        from honed.train.attention import use_varlen
+
+        use_varlen(model)
+
     def collate(batch: list[dict]) -> dict:
-        return collate_rows(batch, pad_id, device)
+        return collate_rows(batch, pad_id, device, flat)
 
     def loss_fn(inputs: dict) -> tuple[torch.Tensor, int]:
         """plain: the model's own loss (logits at every position); honed: honed's loss (logits at labelled
@@ -664,26 +673,12 @@ def bare_main(spec: dict, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(result))
 
 
-def collate_rows(batch: list[dict], pad_id: int, device) -> dict:
-    """As honed.train.loop.collate: right-pad variable-length rows (mask 0, label -100), or stack packed rows
-    with their position ids (no mask); `n_tokens` counts the non-pad tokens."""
-    import torch
+def collate_rows(batch: list[dict], pad_id: int, device, flat: bool = False) -> dict:
+    """honed.train.loop.collate over a list of shard rows: right-padded (or stacked packed) rows, or with
+    `flat` one padding-free row (honed's default, optim.padding_free); `n_tokens` counts the non-pad tokens."""
+    from honed.train.loop import collate
 
-    if "position_ids" in batch[0]:
-        out = {k: torch.tensor([r[k] for r in batch], dtype=torch.long).to(device)
-               for k in ("input_ids", "labels", "position_ids")}
-        return out | {"n_tokens": sum(r["num_tokens"] for r in batch)}
-    lengths = [len(r["input_ids"]) for r in batch]
-    width = max(lengths)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (r, n) in enumerate(zip(batch, lengths)):
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device),
-            "n_tokens": sum(lengths)}
+    return collate({k: [r[k] for r in batch] for k in batch[0]}, pad_id, device, flat=flat)
 
 
 def variants_main(spec: dict, result_path: str) -> None:

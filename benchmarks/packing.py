@@ -4,22 +4,23 @@
     .venv/bin/python benchmarks/packing.py --quick    # 4 steps x 1 repeat
 
 The demo corpus (jobs/prepare_icd10.yaml) is prepared twice (cached under /tmp/honed-bench-train):
-  padded              data.pack off: one example a row; honed's loop sorts the rows of each window of 8
-                      batches by length (optim.group_by_length 8, an option) and right-pads each batch
-  padded_shard_order  the same rows with optim.group_by_length 1: batches in shard order
-  packed              data.pack.seq_len 512: examples concatenated into 512-token rows, position ids
-                      restarting per example (attention stays inside each example)
+  padded        data.pack off, optim.padding_free false: one example a row, each batch right-padded to its
+                longest row (the baseline: what a padding collator does)
+  packed        data.pack.seq_len 512: examples concatenated into 512-token rows, position ids restarting per
+                example; honed runs them padding-free (attention per example, the padding tail dropped)
+  padding_free  honed's default on unpacked data: each batch's examples back to back in one row
 and the same LoRA job (SmolLM2-135M-Instruct, r 16, fp32, 1 worker, 1 thread, lr 2e-3, the same number of
-steps) trains on each: padded with batch 8 (~530 non-pad tokens a step), packed with batch 1 (~485 a step),
-so a step holds about the same number of real tokens. The figure is honed's own non-pad tokens/s
+steps, batches in shard order) trains on each: padded and padding_free with batch 8 (~530 non-pad tokens a
+step), packed with batch 1 (~485 a step), so a step holds about the same number of real tokens. The figure is honed's own non-pad tokens/s
 (efficiency.json), each run a fresh process, the order reversed every other repeat; the ratio is packed /
 padded per repeat and its median; `best_steps` compares the fastest third of each side's steps (pooled over
 repeats), which other jobs on a shared machine disturb least. `upper_bound_from_padding_alone` is what
 packing could gain if it cost nothing else: 1 / (1 - padding fraction of the padded side).
 
 Afterwards one process times a forward + backward of the first padded batch and the first packed batch
-from the HF model's own loss to honed's step (`_train_bench.loss_variants`): what each costs per non-pad
-token, in packed rows (attention over 512 positions) and padded ones.
+from the HF model's own loss to honed's padded step (`_train_bench.loss_variants`): what each costs per
+non-pad token when packed rows are run as transformers runs them (one 512-position attention under a
+block-diagonal mask) and padded ones.
 Writes `benchmarks/results/packing.json`.
 """
 
@@ -52,7 +53,7 @@ from _train_bench import (
 )
 
 GOAL = 2.0
-GROUPED = 8  # optim.group_by_length of the `padded` side
+KINDS = ("padded", "packed", "padding_free")
 
 
 def main() -> None:
@@ -70,21 +71,20 @@ def main() -> None:
 
     data = {"padded": prepared_dataset(), "packed": prepared_dataset(args.seq_len)}
     manifests = {k: json.loads((d / "manifest.json").read_text()) for k, d in data.items()}
-    data["padded_shard_order"] = data["padded"]
-    batch = {"padded": args.batch_size, "packed": args.packed_batch_size, "padded_shard_order": args.batch_size}
-    group = {"padded": GROUPED, "packed": GROUPED, "padded_shard_order": 1}
-    tokens = {k: step_token_counts(d, batch[k], args.steps, group[k]) for k, d in data.items()}
+    data["padding_free"] = data["padded"]
+    batch = {"padded": args.batch_size, "packed": args.packed_batch_size, "padding_free": args.batch_size}
+    flat = {"padded": False, "packed": True, "padding_free": True}
+    tokens = {k: step_token_counts(d, batch[k], args.steps, flat=flat[k]) for k, d in data.items()}
     repeats = []
     for r in range(args.repeats):
-        order = ["padded", "packed", "padded_shard_order"]
-        order = order if r % 2 == 0 else order[::-1]
+        order = list(KINDS) if r % 2 == 0 else list(KINDS)[::-1]
         runs = {}
         for kind in order:
             tag = f"packing-{kind}-{r}"
             log(f"repeat {r + 1}/{args.repeats}: {kind} (batch {batch[kind]}, {args.steps} steps) ...")
             cfg = honed_config(data[kind], WORK / "runs" / tag, method="lora", steps=args.steps, batch_size=batch[kind],
                                threads=args.threads, gpu=args.gpu, log_every=log_every,
-                               extra={"optim.group_by_length": group[kind]})
+                               extra={"optim.padding_free": flat[kind]})
             run = run_process("honed", {"config": cfg, "threads": args.threads}, tag)
             e = run["efficiency"]
             runs[kind] = {"nonpad_tokens_per_s": e["nonpad_tokens_per_s"], "tokens_per_s": e["tokens_per_s"],
@@ -96,15 +96,15 @@ def main() -> None:
                           "loadavg_1min_before_after": run["loadavg_1min_before_after"]}
             log(f"  {kind}: {e['nonpad_tokens_per_s']:.1f} non-pad tok/s (padding {e['padding_fraction']:.1%})")
         ratio = round(runs["packed"]["nonpad_tokens_per_s"] / runs["padded"]["nonpad_tokens_per_s"], 4)
-        ratio_shard = round(runs["packed"]["nonpad_tokens_per_s"] / runs["padded_shard_order"]["nonpad_tokens_per_s"], 4)
+        ratio_free = round(runs["padding_free"]["nonpad_tokens_per_s"] / runs["padded"]["nonpad_tokens_per_s"], 4)
         walls = [runs[k]["wall"] for k in ("packed", "padded")]
         cpu_ratio = None
         if all(w and "nonpad_tokens_per_worker_cpu_s" in w for w in walls):
             cpu_ratio = round(walls[0]["nonpad_tokens_per_worker_cpu_s"] / walls[1]["nonpad_tokens_per_worker_cpu_s"], 4)
         repeats.append({"order": order, **runs, "ratio_packed_over_padded": ratio,
-                        "ratio_packed_over_padded_shard_order": ratio_shard,
+                        "ratio_padding_free_over_padded": ratio_free,
                         "ratio_per_worker_cpu_s": cpu_ratio})
-        log(f"  packed/padded {ratio} (per worker CPU-s {cpu_ratio}); packed/padded in shard order {ratio_shard}")
+        log(f"  packed/padded {ratio} (per worker CPU-s {cpu_ratio}); padding-free/padded {ratio_free}")
 
     log("loss variants on the first padded and packed batch ...")
     variants = public(run_process("variants", {
@@ -120,15 +120,15 @@ def main() -> None:
 
     ratios = [r["ratio_packed_over_padded"] for r in repeats]
     ratio = spread(ratios)["median"]
-    best = {k: best_rate([x for r in repeats for x in r[k]["step_rates"]]) for k in ("packed", "padded")}
+    best = {k: best_rate([x for r in repeats for x in r[k]["step_rates"]]) for k in KINDS}
     best_ratio = round(best["packed"] / best["padded"], 4) if best["packed"] and best["padded"] else None
     padding = [r["padded"]["padding_fraction"] for r in repeats]
-    padding_shard = [r["padded_shard_order"]["padding_fraction"] for r in repeats]
-    ratios_shard = [r["ratio_packed_over_padded_shard_order"] for r in repeats]
+    ratios_free = [r["ratio_padding_free_over_padded"] for r in repeats]
     result = {
         "benchmark": "packing",
         "what": "LoRA on SmolLM2-135M-Instruct through honed: non-pad tokens/s on the demo corpus packed into "
-                f"{args.seq_len}-token rows vs one example a row, right-padded per batch",
+                f"{args.seq_len}-token rows (run padding-free) vs one example a row, right-padded per batch; and "
+                "honed's default padding-free batches of the unpacked rows",
         "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), **commit(),
         "config": {"model": MODEL, "method": "lora", "lora": LORA, "steps": args.steps,
                    "warmup_steps_excluded": WARMUP_STEPS_EXCLUDED, "batch_padded": args.batch_size,
@@ -148,11 +148,9 @@ def main() -> None:
         "ratio_per_worker_cpu_s_spread": spread([r["ratio_per_worker_cpu_s"] for r in repeats
                                                  if r["ratio_per_worker_cpu_s"]]),
         "upper_bound_from_padding_alone": round(1 / (1 - spread(padding)["median"]), 4),
-        "vs_shard_order": {"ratio_spread": spread(ratios_shard),
-                           "padding_fraction": spread(padding_shard)["median"],
-                           "upper_bound_from_padding_alone": round(1 / (1 - spread(padding_shard)["median"]), 4),
-                           "what": "the padded side without length grouping (optim.group_by_length 1): "
-                                   "batches in shard order, right-padded per batch"},
+        "padding_free": {"ratio_over_padded_spread": spread(ratios_free),
+                         "what": "the unpacked rows as honed trains them by default (optim.padding_free): each "
+                                 "batch's examples in one row, attention per example, no padding"},
         "loss_variants": variants, "nonpad_tokens_per_fwd_bwd_s": what_if,
         "packed_over_padded_by_loss_variant": per_variant_ratio,
         "goal": f">= {GOAL}", "met": ratio >= GOAL,

@@ -430,6 +430,12 @@ class OptimConfig(Section):
     Off (1) by default: where length tracks the kind of example, grouped batches are also batches of one kind
     (on the demo corpus, 8 cut padding from 9.3 % to 1.8 % but the tuned model's exact match fell from ~0.3 to
     0.21). Packed rows (all one length) are left as they are."""
+    padding_free: bool | None = None
+    """Run each micro-batch as one row: its examples (or the examples inside packed rows) back to back, position
+    ids restarting, attention kept inside each example (`honed.train.attention`). The same losses as padded
+    batches without the compute spent on padding (and, for packed rows, without attention across the whole
+    row). null (default): on for every method that can (not prefix, whose virtual tokens belong to each row,
+    nor dpo, which scores a pair's two answers side by side); false: right-padded batches."""
 
 
 class ScalingSettings(Section):
@@ -535,6 +541,9 @@ class TrainConfig(Section):
         if self.early_stopping and not is_val_metric(self.early_stopping.metric):
             raise ValueError(f"early_stopping.metric '{self.early_stopping.metric}' is not a validation metric; "
                              "use val_loss or val_loss/<source>")
+        if m.name in ("prefix", "dpo") and self.optim.padding_free:
+            raise ValueError(f"optim.padding_free cannot be used with method {m.name}, which trains on padded rows "
+                             "(prefix: virtual tokens per row; dpo: the two answers of a pair side by side); remove it")
         if self.register and not m.peft:
             raise ValueError("register: method full exports a whole model, which is served as a merged model, not "
                              "registered as an adapter; remove `register` or use lora / qlora / prefix / ia3 / dpo")

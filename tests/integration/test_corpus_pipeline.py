@@ -175,6 +175,7 @@ def test_packed_shards_train_under_ray_train(run, tiny_model, tmp_path):
     assert {"val_loss/qa", "val_loss/notes", "val_loss/general"} <= set(metrics)
 
 
+@pytest.mark.slow
 def test_same_input_and_seed_give_byte_identical_shards(run, tiny_model, corpus, tmp_path):
     from honed.data.pipeline import prepare
 

@@ -68,6 +68,7 @@ def dpo_config(tiny_model, data_dir, out, **over):
     return TrainConfig.model_validate(base)
 
 
+@pytest.mark.slow
 def test_two_worker_dpo_learns_the_training_preferences(pairs_data, tiny_model, tmp_path):
     from honed.train.trainer import train
 

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_honed_train(head_node, prepared, tiny_model, tmp_path):
     address, env = head_node
     job_dir = tmp_path / "job"

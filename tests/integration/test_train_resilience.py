@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from _run_logs import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME, logged_steps, read_jsonl, registered_checkpoint_step
 
 HERE = Path(__file__).parent
@@ -49,6 +50,7 @@ def stop_run(thread: threading.Thread) -> None:
         thread.join(timeout=5)
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_last_checkpoint(ray_local, prepared, tiny_model, tmp_path):
     from honed.config import TrainConfig
     from honed.train.trainer import train
@@ -192,6 +194,7 @@ def kill_all(procs: list[psutil.Process]) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
+@pytest.mark.slow
 def test_strict_spread_run_uses_both_nodes_of_a_two_node_cluster(prepared, tiny_model, tmp_path):
     # A cluster of its own in a subprocess (this process already holds `ray_local`): its own short temp dir
     # (Ray's socket paths must stay under 107 bytes), dynamic ports for every node.

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from honed.models import load_tokenizer
+from honed.train.attention import BOUNDARY_KEYS, flatten, use_varlen
 from honed.train.batching import length_grouped
 from honed.train.backends import make_backend
 from honed.train.efficiency import Meter, efficiency_report, format_report, measure_peak_flops, peak_memory_mb
@@ -48,6 +49,8 @@ def train_loop_per_worker(config: dict) -> None:
     seed_everything(config["seed"])  # identical initial weights (LoRA matrices, prefixes) on every rank
     tokenizer = load_tokenizer(config["model_path"])
     model = build_model(config["method"], config["model_path"], config["dtype"], device)
+    if padding_free(config):
+        use_varlen(model)
     trainable, total_params = count_params(model)
     backend = make_backend(model, config, device)
     seed_everything(config["seed"] + rank)  # then one dropout stream per rank
@@ -75,11 +78,20 @@ def train_loop_per_worker(config: dict) -> None:
     loop.run(run, meter, trainable=trainable, total_params=total_params, peak=(peak, peak_source))
 
 
+def padding_free(config: dict) -> bool:
+    """Whether training batches run as one flattened row (`optim.padding_free`: null = wherever the method
+    allows; never prefix or dpo)."""
+    return config["optim"].get("padding_free") is not False and config["method"]["name"] not in ("prefix", "dpo")
+
+
 class LMObjective:
     """Next-token loss on the labelled tokens: every method but dpo (see honed.train.dpo.DPOObjective)."""
 
+    def __init__(self, flat: bool = False):
+        self.flat = flat
+
     def collate(self, batch: dict, pad_id: int, device: torch.device) -> dict:
-        return collate(batch, pad_id, device)
+        return collate(batch, pad_id, device, flat=self.flat)
 
     def loss(self, module, inputs: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
         """Mean token loss, the number of labelled tokens (its weight in the window), and no extra sums."""
@@ -96,7 +108,7 @@ def make_objective(config: dict, model):
         from honed.train.dpo import DPOObjective
 
         return DPOObjective(config["method"]["dpo"], model)
-    return LMObjective()
+    return LMObjective(flat=padding_free(config))
 
 
 class Loop:
@@ -316,8 +328,9 @@ def scored_token_losses(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.T
         # Right padding only: causal attention already keeps every real token from seeing the padding after
         # it, so the mask changes nothing that is scored, and without it SDPA runs its unmasked causal kernel.
         mask = None
-    logits = model(input_ids=inputs["input_ids"], attention_mask=mask,
-                   position_ids=inputs.get("position_ids"), use_cache=False, logits_to_keep=keep).logits
+    boundaries = {k: inputs[k] for k in BOUNDARY_KEYS if k in inputs}  # a flattened row's examples
+    logits = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs.get("position_ids"),
+                   use_cache=False, logits_to_keep=keep, **boundaries).logits
     if logits.dim() == 3:  # a model without boolean logits_to_keep returned every position
         logits = logits[keep]
     targets = labels[:, 1:][keep[:, :-1]]
@@ -376,9 +389,17 @@ def row_losses(model, inputs: dict[str, torch.Tensor]) -> list[tuple[float, int]
     return [(float(s), int(n)) for s, n in zip(sums, counts)]
 
 
-def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict:
+def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device, flat: bool = False) -> dict:
     """Right-pad a batch of variable-length examples (padding gets attention 0 and label -100), or stack a
-    batch of packed rows with their position ids. `n_tokens` counts the real (non-pad) tokens."""
+    batch of packed rows with their position ids; `flat`: every example in one row with its boundaries
+    (`honed.train.attention.flatten`). `n_tokens` counts the real (non-pad) tokens."""
+    if flat:
+        packed = "position_ids" in batch
+        row, boundaries = flatten(batch["input_ids"], batch["labels"], batch["position_ids"] if packed else None,
+                                  batch["num_tokens"] if packed else None)
+        return ({k: v.to(device) for k, v in row.items()}
+                | {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in boundaries.items()}
+                | {"n_tokens": int(row["input_ids"].shape[1])})
     if "position_ids" in batch:
         stacked = {k: torch.tensor(np.stack(batch[k]), dtype=torch.long).to(device)
                    for k in ("input_ids", "labels", "position_ids")}

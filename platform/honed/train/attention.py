@@ -1,0 +1,99 @@
+"""Padding-free batches: every example of a micro-batch back to back in one row, attention kept inside each.
+
+A right-padded batch spends the transformer's matmuls on padding (9 % of the demo corpus's batches); a
+packed row under a block-diagonal mask spends attention on the whole row (SDPA's masked kernel over 512
+positions where a padded batch attends over ~70). `flatten` lays the examples of a batch (or the examples
+inside packed rows) end to end with restarting position ids and the boundaries as `cu_seq_lens_q/k` +
+`max_length_q/k` — the keyword arguments transformers hands to every attention call. On GPUs with
+flash-attn, `flash_attention_2` reads exactly these (its variable-length kernel); everywhere else the model
+runs `varlen_sdpa`, registered below as the attention implementation `honed_varlen`: one causal SDPA call per
+example, so no token attends across an example and none attends to padding. A call without boundaries (a
+padded batch, a mask, generation) goes to transformers' own SDPA path, so a model set to `honed_varlen` gives
+the same results as `sdpa` everywhere else.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import numpy as np
+import torch
+
+IMPLEMENTATION = "honed_varlen"
+BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                is_causal: bool | None = None, cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
+    """Attention of one flattened row (batch 1) segment by segment, or transformers' SDPA without boundaries.
+
+    query (1, heads, tokens, dim); key/value (1, kv_heads, tokens, dim); returns (1, tokens, heads, dim) as
+    every transformers attention function does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"{IMPLEMENTATION} takes one flattened row with cu_seq_lens_q, got a batch of {query.shape[0]}")
+    gqa = query.shape[1] != key.shape[1]  # grouped-query attention: key/value heads shared, never copied
+    # split, not slices: the backward of a split is one concatenation, where every slice's backward would
+    # write its gradient into a zeroed copy of the whole row (three per example per layer)
+    lengths = [hi - lo for lo, hi in pairwise(cu_seq_lens_q.tolist())]
+    parts = [torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scaling, dropout_p=dropout if module.training else 0.0, enable_gqa=gqa)
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Make `honed_varlen` an attention implementation transformers knows (masks built as for `sdpa`)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, varlen_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+    return IMPLEMENTATION
+
+
+def use_varlen(model) -> None:
+    """Run `model` (a transformers model, or a peft wrapper of one) with `honed_varlen` attention unless it
+    already runs a flash-attention kernel, which reads the same boundaries itself."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if str(base.config._attn_implementation).startswith("flash_attention"):
+        return
+    base.set_attn_implementation(register())
+
+
+def flatten(input_ids: list, labels: list, position_ids: list | None = None, lengths: list[int] | None = None):
+    """The examples of a batch in one row: (input_ids, labels, position_ids, boundaries), each (1, tokens).
+
+    Unpacked rows are examples; packed rows (`position_ids` given, `lengths` = their non-pad tokens) are cut
+    where the position ids restart and their padding tail dropped. The first token of every example gets label
+    -100: in a padded batch nothing predicts it, and here the previous example's last token would."""
+    ids, labs, pos, bounds = [], [], [], [0]
+    for row, (x, y) in enumerate(zip(input_ids, labels)):
+        x, y = np.asarray(x), np.asarray(y).copy()
+        if position_ids is None:
+            segments = [(0, len(x))]
+            p = np.arange(len(x))
+        else:
+            n = int(lengths[row]) if lengths is not None else len(x)
+            x, y, p = x[:n], y[:n], np.asarray(position_ids[row])[:n]
+            starts = np.flatnonzero(p == 0).tolist() or [0]
+            segments = list(zip(starts, starts[1:] + [n]))
+        for lo, hi in segments:
+            if hi > lo:
+                y[lo] = -100
+                bounds.append(bounds[-1] + hi - lo)
+        ids.append(x)
+        labs.append(y)
+        pos.append(p)
+    bounds_t = torch.tensor(bounds, dtype=torch.int32)
+    longest = int(np.diff(bounds).max()) if len(bounds) > 1 else 0
+    row = {"input_ids": torch.from_numpy(np.concatenate(ids).astype(np.int64))[None],
+           "labels": torch.from_numpy(np.concatenate(labs).astype(np.int64))[None],
+           "position_ids": torch.from_numpy(np.concatenate(pos).astype(np.int64))[None]}
+    boundaries = {"cu_seq_lens_q": bounds_t, "cu_seq_lens_k": bounds_t, "max_length_q": longest,
+                  "max_length_k": longest}
+    return row, boundaries

@@ -1,0 +1,166 @@
+"""Padding-free batches (honed.train.attention): one flattened row per micro-batch, attention per example.
+
+What must hold: the flattened row gives the padded batch's loss and gradients; no token of one example sees
+another example; packed rows are cut at their position-id restarts with the padding tail dropped; a model
+switched to `honed_varlen` behaves as `sdpa` on every call without boundaries (masks, left padding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from honed.train.attention import IMPLEMENTATION, flatten, use_varlen
+from honed.train.loop import causal_lm_loss, collate, row_losses
+
+CPU = torch.device("cpu")
+
+
+def examples(lengths, seed=0, prompt=2):
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(5, 200, size=n) for n in lengths]
+    labels = [np.where(np.arange(n) >= prompt, x, -100) for x, n in zip(ids, lengths)]
+    return {"input_ids": np.array(ids + [None], dtype=object)[:-1], "labels": np.array(labels + [None], dtype=object)[:-1]}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    from honed.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def load(path, varlen: bool):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    if varlen:
+        use_varlen(model)
+    return model
+
+
+def loss_and_grads(model, inputs):
+    model.zero_grad()
+    loss, n = causal_lm_loss(model, inputs)
+    loss.backward()
+    return loss.item(), n, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_flatten_lays_examples_end_to_end():
+    batch = examples([4, 6, 3])
+    row, b = flatten(batch["input_ids"], batch["labels"])
+    assert row["input_ids"].shape == (1, 13)
+    assert b["cu_seq_lens_q"].tolist() == [0, 4, 10, 13] and b["max_length_q"] == 6
+    assert row["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1, 2]
+    assert row["input_ids"][0, 4:10].tolist() == batch["input_ids"][1].tolist()
+    # each example's first token is never a target (in the padded batch nothing predicts it)
+    assert row["labels"][0, [0, 4, 10]].tolist() == [-100, -100, -100]
+
+
+def test_flatten_cuts_packed_rows_and_drops_their_padding():
+    # two packed rows of width 8: [a a a b b | pad pad pad] and [c c c c c c c | pad]
+    ids = [np.array([1, 2, 3, 4, 5, 0, 0, 0]), np.array([6, 7, 8, 9, 10, 11, 12, 0])]
+    labels = [np.array([-100, 2, 3, 4, 5, -100, -100, -100]), np.array([6, 7, 8, 9, 10, 11, 12, -100])]
+    positions = [np.array([0, 1, 2, 0, 1, 0, 1, 2]), np.array([0, 1, 2, 3, 4, 5, 6, 0])]
+    row, b = flatten(ids, labels, positions, [5, 7])
+    assert row["input_ids"][0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert b["cu_seq_lens_q"].tolist() == [0, 3, 5, 12]
+    assert row["labels"][0].tolist() == [-100, 2, 3, -100, 5, -100, 7, 8, 9, 10, 11, 12]
+    assert row["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3, 4, 5, 6]
+
+
+def test_collate_flat_counts_only_real_tokens():
+    batch = examples([5, 9, 2])
+    flat = collate(batch, 0, CPU, flat=True)
+    padded = collate(batch, 0, CPU)
+    assert flat["n_tokens"] == padded["n_tokens"] == 16
+    assert flat["input_ids"].numel() == 16 and padded["input_ids"].numel() == 27
+
+
+def test_flattened_row_gives_the_padded_batch_loss_and_gradients(model_path):
+    batch = examples([7, 12, 5, 9, 3])
+    base = load(model_path, varlen=False)
+    loss_p, n_p, grads_p = loss_and_grads(base, collate(batch, 0, CPU))
+    flat_model = load(model_path, varlen=True)
+    assert flat_model.config._attn_implementation == IMPLEMENTATION
+    loss_f, n_f, grads_f = loss_and_grads(flat_model, collate(batch, 0, CPU, flat=True))
+    assert n_f == n_p
+    assert loss_f == pytest.approx(loss_p, abs=1e-5)
+    assert max(float((a - b).abs().max()) for a, b in zip(grads_p, grads_f)) < 1e-5
+
+
+def test_packed_rows_flattened_equal_each_example_alone(model_path):
+    """Two examples packed into one row score exactly as each alone: nothing leaks across the boundary."""
+    batch = examples([6, 9], seed=3)
+    model = load(model_path, varlen=True)
+    ids = [np.concatenate([batch["input_ids"][0], batch["input_ids"][1], [0, 0]])]
+    labels = [np.concatenate([batch["labels"][0], batch["labels"][1], [-100, -100]])]
+    positions = [np.concatenate([np.arange(6), np.arange(9), np.arange(2)])]
+    packed = {"input_ids": ids, "labels": labels, "position_ids": positions, "num_tokens": [15]}
+    with torch.no_grad():
+        loss_packed, n_packed = causal_lm_loss(model, collate(packed, 0, CPU, flat=True))
+        alone = [causal_lm_loss(model, collate({k: v[i:i + 1] for k, v in batch.items()}, 0, CPU)) for i in (0, 1)]
+    total = sum(float(loss) * n for loss, n in alone)
+    assert n_packed == sum(n for _, n in alone)
+    assert float(loss_packed) == pytest.approx(total / n_packed, abs=1e-5)
+
+
+def test_changing_one_example_leaves_the_others_logits(model_path):
+    model = load(model_path, varlen=True)
+    batch = examples([5, 8, 6], seed=1)
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["input_ids"][0] = changed["input_ids"][0][::-1].copy()
+
+    def logits(b):
+        inputs = collate(b, 0, CPU, flat=True)
+        keys = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+        with torch.no_grad():
+            return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False,
+                         **{k: inputs[k] for k in keys}).logits[0]
+
+    a, b = logits(batch), logits(changed)
+    assert not torch.allclose(a[:5], b[:5])
+    torch.testing.assert_close(a[5:], b[5:], rtol=0, atol=1e-6)
+
+
+def test_varlen_model_without_boundaries_is_sdpa(model_path):
+    """Left padding with a mask (generation, evaluation), and per-row validation losses, are unchanged."""
+    sdpa, varlen = load(model_path, varlen=False), load(model_path, varlen=True)
+    ids = torch.tensor([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(varlen(input_ids=ids, attention_mask=mask).logits,
+                                   sdpa(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-6)
+        batch = collate(examples([4, 7]), 0, CPU)
+        got, expected = row_losses(varlen, batch), row_losses(sdpa, batch)
+        assert [n for _, n in got] == [n for _, n in expected]
+        assert [s for s, _ in got] == pytest.approx([s for s, _ in expected], abs=1e-5)
+
+
+def test_flattened_row_with_a_lora_adapter(model_path):
+    from peft import LoraConfig, get_peft_model
+
+    batch = examples([8, 3, 10], seed=2)
+    results = []
+    for varlen in (False, True):
+        torch.manual_seed(1)
+        model = get_peft_model(load(model_path, varlen=False), LoraConfig(r=4, target_modules="all-linear",
+                                                                           lora_dropout=0.0))
+        if varlen:
+            use_varlen(model)
+        results.append(loss_and_grads(model, collate(batch, 0, CPU, flat=varlen)))
+    (loss_p, _, grads_p), (loss_f, _, grads_f) = results
+    assert loss_f == pytest.approx(loss_p, abs=1e-5)
+    assert max(float((a - b).abs().max()) for a, b in zip(grads_p, grads_f)) < 1e-5
+
+
+def test_padding_free_config_errors():
+    from honed.config import TrainConfig
+
+    assert TrainConfig.model_validate({"method": {"name": "prefix"}}).optim.padding_free is None  # auto
+    for method in ("prefix", "dpo"):
+        with pytest.raises(ValueError, match=f"padding_free cannot be used with method {method}"):
+            TrainConfig.model_validate({"method": {"name": method}, "optim": {"padding_free": True}})
+    assert not TrainConfig.model_validate({"method": {"name": "prefix"},
+                                           "optim": {"padding_free": False}}).optim.padding_free
