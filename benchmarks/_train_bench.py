@@ -14,7 +14,7 @@ from another:
           computes:
             honed  (default) the same step as honed's per-worker loop: honed's model builder (CPU LoRA
                    dropout), fused AdamW with honed's parameter groups, honed's batches (padding-free rows
-                   unless SPEC `padding_free` is false) and loss (logits at labelled positions only): what is
+                   when SPEC `padding_free` is true) and loss (logits at labelled positions only): what is
                    left is Ray Train + the loop
             plain  what a bare eager loop does: the HF model and peft as they come, the model's own loss
                    (`labels=`, logits at every position), torch AdamW's default implementation
@@ -190,9 +190,9 @@ def batched_rows(data_dir: Path, batch_size: int, steps: int, group: int = GROUP
 
 
 def step_token_counts(data_dir: Path, batch_size: int, steps: int, group: int = GROUP_BY_LENGTH,
-                      flat: bool = True) -> list[dict]:
-    """Per optimizer step (1 worker, no accumulation): tokens fed (padded rows; with `flat`, honed's default
-    padding-free rows, the non-pad tokens), non-pad, labelled."""
+                      flat: bool = False) -> list[dict]:
+    """Per optimizer step (1 worker, no accumulation): tokens fed (padded rows; with `flat`, padding-free
+    rows: the non-pad tokens), non-pad, labelled."""
     rows = batched_rows(data_dir, batch_size, steps, group)
     out = []
     for s in range(steps):
@@ -587,7 +587,7 @@ def bare_main(spec: dict, result_path: str) -> None:
     autocast = torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    flat = not plain and spec.get("padding_free", True)  # honed's loop: optim.padding_free (default on)
+    flat = not plain and spec.get("padding_free", False)  # honed's loop: optim.padding_free (default off)
     if flat:
         from honed.train.attention import use_varlen
 
@@ -675,7 +675,7 @@ def bare_main(spec: dict, result_path: str) -> None:
 
 def collate_rows(batch: list[dict], pad_id: int, device, flat: bool = False) -> dict:
     """honed.train.loop.collate over a list of shard rows: right-padded (or stacked packed) rows, or with
-    `flat` one padding-free row (honed's default, optim.padding_free); `n_tokens` counts the non-pad tokens."""
+    `flat` one padding-free row (optim.padding_free); `n_tokens` counts the non-pad tokens."""
     from honed.train.loop import collate
 
     return collate({k: [r[k] for r in batch] for k in batch[0]}, pad_id, device, flat=flat)

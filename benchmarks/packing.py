@@ -7,8 +7,8 @@ The demo corpus (jobs/prepare_icd10.yaml) is prepared twice (cached under /tmp/h
   padded        data.pack off, optim.padding_free false: one example a row, each batch right-padded to its
                 longest row (the baseline: what a padding collator does)
   packed        data.pack.seq_len 512: examples concatenated into 512-token rows, position ids restarting per
-                example; honed runs them padding-free (attention per example, the padding tail dropped)
-  padding_free  honed's default on unpacked data: each batch's examples back to back in one row
+                example; run padding-free (optim.padding_free true: attention per example, padding tail dropped)
+  padding_free  optim.padding_free true on unpacked data: each batch's examples back to back in one row
 and the same LoRA job (SmolLM2-135M-Instruct, r 16, fp32, 1 worker, 1 thread, lr 2e-3, the same number of
 steps, batches in shard order) trains on each: padded and padding_free with batch 8 (~530 non-pad tokens a
 step), packed with batch 1 (~485 a step), so a step holds about the same number of real tokens. The figure is honed's own non-pad tokens/s
@@ -149,7 +149,7 @@ def main() -> None:
                                                  if r["ratio_per_worker_cpu_s"]]),
         "upper_bound_from_padding_alone": round(1 / (1 - spread(padding)["median"]), 4),
         "padding_free": {"ratio_over_padded_spread": spread(ratios_free),
-                         "what": "the unpacked rows as honed trains them by default (optim.padding_free): each "
+                         "what": "the unpacked rows with optim.padding_free true: each "
                                  "batch's examples in one row, attention per example, no padding"},
         "loss_variants": variants, "nonpad_tokens_per_fwd_bwd_s": what_if,
         "packed_over_padded_by_loss_variant": per_variant_ratio,

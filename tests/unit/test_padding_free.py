@@ -158,7 +158,7 @@ def test_flattened_row_with_a_lora_adapter(model_path):
 def test_padding_free_config_errors():
     from honed.config import TrainConfig
 
-    assert TrainConfig.model_validate({"method": {"name": "prefix"}}).optim.padding_free is None  # auto
+    assert TrainConfig.model_validate({"method": {"name": "prefix"}}).optim.padding_free is False  # default
     for method in ("prefix", "dpo"):
         with pytest.raises(ValueError, match=f"padding_free cannot be used with method {method}"):
             TrainConfig.model_validate({"method": {"name": method}, "optim": {"padding_free": True}})
