@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from honed.train.attention import IMPLEMENTATION, flatten, use_varlen
+from honed.train.attention import BOUNDARY_KEYS, IMPLEMENTATION, flatten, use_varlen
 from honed.train.loop import causal_lm_loss, collate, row_losses
 
 CPU = torch.device("cpu")
@@ -114,10 +114,9 @@ def test_changing_one_example_leaves_the_others_logits(model_path):
 
     def logits(b):
         inputs = collate(b, 0, CPU, flat=True)
-        keys = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
         with torch.no_grad():
             return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False,
-                         **{k: inputs[k] for k in keys}).logits[0]
+                         **{k: inputs[k] for k in BOUNDARY_KEYS}).logits[0]
 
     a, b = logits(batch), logits(changed)
     assert not torch.allclose(a[:5], b[:5])

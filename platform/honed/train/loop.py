@@ -79,8 +79,9 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def padding_free(config: dict) -> bool:
-    """Whether training batches run as one flattened row (`optim.padding_free`; never prefix or dpo)."""
-    return bool(config["optim"].get("padding_free")) and config["method"]["name"] not in ("prefix", "dpo")
+    """Whether training batches run as one flattened row (`optim.padding_free`; TrainConfig refuses it for
+    prefix and dpo)."""
+    return bool(config["optim"].get("padding_free"))
 
 
 class LMObjective:
