@@ -18,6 +18,9 @@ from another:
                    left is Ray Train + the loop
             plain  what a bare eager loop does: the HF model and peft as they come, the model's own loss
                    (`labels=`, logits at every position), torch AdamW's default implementation
+  interleaved  `python benchmarks/_train_bench.py interleaved SPEC RESULT`: one LoRA model trained on
+          several batch layouts (padded, padding-free, packed) step by step in turn in this one process
+          (`interleaved_main`): a same-machine-state A/B for effects smaller than the noise between processes.
 
 The caller (the benchmark script) imports neither torch nor Ray; it samples the memory and CPU time of the
 processes it starts (`run_process` → `ProcSampler`), so throughput can also be stated per CPU-second, which
@@ -701,6 +704,67 @@ def variants_main(spec: dict, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(out))
 
 
+def interleaved_main(spec: dict, result_path: str) -> None:
+    """One model, several batch layouts, their training steps interleaved in this process.
+
+    spec `arms` = {name: {"data_dir", "batch_size", "flat"}}: at step s every arm trains its own batch s
+    (forward + backward + clipping + fused AdamW, honed's model builder, loss and collate; `flat` = padding-free
+    rows), the arms' order rotating each step. Every arm meets the same machine state, allocator and weights
+    within one step of each other, so the ratios separate effects far smaller than the spread between fresh
+    processes on a shared machine. The model runs `honed_varlen`, which hands batches without boundaries to
+    transformers' SDPA path unchanged."""
+    import torch
+
+    from honed.config import MethodConfig, OptimConfig
+    from honed.train.attention import use_varlen
+    from honed.train.loop import causal_lm_loss
+    from honed.train.methods import build_model, make_optimizer, param_groups
+
+    torch.set_num_threads(spec.get("threads", 1))
+    torch.manual_seed(spec.get("seed", 0))
+    device = torch.device("cuda" if spec.get("gpu") else "cpu")
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # as honed on GPU
+    method = MethodConfig(name="lora", lora=spec.get("lora", LORA)).model_dump()
+    settings = OptimConfig(lr=spec.get("lr", 2e-4), weight_decay=0.0).model_dump()
+    model = build_model(method, spec["model_path"], "auto", device)
+    use_varlen(model)
+    optimizer = make_optimizer(settings, param_groups(model, method, settings))
+    params = [p for p in model.parameters() if p.requires_grad]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    arms = spec["arms"]
+    steps = spec["steps"]
+    rows = {name: batched_rows(Path(a["data_dir"]), a["batch_size"], steps) for name, a in arms.items()}
+    names = list(arms)
+    per_step: dict[str, list[dict]] = {name: [] for name in names}
+    model.train()
+    for s in range(steps):
+        for name in names[s % len(names):] + names[:s % len(names)]:
+            size = arms[name]["batch_size"]
+            t0 = time.perf_counter()
+            inputs = collate_rows(rows[name][s * size:(s + 1) * size], pad_id, device, arms[name]["flat"])
+            with autocast:
+                loss, _ = causal_lm_loss(model, inputs)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            per_step[name].append({"seconds": round(time.perf_counter() - t0, 5), "nonpad": inputs["n_tokens"],
+                                   "fed": int(inputs["input_ids"].numel()), "loss": round(loss.item(), 5)})
+    out = {}
+    for name, measured in per_step.items():
+        kept = measured[WARMUP_STEPS_EXCLUDED:]
+        seconds = sum(m["seconds"] for m in kept)
+        out[name] = {"per_step": measured, "nonpad_tokens_per_s": round(sum(m["nonpad"] for m in kept) / seconds, 2),
+                     "step_rates": [round(m["nonpad"] / m["seconds"], 2) for m in kept]}
+    Path(result_path).write_text(json.dumps({"arms": out, "threads": torch.get_num_threads(),
+                                             "warmup_steps_excluded": WARMUP_STEPS_EXCLUDED}))
+
+
 def loss_variants(model, batch: dict, device, repeats: int, gpu: bool) -> dict:
     """One forward + backward on `batch` (right-padded with an attention mask, or packed with position ids)
     for each variant, interleaved, `repeats` times each (after one untimed pass each); medians. From what
@@ -1009,7 +1073,8 @@ def profile_steps(one_step, steps, device) -> dict:
 
 def main() -> None:
     kind, spec, result_path = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-    {"honed": honed_main, "bare": bare_main, "floor": floor_main, "variants": variants_main}[kind](spec, result_path)
+    {"honed": honed_main, "bare": bare_main, "floor": floor_main, "variants": variants_main,
+     "interleaved": interleaved_main}[kind](spec, result_path)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Useful (non-pad) tokens per second with packing vs padding, on the demo corpus, through honed.
 
-    .venv/bin/python benchmarks/packing.py            # 10 steps x 2 repeats each + loss variants (~12 min)
-    .venv/bin/python benchmarks/packing.py --quick    # 4 steps x 1 repeat
+    .venv/bin/python benchmarks/packing.py            # 10 steps x 2 repeats each + 16 interleaved (~20 min)
+    .venv/bin/python benchmarks/packing.py --quick    # 4 steps x 1 repeat + 4 interleaved
 
 The demo corpus (jobs/prepare_icd10.yaml) is prepared twice (cached under /tmp/honed-bench-train):
   padded        data.pack off, optim.padding_free false: one example a row, each batch right-padded to its
@@ -17,10 +17,14 @@ padded per repeat and its median; `best_steps` compares the fastest third of eac
 repeats), which other jobs on a shared machine disturb least. `upper_bound_from_padding_alone` is what
 packing could gain if it cost nothing else: 1 / (1 - padding fraction of the padded side).
 
-Afterwards one process times a forward + backward of the first padded batch and the first packed batch
-from the HF model's own loss to honed's padded step (`_train_bench.loss_variants`): what each costs per
-non-pad token when packed rows are run as transformers runs them (one 512-position attention under a
-block-diagonal mask) and padded ones.
+Then one process trains the three layouts interleaved (`_train_bench.interleaved_main`, `--interleaved-steps`
+steps): at step s each layout trains its own batch s on the same model, the order rotating every step, so
+all three meet the same machine within seconds of each other. Its ratios (`interleaved`) separate effects of
+a few percent, which the fresh-process repeats on a shared machine cannot (their spread is ±10-30 %).
+With `--variant-repeats N` (off by default: ~10 min) one more process times a forward + backward of the
+first padded and the first packed batch from the HF model's own loss to honed's padded step
+(`_train_bench.loss_variants`): what each costs per non-pad token when packed rows are run as transformers
+runs them (one 512-position attention under a block-diagonal mask) and padded ones.
 Writes `benchmarks/results/packing.json`.
 """
 
@@ -65,8 +69,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="padded batch (examples)")
     parser.add_argument("--packed-batch-size", type=int, default=1, help="packed batch (rows of --seq-len)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--variant-repeats", type=int, default=3)
-    args = parse_args(parser, "packing", "CUDA, bf16", quick={"steps": 4, "repeats": 1, "variant_repeats": 1})
+    parser.add_argument("--interleaved-steps", type=int, default=16, help="steps per layout, in one process")
+    parser.add_argument("--variant-repeats", type=int, default=0, help="HF-loss forward+backward timings (0: skip)")
+    args = parse_args(parser, "packing", "CUDA, bf16", quick={"steps": 4, "repeats": 1, "interleaved_steps": 4})
     log_every = 1  # every step in the live log: per-step rates (`best_steps`)
 
     data = {"padded": prepared_dataset(), "packed": prepared_dataset(args.seq_len)}
@@ -106,17 +111,36 @@ def main() -> None:
                         "ratio_per_worker_cpu_s": cpu_ratio})
         log(f"  packed/padded {ratio} (per worker CPU-s {cpu_ratio}); padding-free/padded {ratio_free}")
 
-    log("loss variants on the first padded and packed batch ...")
-    variants = public(run_process("variants", {
-        "method": "lora", "model_path": resolve_model_path(), "threads": args.threads, "gpu": args.gpu,
-        "repeats": args.variant_repeats,
-        "batches": {k: [str(data[k]), batch[k]] for k in ("padded", "packed")}}, "packing-variants"))
-    what_if = {}
-    for kind in ("padded", "packed"):
-        v = variants[kind]
-        what_if[kind] = {name: round(v["nonpad_tokens"] / s, 2) for name, s in v["fwd_bwd_seconds_median"].items()}
-    per_variant_ratio = {name: round(what_if["packed"][name] / what_if["padded"][name], 4)
-                         for name in what_if["packed"]}
+    log(f"the three layouts interleaved in one process ({args.interleaved_steps} steps each) ...")
+    arms = {k: {"data_dir": str(data[k]), "batch_size": batch[k], "flat": flat[k]} for k in KINDS}
+    mixed = public(run_process("interleaved", {"model_path": resolve_model_path(), "threads": args.threads,
+                                               "gpu": args.gpu, "steps": args.interleaved_steps, "arms": arms},
+                               "packing-interleaved"))
+    interleaved = {"what": "one process, one model; at step s each layout trains its own batch s, order rotating; "
+                           "non-pad tokens/s over the measured steps",
+                   "steps": args.interleaved_steps,
+                   **{k: {"nonpad_tokens_per_s": v["nonpad_tokens_per_s"], "step_rates": v["step_rates"]}
+                      for k, v in mixed["arms"].items()}}
+    for kind in ("packed", "padding_free"):
+        paired = [a / b for a, b in zip(mixed["arms"][kind]["step_rates"], mixed["arms"]["padded"]["step_rates"])]
+        interleaved[f"{kind}_over_padded"] = round(mixed["arms"][kind]["nonpad_tokens_per_s"]
+                                                   / mixed["arms"]["padded"]["nonpad_tokens_per_s"], 4)
+        interleaved[f"{kind}_over_padded_per_step"] = spread(paired)
+    log(f"  interleaved: packed/padded {interleaved['packed_over_padded']}, "
+        f"padding-free/padded {interleaved['padding_free_over_padded']}")
+
+    variants, what_if, per_variant_ratio = None, {}, {}
+    if args.variant_repeats:
+        log("loss variants on the first padded and packed batch ...")
+        variants = public(run_process("variants", {
+            "method": "lora", "model_path": resolve_model_path(), "threads": args.threads, "gpu": args.gpu,
+            "repeats": args.variant_repeats,
+            "batches": {k: [str(data[k]), batch[k]] for k in ("padded", "packed")}}, "packing-variants"))
+        for kind in ("padded", "packed"):
+            v = variants[kind]
+            what_if[kind] = {name: round(v["nonpad_tokens"] / s, 2) for name, s in v["fwd_bwd_seconds_median"].items()}
+        per_variant_ratio = {name: round(what_if["packed"][name] / what_if["padded"][name], 4)
+                             for name in what_if["packed"]}
 
     ratios = [r["ratio_packed_over_padded"] for r in repeats]
     ratio = spread(ratios)["median"]
@@ -128,7 +152,7 @@ def main() -> None:
         "benchmark": "packing",
         "what": "LoRA on SmolLM2-135M-Instruct through honed: non-pad tokens/s on the demo corpus packed into "
                 f"{args.seq_len}-token rows (run padding-free) vs one example a row, right-padded per batch; and "
-                "honed's default padding-free batches of the unpacked rows",
+                "honed's padding-free batches (optim.padding_free) of the unpacked rows",
         "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), **commit(),
         "config": {"model": MODEL, "method": "lora", "lora": LORA, "steps": args.steps,
                    "warmup_steps_excluded": WARMUP_STEPS_EXCLUDED, "batch_padded": args.batch_size,
@@ -151,6 +175,7 @@ def main() -> None:
         "padding_free": {"ratio_over_padded_spread": spread(ratios_free),
                          "what": "the unpacked rows with optim.padding_free true: each "
                                  "batch's examples in one row, attention per example, no padding"},
+        "interleaved": interleaved,
         "loss_variants": variants, "nonpad_tokens_per_fwd_bwd_s": what_if,
         "packed_over_padded_by_loss_variant": per_variant_ratio,
         "goal": f">= {GOAL}", "met": ratio >= GOAL,
@@ -158,7 +183,8 @@ def main() -> None:
     out = write_result("packing", result, args.out)
     log(f"packed/padded non-pad tokens/s: median {ratio} {ratios}; fastest third of steps {best_ratio}; padding in the padded batches "
         f"{spread(padding)['median']:.1%} (bound from padding alone {result['upper_bound_from_padding_alone']}); "
-        f"by loss variant (fwd+bwd) {per_variant_ratio} (goal >= {GOAL}: {'met' if result['met'] else 'NOT met'}) "
+        f"interleaved in one process: packed/padded {interleaved['packed_over_padded']}, padding-free/padded "
+        f"{interleaved['padding_free_over_padded']}; by loss variant (fwd+bwd) {per_variant_ratio} (goal >= {GOAL}: {'met' if result['met'] else 'NOT met'}) "
         f"→ {out}")
 
 
