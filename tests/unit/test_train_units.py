@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -494,16 +493,13 @@ def test_honed_train_cli_exits_before_ray_on_bad_config(tmp_path, yaml_text, mes
     marker = tmp_path / "ray_was_imported"
     fake.joinpath("__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('fake ray')\n")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(fake.parent), "HOME": str(tmp_path)}
-    start = time.perf_counter()
     proc = subprocess.run([honed_script(), "train", str(bad)], capture_output=True, text=True, timeout=60, env=env,
                           check=False)
-    elapsed = time.perf_counter() - start
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert f"invalid TrainConfig in {bad}" in proc.stderr and message in proc.stderr
     assert not marker.exists(), "honed train imported ray before rejecting the config"
     assert "Started a local Ray instance" not in out and "ray.init" not in out.lower()
-    assert elapsed < 30
 
 
 def test_cli_main_never_reaches_init_ray_on_bad_config(monkeypatch, capsys, tmp_path):
