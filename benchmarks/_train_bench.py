@@ -14,7 +14,7 @@ from another:
           computes:
             honed  (default) the same step as honed's per-worker loop: honed's model builder (CPU LoRA
                    dropout), fused AdamW with honed's parameter groups, honed's batches (padding-free rows
-                   when SPEC `padding_free` is true) and loss (logits at labelled positions only): what is
+                   as honed's default, padded when SPEC `padding_free` is false) and loss (logits at labelled positions only): what is
                    left is Ray Train + the loop
             plain  what a bare eager loop does: the HF model and peft as they come, the model's own loss
                    (`labels=`, logits at every position), torch AdamW's default implementation
@@ -590,7 +590,7 @@ def bare_main(spec: dict, result_path: str) -> None:
     autocast = torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    flat = not plain and spec.get("padding_free", False)  # honed's loop: optim.padding_free (default off)
+    flat = not plain and spec.get("padding_free", True)  # honed's loop: optim.padding_free (on for lora/full)
     if flat:
         from honed.train.attention import use_varlen
 

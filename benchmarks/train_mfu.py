@@ -3,6 +3,7 @@ limits it.
 
     .venv/bin/python benchmarks/train_mfu.py            # 8 steps x 2 repeats + a profile (~10 min on 2 CPUs)
     .venv/bin/python benchmarks/train_mfu.py --quick    # 4 steps x 1 repeat, 1 profiled step
+    .venv/bin/python benchmarks/train_mfu.py --compile  # honed with optim.compile → train_mfu_compiled.json
 
 Full fine-tuning of SmolLM2-135M-Instruct (every weight, fp32 master weights, AdamW lr 2e-5, grad clip
 1.0), batch 8 of the prepared demo corpus, 1 worker, 1 torch thread.
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--group-by-length", type=int, default=GROUP_BY_LENGTH,
                         help="honed's optim.group_by_length (default: honed's default, off)")
+    parser.add_argument("--compile", action="store_true",
+                        help="honed with optim.compile (torch.compile'd decoder) → train_mfu_compiled.json")
     parser.add_argument("--peak-flops", type=float, help="a datasheet peak (e.g. 989e12 for H100/H200 dense bf16): "
                                                            "adds MFU against it")
     args = parse_args(parser, "train_mfu", "CUDA, bf16 autocast over fp32 master weights", quick={"steps": 4, "repeats": 1, "profile_steps": 1})
@@ -85,7 +88,7 @@ def main() -> None:
             if kind == "honed":
                 cfg = honed_config(data, WORK / "runs" / tag, method="full", steps=args.steps, lr=LR,
                                    batch_size=args.batch_size, threads=args.threads, gpu=args.gpu, log_every=log_every,
-                                   extra={"optim.group_by_length": args.group_by_length})
+                                   extra={"optim.group_by_length": args.group_by_length, "optim.compile": args.compile})
                 runs[kind] = run_process("honed", {"config": cfg, "threads": args.threads}, tag)
                 e = runs[kind]["efficiency"]
                 log(f"  honed: {e['nonpad_tokens_per_s']:.1f} non-pad tok/s, MFU {e['mfu']:.3f} of "
@@ -102,8 +105,9 @@ def main() -> None:
 
     # Where honed's step time goes: the same computation as honed's worker (kernels "honed") under the profiler
     profile_warmup = 3
-    log(f"profile: honed's step in a bare process ({profile_warmup} + {args.profile_steps} steps) ...")
-    profiled = run_process("bare", {
+    if args.profile_steps:
+        log(f"profile: honed's step in a bare process ({profile_warmup} + {args.profile_steps} steps) ...")
+    profiled = {} if not args.profile_steps else run_process("bare", {
         "method": "full", "model_path": model_path, "data_dir": str(data), "steps": profile_warmup,
         "batch_size": args.batch_size, "lr": LR, "warmup": 10, "threads": args.threads, "gpu": args.gpu,
         "measure_peak": False, "seed": 0, "kernels": "honed", "profile_steps": args.profile_steps,
@@ -178,7 +182,7 @@ def main() -> None:
                    "batch_size": args.batch_size, "lr": LR, "threads": args.threads, "gpu": args.gpu,
                    "repeats": args.repeats, "profile_steps": args.profile_steps, "data": str(data),
                    "total_params": n_params, "datasheet_peak_flops": args.peak_flops,
-                   "group_by_length": args.group_by_length},
+                   "group_by_length": args.group_by_length, "compile": args.compile},
         "peaks_measured": peaks, "common_peak_flops": common,
         "repeats": rows,
         "mfu": {"honed": spread(honed_mfu), "bare": spread(bare_mfu),
@@ -194,7 +198,7 @@ def main() -> None:
         "goal": f">= {GOAL} (honed, common peak, median)",
         "met": spread([r["honed"]["mfu_common_peak"] for r in rows])["median"] >= GOAL,
     }
-    out = write_result("train_mfu", result, args.out)
+    out = write_result("train_mfu_compiled" if args.compile else "train_mfu", result, args.out)
     log(f"MFU honed {honed_mfu}, bare {bare_mfu} (own peaks); common peak {common / 1e9:.1f} GFLOP/s; fastest "
         f"third of steps: {best_steps} → {out}")
     if optimizer:

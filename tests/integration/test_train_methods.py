@@ -64,6 +64,9 @@ CASES: dict[str, tuple[dict, dict, float, bool]] = {
     "lora_dora": ({"name": "lora", "lora": {"use_dora": True}}, {"lr": 1e-2}, 1.0, False),
     "lora_zero2": ({"name": "lora", "deepspeed": {"zero_stage": 2}}, {"lr": 1e-2}, 1.0, False),
     "qlora": ({"name": "qlora", "quant": {"quant_type": "nf4", "double_quant": True}}, {"lr": 1e-2}, 1.0, False),
+    # optim.compile: the decoder compiled by inductor in each worker, under DDP
+    "full_compiled": ({"name": "full"}, {"lr": 3e-3, "compile": True}, 1.0, False),
+    "lora_compiled": ({"name": "lora", "lora": {"lr": 1e-2}}, {"lr": 1e-3, "compile": True}, 1.0, False),
     "prefix": ({"name": "prefix"}, {"lr": 3e-1}, 0.5, False),
     "ia3": ({"name": "ia3"}, {"lr": 3e-1}, 0.5, False),
 }

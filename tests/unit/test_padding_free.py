@@ -157,7 +157,11 @@ def test_flattened_row_with_a_lora_adapter(model_path):
 def test_padding_free_config_errors():
     from honed.config import TrainConfig
 
-    assert TrainConfig.model_validate({"method": {"name": "prefix"}}).optim.padding_free is False  # default
+    auto = {name: TrainConfig.model_validate({"method": {"name": name}}).optim.padding_free
+            for name in ("full", "lora", "qlora", "ia3", "prefix", "dpo")}
+    assert auto == {"full": True, "lora": True, "qlora": True, "ia3": True, "prefix": False, "dpo": False}
+    assert TrainConfig.model_validate({"optim": {"compile": True}}).optim.padding_free is False  # auto, compiled
+    assert not TrainConfig.model_validate({"optim": {"padding_free": False}}).optim.padding_free
     for method in ("prefix", "dpo"):
         with pytest.raises(ValueError, match=f"padding_free cannot be used with method {method}"):
             TrainConfig.model_validate({"method": {"name": method}, "optim": {"padding_free": True}})

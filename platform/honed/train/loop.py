@@ -28,7 +28,7 @@ from honed.train.attention import BOUNDARY_KEYS, flatten, use_varlen
 from honed.train.batching import length_grouped
 from honed.train.backends import make_backend
 from honed.train.efficiency import Meter, efficiency_report, format_report, measure_peak_flops, peak_memory_mb
-from honed.train.methods import build_model, compute_dtype, count_params
+from honed.train.methods import build_model, compile_decoder, compute_dtype, count_params
 
 PROGRESS_FILE = "progress.json"
 METRICS_FILE = "metrics.jsonl"
@@ -51,6 +51,8 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(config["method"], config["model_path"], config["dtype"], device)
     if padding_free(config):
         use_varlen(model)
+    if config["optim"].get("compile"):
+        compile_decoder(model)
     trainable, total_params = count_params(model)
     backend = make_backend(model, config, device)
     seed_everything(config["seed"] + rank)  # then one dropout stream per rank

@@ -91,6 +91,26 @@ def use_fast_dropout(model) -> int:
     return swapped
 
 
+def compile_decoder(model) -> torch.nn.Module:
+    """`optim.compile`: compile the decoder stack of `model` (a transformers causal LM or a peft wrapper of
+    one) in place with inductor and dynamic shapes; returns the compiled module.
+
+    In place (`nn.Module.compile`), so parameter names, state dicts, checkpoints and exports are unchanged;
+    the vocabulary projection and the loss stay eager, where honed gathers the labelled positions (a
+    data-dependent shape). `FastDropout` draws its masks with numpy, which no graph can hold, so compiled
+    adapters go back to `nn.Dropout`, whose random numbers inductor generates inside its fused kernels."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for key, drop in drops.items():
+                if isinstance(drop, FastDropout):
+                    drops[key] = torch.nn.Dropout(drop.p)
+    decoder = base.get_decoder()
+    decoder.compile(dynamic=True)
+    return decoder
+
+
 def from_sft_adapter(base, adapter_dir: str):
     """DPO from an SFT adapter: its weights twice, as the trained adapter (`default`) and as the frozen
     reference (`reference`, see honed.train.dpo); the base weights stay one copy."""
