@@ -16,7 +16,7 @@ Full fine-tuning of SmolLM2-135M-Instruct (every weight, fp32 master weights, Ad
   honed  `train(cfg)` under Ray Train (1 worker); MFU from its efficiency.json.
   bare   a plain eager loop (benchmarks/_train_bench.py, kernels "plain"): the HF model's own loss over every
          position, torch AdamW's default implementation, batches in shard order: the reference.
-  profile  honed's step (kernels "honed": fused AdamW, labelled-only logits, length-grouped batches) in a bare
+  profile  honed's step (kernels "honed": fused AdamW, labelled-only logits, padding-free rows) in a bare
          process, 3 steps then `--profile-steps` under torch.profiler: self time by op category (matmul,
          attention, softmax/CE, optimizer, elementwise, ...), the matmul FLOPs the profiler counts and the
          FLOP/s those matmuls achieve, the per-phase split, and AdamW implementations timed side by side.
@@ -153,7 +153,7 @@ def main() -> None:
     analysis = {}
     if profile:
         counts = step_token_counts(data, args.batch_size, profile_warmup + args.profile_steps,
-                                   args.group_by_length)[profile_warmup:]
+                                   args.group_by_length, flat=True)[profile_warmup:]  # the profile runs padding-free
         profiled_tokens = sum(t["nonpad"] for t in counts)
         fed_tokens = sum(t["fed"] for t in counts)
         analysis = {
@@ -163,9 +163,9 @@ def main() -> None:
             "matmul_achieved_flops_per_s": profile["matmul_achieved_flops_per_s"],
             "matmul_achieved_over_common_peak": round(profile["matmul_achieved_flops_per_s"] / common, 4)
             if profile["matmul_achieved_flops_per_s"] else None,
-            "note": "6N counts every parameter for every non-pad token; the profiler's matmul FLOPs include the "
-                    "padding left after length grouping, lm_head only at labelled positions (honed's loss), and no "
-                    "attention score FLOPs (fused SDPA kernel).",
+            "note": "6N counts every parameter for every non-pad token; the profiler's matmul FLOPs cover honed's "
+                    "default padding-free rows (no padding), lm_head only at labelled positions (honed's loss), and "
+                    "no attention score FLOPs (fused SDPA kernel).",
         }
     best = {k: best_rate([x for r in rows for x in r[k]["step_rates"]]) for k in ("honed", "bare")}
     best_steps = {"fraction": "fastest third of the measured steps, all repeats pooled",
