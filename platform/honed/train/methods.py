@@ -77,18 +77,24 @@ class _SeededDropout(torch.autograd.Function):
         return grad * keep.to(grad.dtype).mul_(ctx.scale), None, None
 
 
-def use_fast_dropout(model) -> int:
-    """Swap the `nn.Dropout` modules of a peft model's adapters (`lora_dropout`) for `FastDropout`; returns
-    how many were swapped."""
+def swap_lora_dropout(model, replace) -> int:
+    """Replace each adapter dropout `drop` of a peft model (`lora_dropout`) by `replace(drop)` unless that
+    returns None; returns how many were replaced."""
     swapped = 0
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
         if isinstance(drops, torch.nn.ModuleDict):
             for key, drop in drops.items():
-                if type(drop) is torch.nn.Dropout and drop.p > 0:
-                    drops[key] = FastDropout(drop.p)
+                new = replace(drop)
+                if new is not None:
+                    drops[key] = new
                     swapped += 1
     return swapped
+
+
+def use_fast_dropout(model) -> int:
+    """Swap the `nn.Dropout` modules of a peft model's adapters for `FastDropout`; returns how many."""
+    return swap_lora_dropout(model, lambda d: FastDropout(d.p) if type(d) is torch.nn.Dropout and d.p > 0 else None)
 
 
 def compile_decoder(model) -> torch.nn.Module:
@@ -99,13 +105,8 @@ def compile_decoder(model) -> torch.nn.Module:
     the vocabulary projection and the loss stay eager, where honed gathers the labelled positions (a
     data-dependent shape). `FastDropout` draws its masks with numpy, which no graph can hold, so compiled
     adapters go back to `nn.Dropout`, whose random numbers inductor generates inside its fused kernels."""
+    swap_lora_dropout(model, lambda d: torch.nn.Dropout(d.p) if isinstance(d, FastDropout) else None)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for module in model.modules():
-        drops = getattr(module, "lora_dropout", None)
-        if isinstance(drops, torch.nn.ModuleDict):
-            for key, drop in drops.items():
-                if isinstance(drop, FastDropout):
-                    drops[key] = torch.nn.Dropout(drop.p)
     decoder = base.get_decoder()
     decoder.compile(dynamic=True)
     return decoder
