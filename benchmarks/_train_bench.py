@@ -547,11 +547,12 @@ def bare_main(spec: dict, result_path: str) -> None:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import get_scheduler
+
+    from honed.models import load_tokenizer
 
     seed_all(spec.get("seed", 0))
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = load_tokenizer(model_path).pad_token_id  # honed's loader: eos when the model has no pad token
     plain = spec.get("kernels", "honed") == "plain"
     load_started = time.perf_counter()
     if plain:
@@ -688,13 +689,13 @@ def variants_main(spec: dict, result_path: str) -> None:
     """`loss_variants` on the first batch of each dataset in `spec['batches']` ({name: [data_dir, batch size]})
     with the model of `spec['method']`, in one process (the same model for every batch)."""
     import torch
-    from transformers import AutoTokenizer
+
+    from honed.models import load_tokenizer
 
     torch.set_num_threads(spec.get("threads", 1))
     device = torch.device("cuda" if spec.get("gpu") else "cpu")
     torch.manual_seed(spec.get("seed", 0))
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = load_tokenizer(spec["model_path"]).pad_token_id
     model = build_bare_model(spec, device)
     out = {}
     for name, (data_dir, batch_size) in spec["batches"].items():
@@ -716,6 +717,7 @@ def interleaved_main(spec: dict, result_path: str) -> None:
     import torch
 
     from honed.config import MethodConfig, OptimConfig
+    from honed.models import load_tokenizer
     from honed.train.attention import use_varlen
     from honed.train.loop import causal_lm_loss
     from honed.train.methods import build_model, make_optimizer, param_groups
@@ -731,10 +733,7 @@ def interleaved_main(spec: dict, result_path: str) -> None:
     use_varlen(model)
     optimizer = make_optimizer(settings, param_groups(model, method, settings))
     params = [p for p in model.parameters() if p.requires_grad]
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = load_tokenizer(spec["model_path"]).pad_token_id
     arms = spec["arms"]
     steps = spec["steps"]
     rows = {name: batched_rows(Path(a["data_dir"]), a["batch_size"], steps) for name, a in arms.items()}
