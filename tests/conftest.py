@@ -3,6 +3,7 @@ chain (prepare → train → eval/merge/serve), each built once per session, and
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,25 @@ BIN = Path(sys.executable).parent
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# A line Ray forwards to this driver from an actor's output, e.g. "\x1b[36m(PlacementGroupCleaner pid=41)\x1b[0m ...".
+RAY_FORWARDED_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\([^)\n]*pid=\d+[^)\n]*\)")
+
+
+@pytest.fixture
+def own_output(capsys):
+    """capsys.readouterr() less the lines Ray forwards from actors: those arrive whenever Ray's log thread gets
+    to them, e.g. from the placement-group cleaner of a Ray Train run an earlier test left in ray_local."""
+
+    def drop_forwarded(text: str) -> str:
+        return "".join(line for line in text.splitlines(keepends=True) if not RAY_FORWARDED_LINE.match(line))
+
+    def read():
+        captured = capsys.readouterr()
+        return captured._replace(out=drop_forwarded(captured.out), err=drop_forwarded(captured.err))
+
+    return read
 
 
 @pytest.fixture(scope="session")

@@ -144,11 +144,11 @@ def test_cli_refuses_missing_inputs_before_ray_starts(argv, message, capsys):
     assert ("ray" in _sys.modules) == had_ray
 
 
-def test_cli_print_config_roundtrips(capsys):
+def test_cli_print_config_roundtrips(own_output):
     from honed.cli import main
 
     assert main(["train", "optim.lr=0.5", "--print-config"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["optim"]["lr"] == 0.5
+    assert yaml.safe_load(own_output().out)["optim"]["lr"] == 0.5
 
 
 @pytest.mark.parametrize("cls", [TrainConfig, DemoConfig])

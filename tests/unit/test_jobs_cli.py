@@ -129,27 +129,28 @@ def test_submit_cli_exits_2_naming_the_problem(job_dir, capsys):
     assert "entrypoint_num_cpus = -1: Input should be greater than or equal to 0" in capsys.readouterr().err
 
 
-def printed_job(capsys, argv: list[str]) -> dict:
+def printed_job(own_output, argv: list[str]) -> dict:
     assert main(argv) == 0
-    return yaml.safe_load(capsys.readouterr().out)
+    return yaml.safe_load(own_output().out)
 
 
-def test_address_order_flag_then_file_then_environment_then_default(job_dir, capsys, monkeypatch):
+def test_address_order_flag_then_file_then_environment_then_default(job_dir, own_output, monkeypatch):
     bare, pinned = write_job(job_dir / "bare.yaml"), write_job(job_dir / "pinned.yaml", address="http://file:8265")
-    assert printed_job(capsys, ["submit", bare, "--print-config"])["address"] == DEFAULT_ADDRESS
+    assert printed_job(own_output, ["submit", bare, "--print-config"])["address"] == DEFAULT_ADDRESS
     monkeypatch.setenv("RAY_ADDRESS", "http://env:8265")
-    assert printed_job(capsys, ["submit", bare, "--print-config"])["address"] == "http://env:8265"
-    assert printed_job(capsys, ["submit", pinned, "--print-config"])["address"] == "http://file:8265"
-    assert printed_job(capsys, ["submit", pinned, "--print-config", "--address", "http://flag:8265"])["address"] \
+    assert printed_job(own_output, ["submit", bare, "--print-config"])["address"] == "http://env:8265"
+    assert printed_job(own_output, ["submit", pinned, "--print-config"])["address"] == "http://file:8265"
+    assert printed_job(own_output, ["submit", pinned, "--print-config", "--address", "http://flag:8265"])["address"] \
         == "http://flag:8265"
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://api:8265")  # Ray's own Jobs API variable goes first
     assert resolve_address(None) == "http://api:8265"
 
 
-def test_print_config_shows_overrides_and_the_runtime_env_read_from_its_file(job_dir, capsys):
+def test_print_config_shows_overrides_and_the_runtime_env_read_from_its_file(job_dir, own_output):
     (job_dir / "env.yaml").write_text("working_dir: .\nexcludes: [runs]\n")
-    job = printed_job(capsys, ["submit", write_job(job_dir / "job.yaml", runtime_env="env.yaml"), "submission_id=run-2",
-                               "metadata.owner=me", "entrypoint_num_cpus=0.5", "--print-config"])
+    job = printed_job(own_output, ["submit", write_job(job_dir / "job.yaml", runtime_env="env.yaml"),
+                                   "submission_id=run-2", "metadata.owner=me", "entrypoint_num_cpus=0.5",
+                                   "--print-config"])
     assert job["submission_id"] == "run-2" and job["metadata"] == {"owner": "me"}
     assert job["entrypoint_num_cpus"] == 0.5
     assert job["runtime_env"] == {"working_dir": ".", "excludes": ["runs"]}
@@ -166,13 +167,13 @@ def test_jobs_subcommands_parse():
             parser().parse_args(argv)
 
 
-def test_unreachable_cluster_is_a_clear_error_and_the_flag_beats_ray_address(job_dir, capsys, monkeypatch,
+def test_unreachable_cluster_is_a_clear_error_and_the_flag_beats_ray_address(job_dir, own_output, monkeypatch,
                                                                           free_port):
     flag, env = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("RAY_ADDRESS", env)  # Ray alone would let this win over the address it is handed
     assert main(["jobs", "list", "--address", flag]) == 1
-    err = capsys.readouterr().err
+    err = own_output().err
     assert err.startswith(f"honed jobs list: Failed to connect to Ray at address: {flag}.")
     assert "Is a cluster running there?" in err and env not in err
     assert main(["submit", write_job(job_dir / "job.yaml"), "--no-wait"]) == 1
-    assert f"honed submit: Failed to connect to Ray at address: {env}." in capsys.readouterr().err
+    assert f"honed submit: Failed to connect to Ray at address: {env}." in own_output().err

@@ -224,36 +224,36 @@ def test_default_cache_dir_is_per_registry(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def honed(capsys, *argv: str) -> tuple[int, str, str]:
+def honed(own_output, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
-    out = capsys.readouterr()
+    out = own_output()
     return code, out.out, out.err
 
 
-def test_cli_add_list_show_remove(tmp_path, capsys, adapter_dir, monkeypatch):
+def test_cli_add_list_show_remove(tmp_path, own_output, adapter_dir, monkeypatch):
     uri = str(tmp_path / "reg")
     eval_file = tmp_path / "eval.json"
     eval_file.write_text(json.dumps({"scores": {"base": {"token_f1": 0.1}, "tuned": {"token_f1": 0.4,
                                                                                       "exact_match": 0.25}}}))
-    assert honed(capsys, "registry", "add", "icd10-lora", str(adapter_dir), "--registry", uri) == \
+    assert honed(own_output, "registry", "add", "icd10-lora", str(adapter_dir), "--registry", uri) == \
         (0, "icd10-lora@1\n", "")
-    code, out, _ = honed(capsys, "registry", "add", "icd10-lora", str(adapter_dir), "--eval", str(eval_file),
+    code, out, _ = honed(own_output, "registry", "add", "icd10-lora", str(adapter_dir), "--eval", str(eval_file),
                          "--registry", uri)
     assert (code, out) == (0, "icd10-lora@2\n")
 
     monkeypatch.setenv("HONED_REGISTRY", uri)  # the default registry when --registry is not given
-    code, out, _ = honed(capsys, "registry", "list")
+    code, out, _ = honed(own_output, "registry", "list")
     header, first, second = out.splitlines()
     assert code == 0 and header.split() == ["name", "version", "base_model", "base_weights_sha256",
                                             "adapter_sha256", "registered_at", "promotable", "exact_match",
                                             "token_f1"]
     assert header.index("version") == first.index(" 1 ") + 1 == second.index(" 2 ") + 1  # aligned columns
     assert second.split()[-2:] == ["0.25", "0.4"]
-    code, out, _ = honed(capsys, "registry", "list", "--json")
+    code, out, _ = honed(own_output, "registry", "list", "--json")
     assert [r["version"] for r in json.loads(out)] == [1, 2]
-    code, out, _ = honed(capsys, "registry", "show", "icd10-lora")
+    code, out, _ = honed(own_output, "registry", "show", "icd10-lora")
     assert json.loads(out)["eval"]["scores"]["tuned"]["exact_match"] == 0.25
-    assert honed(capsys, "registry", "remove", "icd10-lora@1") == (0, "removed icd10-lora@1\n", "")
+    assert honed(own_output, "registry", "remove", "icd10-lora@1") == (0, "removed icd10-lora@1\n", "")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -263,9 +263,9 @@ def test_cli_add_list_show_remove(tmp_path, capsys, adapter_dir, monkeypatch):
     (["add", "x", "/no/such/dir"], "adapter_config.json missing"),
     (["add", "x", "ADAPTER", "--eval", "/no/such/eval.json"], "No such file"),
 ])
-def test_cli_errors_exit_2_with_one_line(tmp_path, capsys, adapter_dir, argv, message):
+def test_cli_errors_exit_2_with_one_line(tmp_path, own_output, adapter_dir, argv, message):
     argv = [str(adapter_dir) if a == "ADAPTER" else a for a in argv]
-    code, out, err = honed(capsys, "registry", *argv, "--registry", str(tmp_path / "reg"))
+    code, out, err = honed(own_output, "registry", *argv, "--registry", str(tmp_path / "reg"))
     assert code == 2 and out == "" and err.startswith("honed registry: ") and message in err
     assert len(err.strip().splitlines()) == 1
 

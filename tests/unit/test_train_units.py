@@ -502,14 +502,14 @@ def test_honed_train_cli_exits_before_ray_on_bad_config(tmp_path, yaml_text, mes
     assert "Started a local Ray instance" not in out and "ray.init" not in out.lower()
 
 
-def test_cli_main_never_reaches_init_ray_on_bad_config(monkeypatch, capsys, tmp_path):
+def test_cli_main_never_reaches_init_ray_on_bad_config(monkeypatch, own_output, tmp_path):
     import honed.runtime
     from honed.cli import main
 
     monkeypatch.setattr(honed.runtime, "init_ray", lambda *a, **k: pytest.fail("init_ray called"))
     for overrides, expected in BAD_CONFIGS.values():
         assert main(["train", *overrides, f"data_dir={tmp_path}"]) == 2
-        err = capsys.readouterr().err
+        err = own_output().err
         assert err.startswith("honed train: invalid TrainConfig")
         assert all(text in err for text in expected)
 
