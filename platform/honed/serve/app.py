@@ -105,7 +105,8 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 # ---------------------------------------------------------------------------------------------- the model
 class LoadedAdapter:
-    """An adapter resident in the replica's PeftModel; Serve calls __del__ when LRU evicts it."""
+    """An adapter placed on the replica's model (MultiLora), as Serve's LRU holds it: Serve calls __del__ when the
+    LRU evicts it (and Python does when the object is dropped)."""
 
     def __init__(self, server, name: str, meta: dict):
         self.server, self.name, self.meta = server, name, meta
@@ -155,8 +156,11 @@ class ModelServer:
         self.lora = MultiLora(self.model)
         self.live = LiveModel(self)
         self.model_lock = threading.Lock()
+        # An adapter stays placed in self.lora while Serve's LRU holds it or a request decodes with it; both are
+        # read and changed under model_lock, and an unload checks them again when it runs on the model thread.
+        self.held: set[str] = set()  # adapters Serve's LRU holds (loaded and not evicted since)
         self.in_use: collections.Counter[str] = collections.Counter()  # adapter → requests decoding with it
-        self.evicted: dict[str, dict] = {}  # evicted by the LRU while in use (→ meta): deleted when no longer used
+        self.adapter_meta: dict[str, dict] = {}  # placed adapter → its honed.json
         self.mixed_steps = 0  # decode steps whose rows named two or more models
         # Every call into torch (decode steps, adapter loads and unloads) runs on this one thread: OpenMP gives
         # each calling thread a team of its own, and work hopping between pool threads decoded 40 % slower.
@@ -182,8 +186,9 @@ class ModelServer:
     def _load_adapter(self, model_id: str) -> LoadedAdapter:
         """Read, check and place one adapter; a failure leaves the replica as it was and fails only this request."""
         with self.model_lock:
-            if model_id in self.evicted:  # evicted but still decoding: it never left the model
-                return LoadedAdapter(self, model_id, self.evicted.pop(model_id))
+            if model_id in self.lora.slots:  # evicted while requests decode with it, or its unload has not run yet
+                self.held.add(model_id)
+                return LoadedAdapter(self, model_id, self.adapter_meta[model_id])
         try:
             path = self._adapter_dir(model_id)
             meta = read_adapter_meta(path)
@@ -205,25 +210,36 @@ class ModelServer:
             except Exception as err:  # noqa: BLE001
                 raise APIError(500, f"adapter '{model_id}' could not be loaded: {type(err).__name__}: {err}",
                                "model", "adapter_load_failed") from None
+            self.held.add(model_id)
+            self.adapter_meta[model_id] = meta
         return LoadedAdapter(self, model_id, meta)
 
     def unload_adapter(self, name: str, meta: dict) -> None:
+        """Serve's LRU evicted `name`: it leaves the model once no request decodes with it."""
         with self.model_lock:
-            if self.in_use[name]:
-                self.evicted[name] = meta
-            else:
-                self.model_thread.submit(self._unload, name)
+            self.held.discard(name)
+        self._unload_if_unwanted(name)
 
     def _release(self, name: str) -> None:
         with self.model_lock:
             self.in_use[name] -= 1
-            if not self.in_use[name] and self.evicted.pop(name, None) is not None:
-                self.model_thread.submit(self._unload, name)
+            if not self.in_use[name]:
+                del self.in_use[name]
+        self._unload_if_unwanted(name)
+
+    def _unload_if_unwanted(self, name: str) -> None:
+        with self.model_lock:
+            if name in self.held or self.in_use[name]:
+                return
+        self.model_thread.submit(self._unload, name)
 
     def _unload(self, name: str) -> None:
+        # Queued behind whatever the model thread had to do: a load of `name` may have run meanwhile and its
+        # request not yet marked it in use, but the LRU then holds it again.
         with self.model_lock:
-            if name not in self.evicted and not self.in_use[name]:  # not wanted again meanwhile
+            if name not in self.held and not self.in_use[name]:
                 self.lora.unload(name)
+                self.adapter_meta.pop(name, None)
 
     def stats(self) -> dict:
         """This replica's batching counts (decode steps, rows summed over steps, the largest batch, requests, steps
