@@ -557,24 +557,15 @@ def bare_main(spec: dict, result_path: str) -> None:
     load_started = time.perf_counter()
     if plain:
         model = build_bare_model(spec, device)
-    else:  # honed's own model builder (peft config, CPU dropout) and optimizer (fused AdamW, param groups)
-        from honed.config import MethodConfig, OptimConfig
-        from honed.train.methods import build_model, make_optimizer, param_groups
-
-        method = MethodConfig(name=spec["method"], activation_checkpointing=spec.get("activation_checkpointing", False),
-                              **({"lora": spec.get("lora", LORA)} if spec["method"] in ("lora", "qlora") else {})
-                              ).model_dump()
-        settings = OptimConfig(lr=spec["lr"], weight_decay=0.0, optimizer=spec.get("optimizer", "adamw")).model_dump()
-        model = build_model(method, model_path, "auto", device)
+        optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.requires_grad],
+                                        "lr": spec["lr"], "weight_decay": 0.0}], lr=spec["lr"], betas=(0.9, 0.999),
+                                      weight_decay=0.0)
+    else:
+        model, optimizer = honed_model_and_optimizer(spec, device)
     load_s = time.perf_counter() - load_started
     params = [p for p in model.parameters() if p.requires_grad]
     total_params = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
                        for p in model.parameters())
-    if plain:
-        optimizer = torch.optim.AdamW([{"params": params, "lr": spec["lr"], "weight_decay": 0.0}], lr=spec["lr"],
-                                      betas=(0.9, 0.999), weight_decay=0.0)
-    else:
-        optimizer = make_optimizer(settings, param_groups(model, method, settings))
     steps, batch_size = spec["steps"], spec["batch_size"]
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=spec.get("warmup", 10), num_training_steps=steps)
     seed_all(spec.get("seed", 0))  # the dropout stream, as honed re-seeds (seed + rank 0) after building
@@ -677,6 +668,20 @@ def bare_main(spec: dict, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(result))
 
 
+def honed_model_and_optimizer(spec: dict, device):
+    """honed's own model builder (peft config, CPU dropout, activation checkpointing) and optimizer (fused
+    AdamW or the named bitsandbytes one, honed's param groups) for spec `method`, `lr`, `lora`, `optimizer`."""
+    from honed.config import MethodConfig, OptimConfig
+    from honed.train.methods import build_model, make_optimizer, param_groups
+
+    name = spec["method"]
+    method = MethodConfig(name=name, activation_checkpointing=spec.get("activation_checkpointing", False),
+                          **({"lora": spec.get("lora", LORA)} if name in ("lora", "qlora") else {})).model_dump()
+    settings = OptimConfig(lr=spec["lr"], weight_decay=0.0, optimizer=spec.get("optimizer", "adamw")).model_dump()
+    model = build_model(method, spec["model_path"], "auto", device)
+    return model, make_optimizer(settings, param_groups(model, method, settings))
+
+
 def collate_rows(batch: list[dict], pad_id: int, device, flat: bool = False) -> dict:
     """honed.train.loop.collate over a list of shard rows: right-padded (or stacked packed) rows, or with
     `flat` one padding-free row (optim.padding_free); `n_tokens` counts the non-pad tokens."""
@@ -716,22 +721,17 @@ def interleaved_main(spec: dict, result_path: str) -> None:
     transformers' SDPA path unchanged."""
     import torch
 
-    from honed.config import MethodConfig, OptimConfig
     from honed.models import load_tokenizer
     from honed.train.attention import use_varlen
     from honed.train.loop import causal_lm_loss
-    from honed.train.methods import build_model, make_optimizer, param_groups
 
     torch.set_num_threads(spec.get("threads", 1))
     torch.manual_seed(spec.get("seed", 0))
     device = torch.device("cuda" if spec.get("gpu") else "cpu")
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # as honed on GPU
-    method = MethodConfig(name="lora", lora=spec.get("lora", LORA)).model_dump()
-    settings = OptimConfig(lr=spec.get("lr", 2e-4), weight_decay=0.0).model_dump()
-    model = build_model(method, spec["model_path"], "auto", device)
+    model, optimizer = honed_model_and_optimizer({"method": "lora", "lr": 2e-4, **spec}, device)
     use_varlen(model)
-    optimizer = make_optimizer(settings, param_groups(model, method, settings))
     params = [p for p in model.parameters() if p.requires_grad]
     pad_id = load_tokenizer(spec["model_path"]).pad_token_id
     arms = spec["arms"]
