@@ -42,17 +42,10 @@ def loss_and_grads(model, inputs) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), grads
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    from honed.models import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-
-
 @pytest.mark.parametrize("name", ["full", "lora"])
-def test_compiled_decoder_matches_eager_over_changing_shapes(model_path, name):
+def test_compiled_decoder_matches_eager_over_changing_shapes(tiny_model, name):
     torch.manual_seed(0)
-    model = build_model(method(name), model_path, "float32", CPU)
+    model = build_model(method(name), tiny_model, "float32", CPU)
     model.train()
     batches = [batch([7, 11, 5], 1), batch([13, 4], 2), batch([9, 9, 3, 6], 3)]  # three shapes
     eager = [loss_and_grads(model, b) for b in batches]
@@ -71,8 +64,8 @@ def test_compiled_decoder_matches_eager_over_changing_shapes(model_path, name):
     assert frames <= 4, f"{frames} graphs compiled for three batch shapes: dynamic shapes were not used"
 
 
-def test_compiled_adapters_use_torch_dropout(model_path):
-    model = build_model(method("lora", dropout=0.1), model_path, "float32", CPU)
+def test_compiled_adapters_use_torch_dropout(tiny_model):
+    model = build_model(method("lora", dropout=0.1), tiny_model, "float32", CPU)
     assert any(isinstance(m, FastDropout) for m in model.modules())  # honed's CPU default
     compile_decoder(model)
     drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p == 0.1]

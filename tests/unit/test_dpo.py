@@ -87,11 +87,10 @@ def brute_force_logp(model, ids, labels) -> float:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from honed.models import load_tokenizer, make_tiny_model
+def tiny(tiny_model):
+    from honed.models import load_tokenizer
 
-    path = make_tiny_model(tmp_path_factory.mktemp("dpo") / "tiny")
-    return path, load_tokenizer(path)
+    return tiny_model, load_tokenizer(tiny_model)
 
 
 def lora_dpo_model(path, adapter=None, r=4):

@@ -23,13 +23,6 @@ def examples(lengths, seed=0, prompt=2):
     return {"input_ids": np.array(ids + [None], dtype=object)[:-1], "labels": np.array(labels + [None], dtype=object)[:-1]}
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    from honed.models import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-
-
 def load(path, varlen: bool):
     from transformers import AutoModelForCausalLM
 
@@ -78,11 +71,11 @@ def test_collate_flat_counts_only_real_tokens():
     assert flat["input_ids"].numel() == 16 and padded["input_ids"].numel() == 27
 
 
-def test_flattened_row_gives_the_padded_batch_loss_and_gradients(model_path):
+def test_flattened_row_gives_the_padded_batch_loss_and_gradients(tiny_model):
     batch = examples([7, 12, 5, 9, 3])
-    base = load(model_path, varlen=False)
+    base = load(tiny_model, varlen=False)
     loss_p, n_p, grads_p = loss_and_grads(base, collate(batch, 0, CPU))
-    flat_model = load(model_path, varlen=True)
+    flat_model = load(tiny_model, varlen=True)
     assert flat_model.config._attn_implementation == IMPLEMENTATION
     loss_f, n_f, grads_f = loss_and_grads(flat_model, collate(batch, 0, CPU, flat=True))
     assert n_f == n_p
@@ -90,10 +83,10 @@ def test_flattened_row_gives_the_padded_batch_loss_and_gradients(model_path):
     assert max(float((a - b).abs().max()) for a, b in zip(grads_p, grads_f)) < 1e-5
 
 
-def test_packed_rows_flattened_equal_each_example_alone(model_path):
+def test_packed_rows_flattened_equal_each_example_alone(tiny_model):
     """Two examples packed into one row score exactly as each alone: nothing leaks across the boundary."""
     batch = examples([6, 9], seed=3)
-    model = load(model_path, varlen=True)
+    model = load(tiny_model, varlen=True)
     ids = [np.concatenate([batch["input_ids"][0], batch["input_ids"][1], [0, 0]])]
     labels = [np.concatenate([batch["labels"][0], batch["labels"][1], [-100, -100]])]
     positions = [np.concatenate([np.arange(6), np.arange(9), np.arange(2)])]
@@ -106,8 +99,8 @@ def test_packed_rows_flattened_equal_each_example_alone(model_path):
     assert float(loss_packed) == pytest.approx(total / n_packed, abs=1e-5)
 
 
-def test_changing_one_example_leaves_the_others_logits(model_path):
-    model = load(model_path, varlen=True)
+def test_changing_one_example_leaves_the_others_logits(tiny_model):
+    model = load(tiny_model, varlen=True)
     batch = examples([5, 8, 6], seed=1)
     changed = {k: v.copy() for k, v in batch.items()}
     changed["input_ids"][0] = changed["input_ids"][0][::-1].copy()
@@ -123,9 +116,9 @@ def test_changing_one_example_leaves_the_others_logits(model_path):
     torch.testing.assert_close(a[5:], b[5:], rtol=0, atol=1e-6)
 
 
-def test_varlen_model_without_boundaries_is_sdpa(model_path):
+def test_varlen_model_without_boundaries_is_sdpa(tiny_model):
     """Left padding with a mask (generation, evaluation), and per-row validation losses, are unchanged."""
-    sdpa, varlen = load(model_path, varlen=False), load(model_path, varlen=True)
+    sdpa, varlen = load(tiny_model, varlen=False), load(tiny_model, varlen=True)
     ids = torch.tensor([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     with torch.no_grad():
@@ -137,14 +130,14 @@ def test_varlen_model_without_boundaries_is_sdpa(model_path):
         assert [s for s, _ in got] == pytest.approx([s for s, _ in expected], abs=1e-5)
 
 
-def test_flattened_row_with_a_lora_adapter(model_path):
+def test_flattened_row_with_a_lora_adapter(tiny_model):
     from peft import LoraConfig, get_peft_model
 
     batch = examples([8, 3, 10], seed=2)
     results = []
     for varlen in (False, True):
         torch.manual_seed(1)
-        model = get_peft_model(load(model_path, varlen=False), LoraConfig(r=4, target_modules="all-linear",
+        model = get_peft_model(load(tiny_model, varlen=False), LoraConfig(r=4, target_modules="all-linear",
                                                                            lora_dropout=0.0))
         if varlen:
             use_varlen(model)
