@@ -14,8 +14,8 @@ from another:
           computes:
             honed  (default) the same step as honed's per-worker loop: honed's model builder (CPU LoRA
                    dropout), fused AdamW with honed's parameter groups, honed's batches (padding-free rows
-                   as honed's default, padded when SPEC `padding_free` is false) and loss (logits at labelled positions only): what is
-                   left is Ray Train + the loop
+                   as honed's default, padded when SPEC `padding_free` is false) and loss (logits at
+                   labelled positions only): what is left is Ray Train + the loop
             plain  what a bare eager loop does: the HF model and peft as they come, the model's own loss
                    (`labels=`, logits at every position), torch AdamW's default implementation
   interleaved  `python benchmarks/_train_bench.py interleaved SPEC RESULT`: one LoRA model trained on

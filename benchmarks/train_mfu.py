@@ -105,14 +105,15 @@ def main() -> None:
 
     # Where honed's step time goes: the same computation as honed's worker (kernels "honed") under the profiler
     profile_warmup = 3
+    profiled = {}
     if args.profile_steps:
         log(f"profile: honed's step in a bare process ({profile_warmup} + {args.profile_steps} steps) ...")
-    profiled = {} if not args.profile_steps else run_process("bare", {
-        "method": "full", "model_path": model_path, "data_dir": str(data), "steps": profile_warmup,
-        "batch_size": args.batch_size, "lr": LR, "warmup": 10, "threads": args.threads, "gpu": args.gpu,
-        "measure_peak": False, "seed": 0, "kernels": "honed", "profile_steps": args.profile_steps,
-        "group_by_length": args.group_by_length,
-        "optimizer_variants": 1 if args.quick else 3}, "mfu-profile")
+        profiled = run_process("bare", {
+            "method": "full", "model_path": model_path, "data_dir": str(data), "steps": profile_warmup,
+            "batch_size": args.batch_size, "lr": LR, "warmup": 10, "threads": args.threads, "gpu": args.gpu,
+            "measure_peak": False, "seed": 0, "kernels": "honed", "profile_steps": args.profile_steps,
+            "group_by_length": args.group_by_length,
+            "optimizer_variants": 1 if args.quick else 3}, "mfu-profile")
 
     # Both sides' MFU against each process's own peak and against the best peak measured in this invocation.
     peaks = [r["honed"]["efficiency"]["peak_flops_per_worker"] for r in repeats] + [r["bare"]["peak_flops"]

@@ -3,7 +3,8 @@ Serve's LRU holds it or a request decodes with it, and leaves when neither does,
 evictions, the requests' releases and the model thread's queued work come in.
 
 The calls are the ones Serve and the request path make (`_load_adapter` on the model thread, the LRU's
-`unload_adapter`, `_release` when a request ends), driven by hand so each interleaving is exact."""
+`unload_adapter`, `_acquire` once a request has its adapter, `_release` when it ends), driven by hand so each
+interleaving is exact."""
 
 import threading
 
@@ -37,18 +38,9 @@ def server(tiny_model, adapter_dir):
     replica.model_thread.shutdown(wait=True)
 
 
-def on_model_thread(server, fn, *args):
-    return server.model_thread.submit(fn, *args)
-
-
 def drain(server) -> None:
     """Wait for everything queued on the model thread so far."""
     server.model_thread.submit(lambda: None).result(timeout=60)
-
-
-def request_starts(server, loaded) -> None:
-    with server.model_lock:  # as ModelServer._prepare, right after the LRU handed the adapter out
-        server.in_use[loaded.name] += 1
 
 
 def evict(server, loaded) -> None:
@@ -64,19 +56,19 @@ def test_a_reload_queued_before_the_last_release_is_not_undone_by_that_release(s
     waits on the busy model thread; A ends; B's load runs, then the unload A's end queued. B's request marks
     the adapter in use only after its load returns, so that unload must see the LRU holding it again."""
     a = server._load_adapter(ADAPTER)
-    request_starts(server, a)
+    server._acquire(a.name)
     evict(server, a)
     assert placed(server)  # A still decodes with it
 
     busy = threading.Event()
-    on_model_thread(server, busy.wait)  # the model thread is in a decode step
-    b_load = on_model_thread(server, server._load_adapter, ADAPTER)
+    server.model_thread.submit(busy.wait)  # the model thread is in a decode step
+    b_load = server.model_thread.submit(server._load_adapter, ADAPTER)
     server._release(ADAPTER)  # A ends while B's load waits
     busy.set()
     b = b_load.result(timeout=60)
     drain(server)  # the unload A's end may have queued has run
     assert placed(server), "B's adapter was unloaded under it"
-    request_starts(server, b)
+    server._acquire(b.name)
     server.lora.select([ADAPTER], "__base__")  # B's decode step finds its slot
 
     server._release(ADAPTER)
@@ -89,8 +81,8 @@ def test_a_reload_queued_before_the_last_release_is_not_undone_by_that_release(s
 
 def test_an_adapter_evicted_while_in_use_leaves_when_its_last_request_ends(server):
     a = server._load_adapter(ADAPTER)
-    request_starts(server, a)
-    request_starts(server, a)
+    server._acquire(a.name)
+    server._acquire(a.name)
     evict(server, a)
     server._release(ADAPTER)
     drain(server)
@@ -103,9 +95,9 @@ def test_an_adapter_evicted_while_in_use_leaves_when_its_last_request_ends(serve
 def test_an_adapter_asked_for_again_before_its_unload_runs_stays(server):
     a = server._load_adapter(ADAPTER)
     busy = threading.Event()
-    on_model_thread(server, busy.wait)
+    server.model_thread.submit(busy.wait)
     evict(server, a)  # unused: its unload is queued behind the busy model thread
-    b_load = on_model_thread(server, server._load_adapter, ADAPTER)
+    b_load = server.model_thread.submit(server._load_adapter, ADAPTER)
     busy.set()
     b = b_load.result(timeout=60)
     drain(server)

@@ -113,7 +113,7 @@ class LoadedAdapter:
 
     def __del__(self):
         if self.server is not None:
-            self.server.unload_adapter(self.name, self.meta)
+            self.server.unload_adapter(self.name)
             self.server = None
 
 
@@ -214,11 +214,16 @@ class ModelServer:
             self.adapter_meta[model_id] = meta
         return LoadedAdapter(self, model_id, meta)
 
-    def unload_adapter(self, name: str, meta: dict) -> None:
+    def unload_adapter(self, name: str) -> None:
         """Serve's LRU evicted `name`: it leaves the model once no request decodes with it."""
         with self.model_lock:
             self.held.discard(name)
         self._unload_if_unwanted(name)
+
+    def _acquire(self, name: str) -> None:
+        """A request decodes with `name` until `_release`: it stays on the model meanwhile."""
+        with self.model_lock:
+            self.in_use[name] += 1
 
     def _release(self, name: str) -> None:
         with self.model_lock:
@@ -282,8 +287,7 @@ class ModelServer:
         if model_id:
             loaded = await self.get_adapter(model_id)
             adapter, meta = loaded.name, loaded.meta
-            with self.model_lock:
-                self.in_use[adapter] += 1
+            self._acquire(adapter)
         try:
             return self._job(request, meta.get("template"), adapter), adapter
         except BaseException:
