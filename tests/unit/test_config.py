@@ -1,6 +1,7 @@
 """Configs: defaults validate, overrides win, bad input names the key, value and what is allowed, every
 shipped YAML validates, and the CLI refuses a bad config before any Ray work."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,13 @@ def test_every_pipeline_stage_can_be_switched_off():
         "data.filters.enabled=false", "data.pii.enabled=false", "data.dedup.exact=false", "data.dedup.near=false",
         "data.normalize.unicode=none", "data.pack.enabled=false", "data.filters.max_symbol_ratio=null"])
     assert not cfg.data.filters.enabled and cfg.data.filters.max_symbol_ratio is None and not cfg.data.dedup.near
+
+
+def test_config_imports_no_other_honed_module():
+    # The registry, the stages and the CLI import the configs; a config importing them back would be a cycle.
+    for path in sorted((ROOT / "platform" / "honed" / "config").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] != "honed" or name.startswith("honed.config"), f"{path.name} imports {name}"

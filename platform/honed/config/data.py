@@ -1,0 +1,220 @@
+"""`honed prepare`'s config: sources, cleaning, dedup, decontamination, template and packing (`data:`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from honed.config.base import Section
+from honed.config.model import ModelConfig
+
+DEFAULT_SYSTEM_PROMPT = "You are a medical coding assistant. Answer with ICD-10-CM facts only."
+
+
+SOURCE_KINDS = ("icd10", "icd10_pairs", "kjv", "jsonl", "parquet", "csv", "text")
+FILE_KINDS = ("jsonl", "parquet", "csv", "text")
+
+
+class FieldMap(Section):
+    """Which input column holds each part of a record (the defaults are the honed names)."""
+
+    text: str = "text"
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: str = "messages"
+    """A list of `{role, content}` chat turns."""
+    group: str = "group"
+    """Optional: records sharing a group never straddle train and validation (e.g. one ICD code)."""
+    chosen: str = "chosen"
+    """Preference records: the preferred answer (with `prompt` or `messages` as the question)."""
+    rejected: str = "rejected"
+    """Preference records: the dispreferred answer to the same question."""
+
+
+class SourceConfig(Section):
+    name: str = Field(pattern=r"^[a-z0-9_-]+$")
+    """Name of the source; per-source validation sets and counts are keyed by it."""
+    kind: Literal["icd10", "icd10_pairs", "kjv", "jsonl", "parquet", "csv", "text"]
+    """`icd10`: instruction pairs built from ICD-10-CM; `icd10_pairs`: preference pairs derived from ICD-10-CM
+    (chosen: the code's own description or category, rejected: a sibling code's); `kjv`: King James Bible
+    verses (general text);
+    `jsonl` / `parquet` / `csv`: records with the fields in `fields`; `text`: plain-text files."""
+    path: str | None = None
+    """For file kinds: a file, directory or glob; local or a pyarrow filesystem URI (`s3://`, `gs://`)."""
+    format: Literal["auto", "text", "instruction", "chat", "preference"] = "auto"
+    """`text` (continued pre-training), `instruction` (prompt + response), `chat` (messages), `preference`
+    (prompt or messages + chosen + rejected, for DPO); `auto` picks per record from the fields present
+    (chosen/rejected, then messages, then prompt/response, then text)."""
+    fields: FieldMap = FieldMap()
+    text_unit: Literal["file", "paragraph", "line"] = "paragraph"
+    """For `text` files: what one record is (a blank-line separated paragraph by default)."""
+    chapters: list[str] = ["4", "9", "10"]
+    """For `icd10` and `icd10_pairs`: chapter numbers (1-22) to draw codes from."""
+    max_records: int | None = Field(default=None, gt=0)
+    """Bundled sources: keep at most this many records (a seeded, deterministic subsample)."""
+    val_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Share of groups held out for validation; defaults to `data.val_fraction`."""
+    eval_only: bool = False
+    """All records go to validation (a probe such as general text for forgetting)."""
+    weight: float | None = Field(default=None, gt=0)
+    """Share of the training mix (relative to the other weighted sources); unset = every kept record once."""
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "SourceConfig":
+        if self.kind in FILE_KINDS and not self.path:
+            raise ValueError(f"source '{self.name}': kind '{self.kind}' needs `path` (a file, directory, glob or URI)")
+        if self.kind not in FILE_KINDS and self.path:
+            raise ValueError(f"source '{self.name}': kind '{self.kind}' is bundled and takes no `path`; "
+                             f"file kinds are {', '.join(FILE_KINDS)}")
+        return self
+
+
+def _default_sources() -> list[SourceConfig]:
+    return [
+        SourceConfig(name="icd10", kind="icd10"),
+        SourceConfig(name="kjv", kind="kjv", max_records=200, eval_only=True),
+    ]
+
+
+class NormalizeConfig(Section):
+    unicode: Literal["NFC", "NFKC", "none"] = "NFC"
+    """Unicode normal form; NFKC also folds compatibility forms (ﬁ → fi, full-width → ASCII)."""
+    strip_html: bool = False
+    """Remove HTML tags, scripts and styles and decode entities (for scraped pages)."""
+
+
+class FilterConfig(Section):
+    """Gopher / C4-style quality rules on a record's text (all its fields joined); `null` switches a rule off.
+    A record failing a rule is dropped with the rule's name as reason."""
+
+    enabled: bool = True
+    min_chars: int | None = Field(default=2, ge=0)
+    max_chars: int | None = Field(default=100_000, gt=0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    """On the templated example (`data.max_seq_len` is the upper bound)."""
+    max_duplicate_line_fraction: float | None = Field(default=0.3, ge=0, le=1)
+    """Share of lines that repeat an earlier line of the same record."""
+    max_top_ngram_fraction: float | None = Field(default=0.2, ge=0, le=1)
+    """Share of characters covered by the most frequent word 2-gram (Gopher uses 0.2/0.18/0.16 for 2/3/4)."""
+    max_duplicate_ngram_fraction: float | None = Field(default=0.15, ge=0, le=1)
+    """Share of characters in word 5-grams that occur more than once."""
+    repetition_min_words: int = Field(default=50, ge=1)
+    """The two n-gram rules above apply only to records with at least this many words."""
+    max_symbol_ratio: float | None = Field(default=0.1, ge=0)
+    """`#` and `...`/`…` per word."""
+    min_alpha_word_fraction: float | None = Field(default=0.5, ge=0, le=1)
+    """Share of words holding at least one letter."""
+    scripts: list[Literal["latin", "greek", "cyrillic", "arabic", "hebrew", "cjk", "devanagari"]] | None = ["latin"]
+    """Language/charset heuristic: the allowed writing systems of letters; `null` accepts any."""
+    min_script_fraction: float = Field(default=0.8, ge=0, le=1)
+    """Share of a record's letters that must be in `scripts`."""
+    min_stopwords: int | None = Field(default=None, ge=0)
+    """English stop words a record must hold (Gopher uses 2 for web text; off by default)."""
+
+
+PII_TYPES = ("email", "phone", "ip", "credit_card", "api_key")
+
+
+class PIIConfig(Section):
+    enabled: bool = True
+    types: list[Literal["email", "phone", "ip", "credit_card", "api_key"]] = list(PII_TYPES)
+    """Each match is replaced by a typed placeholder such as `<EMAIL>`; counts per type go to the manifest."""
+
+
+class DedupConfig(Section):
+    exact: bool = True
+    """Drop records whose normalised text (case, whitespace, punctuation folded) was seen earlier."""
+    near: bool = True
+    """Drop near-duplicates: MinHash over word shingles, LSH banding, clusters across the whole corpus."""
+    threshold: float = Field(default=0.85, gt=0, lt=1)
+    """Estimated Jaccard similarity above which two records are near-duplicates."""
+    num_perm: int = Field(default=128, ge=16, le=1024)
+    shingle_words: int = Field(default=5, ge=1)
+    bands: int | None = Field(default=None, gt=0)
+    """LSH bands; by default chosen with `rows` to balance false positives and negatives at `threshold`."""
+    rows: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_bands(self) -> "DedupConfig":
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("dedup: give both `bands` and `rows` or neither")
+        if self.bands and self.bands * self.rows > self.num_perm:
+            raise ValueError(f"dedup: bands × rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
+        return self
+
+
+class DecontamConfig(Section):
+    """Training records sharing a word n-gram with an eval set are dropped (reason `contaminated`)."""
+
+    paths: list[str] = []
+    """Eval sets (JSONL files with `text`, `prompt`/`response` or `messages`)."""
+    sources: list[str] = []
+    """Names of configured `eval_only` sources to treat as eval sets too."""
+    ngram: int = Field(default=13, ge=3)
+    """Words per n-gram (13, as in GPT-3's decontamination)."""
+
+
+class TemplateConfig(Section):
+    name: Literal["tokenizer", "chatml", "llama3", "alpaca", "plain"] = "tokenizer"
+    """`tokenizer`: the model's own chat template; the others are named templates shipped with honed.
+    The template used is stored in the manifest and applied again in training, eval and serving."""
+
+
+class PackConfig(Section):
+    enabled: bool = False
+    """Pack training examples into rows of `seq_len` tokens; position ids restart per example, so attention
+    never crosses example boundaries. Validation rows stay unpacked (per-source scores)."""
+    seq_len: int | None = Field(default=None, ge=8)
+    """Packed row length; defaults to `data.max_seq_len`."""
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=_default_sources, min_length=1)
+    """Inputs, each with a name and a kind."""
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    """System message put before every instruction example (and used again at serve time)."""
+    max_seq_len: int = Field(default=256, ge=8)
+    """Examples with more tokens are dropped (counted in the manifest)."""
+    val_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Share of groups (e.g. ICD codes) held out; a group's records never straddle train and validation."""
+    seed: int = 0
+    """Seeds sub-sampling, the split, mixing and the shuffle of the training shards."""
+    loss_on: Literal["response", "all"] = "response"
+    """Train on response (assistant) tokens only, for instruction and chat data, or on every token."""
+    normalize: NormalizeConfig = NormalizeConfig()
+    filters: FilterConfig = FilterConfig()
+    pii: PIIConfig = PIIConfig()
+    dedup: DedupConfig = DedupConfig()
+    decontaminate: DecontamConfig = DecontamConfig()
+    template: TemplateConfig = TemplateConfig()
+    pack: PackConfig = PackConfig()
+    max_record_bytes: int = Field(default=1_000_000, gt=0)
+    """Records larger than this are quarantined (`too_large`) before parsing."""
+    num_workers: int | None = Field(default=None, gt=0)
+    """Ray Data actors that clean and tokenize; default: the cluster's CPUs."""
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> "DataConfig":
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+        for name in self.decontaminate.sources:
+            match = [s for s in self.sources if s.name == name]
+            if not match or not match[0].eval_only:
+                allowed = ", ".join(s.name for s in self.sources if s.eval_only) or "none"
+                raise ValueError(f"decontaminate.sources: '{name}' is not an eval_only source; those are: {allowed}")
+        if self.pack.seq_len and self.pack.seq_len < self.max_seq_len:
+            raise ValueError(f"pack.seq_len = {self.pack.seq_len} is below max_seq_len = {self.max_seq_len}; "
+                             "an example must fit in one packed row")
+        return self
+
+
+class PrepareConfig(Section):
+    """`honed prepare`: sources → Ray Data → `output_dir/{shards,quarantine}`, `manifest.json`."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    output_dir: str = "runs/data"
+
