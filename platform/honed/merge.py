@@ -17,7 +17,7 @@ import torch
 from honed.config import MergeConfig
 from honed.generation import render_chat
 from honed.models import load_model, resolve_model
-from honed.train.trainer import ADAPTER_META, read_adapter_meta
+from honed.artifacts import read_adapter_meta, write_meta
 
 PROBE_PROMPTS = [
     "What does ICD-10-CM code E11.9 mean?",
@@ -55,7 +55,7 @@ def merge(cfg: MergeConfig) -> dict:
               "reloaded_diff": reloaded_diff, "probe_prompts": PROBE_PROMPTS}
     (out / "merge.json").write_text(json.dumps(report, indent=2))
     if meta:
-        (out / ADAPTER_META).write_text(json.dumps(meta | {"merged_from": str(cfg.adapter)}, indent=2))
+        write_meta(out, meta | {"merged_from": str(cfg.adapter)})
     if report["max_abs_logit_diff"] > cfg.tolerance:
         raise MergeMismatch(f"merged logits differ from adapter logits by {report['max_abs_logit_diff']:.2e} "
                             f"> tolerance {cfg.tolerance:.1e}; the merged model in {out} is not trustworthy")

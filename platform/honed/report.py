@@ -10,9 +10,10 @@ preference (DPO) runs `plots/preference.png`; `tensorboard/` holds every numeric
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
+
+from honed.artifacts import METRICS_FILE, read_efficiency, read_metrics
 
 PLOTS_DIR = "plots"
 TENSORBOARD_DIR = "tensorboard"
@@ -22,10 +23,6 @@ NOT_PLOTTED = ("step", "epoch")
 
 Series = dict[str, tuple[list[float], list[float]]]
 """Curve label → (x values, y values)."""
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def series(rows: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -137,14 +134,11 @@ def render_train_report(rows: list[dict], efficiency: dict | None, plots: list[P
 
 def write_train_report(output_dir: str | Path) -> Path:
     """`report.md`, `plots/` and `tensorboard/` of the run exported to `output_dir`; returns the report's path."""
-    from honed.train.loop import EFFICIENCY_FILE, METRICS_FILE
-
     out = Path(output_dir)
-    rows = read_jsonl(out / METRICS_FILE)
+    rows = read_metrics(out)
     if not rows:
         raise ValueError(f"{out / METRICS_FILE} holds no metrics; nothing to report")
-    eff_path = out / EFFICIENCY_FILE
-    efficiency = json.loads(eff_path.read_text()) if eff_path.is_file() else None
+    efficiency = read_efficiency(out)
     plots = train_plots(rows, out / PLOTS_DIR)
     write_tensorboard(rows, out / TENSORBOARD_DIR)
     report = out / REPORT_FILE

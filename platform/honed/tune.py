@@ -61,7 +61,7 @@ def preflight(cfg: TuneConfig, resume: bool = False, restart: bool = False) -> s
     its trials."""
     from ray import tune as rt
 
-    from honed.train.trainer import plan_run
+    from honed.train.plan import plan_run
 
     try:
         plan_run(cfg.trial_config({}))
@@ -204,9 +204,9 @@ def param_space(cfg: TuneConfig) -> dict:
 
 def validations_per_trial(train: TrainConfig) -> int:
     """Validations a full trial of `train` reports: one per checkpoint and the final one."""
-    from honed.train.trainer import plan_run
+    from honed.train.plan import plan_run
 
-    total = plan_run(train)["total_steps"]
+    total = plan_run(train).total_steps
     return math.ceil(total / train.checkpoint_every)
 
 

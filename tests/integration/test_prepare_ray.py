@@ -56,7 +56,7 @@ def test_manifest_records_template_tokenizer_and_tokens(prepared):
 def test_shards_feed_the_training_collate(prepared):
     import numpy as np
 
-    from honed.train.loop import collate
+    from honed.train.collate import collate
 
     rows = pq.read_table(Path(prepared["dir"], "shards", "train")).slice(0, 4).to_pydict()
     batch = collate({k: np.array(v, dtype=object) for k, v in rows.items()}, pad_id=0, device="cpu")

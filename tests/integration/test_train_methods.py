@@ -131,7 +131,7 @@ def load_exported(cfg, tiny_model: str, artifact: Path):
 
     from honed.train.methods import load_base
 
-    base = load_base(cfg.method.model_dump(), tiny_model, cfg.model.dtype, torch.device("cpu"))
+    base = load_base(cfg.method, tiny_model, cfg.model.dtype, torch.device("cpu"))
     return PeftModel.from_pretrained(base, artifact).eval()
 
 
@@ -139,7 +139,7 @@ def load_base_model(cfg, tiny_model: str):
     """The untrained base, as the method holds it (4-bit for qlora)."""
     from honed.train.methods import load_base
 
-    return load_base(cfg.method.model_dump(), tiny_model, cfg.model.dtype, torch.device("cpu")).eval()
+    return load_base(cfg.method, tiny_model, cfg.model.dtype, torch.device("cpu")).eval()
 
 
 def safetensors_numel(directory: Path) -> int:

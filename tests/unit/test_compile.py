@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from honed.config import TrainConfig
-from honed.train.loop import causal_lm_loss, collate
+from honed.train.collate import collate
+from honed.train.losses import causal_lm_loss
 from honed.train.methods import FastDropout, build_model, compile_decoder
 
 CPU = torch.device("cpu")
@@ -27,11 +28,11 @@ def batch(lengths, seed):
     return collate(rows, 0, CPU)
 
 
-def method(name: str, dropout: float = 0.0) -> dict:
+def method(name: str, dropout: float = 0.0):
     from honed.config import MethodConfig
 
     lora = {"lora": {"r": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear"}} if name == "lora" else {}
-    return MethodConfig(name=name, **lora).model_dump()
+    return MethodConfig(name=name, **lora)
 
 
 def loss_and_grads(model, inputs) -> tuple[float, dict[str, torch.Tensor]]:

@@ -98,7 +98,7 @@ def lora_dpo_model(path, adapter=None, r=4):
     from honed.train.methods import build_model
 
     method = MethodConfig.model_validate({"name": "dpo", "dpo": {"adapter": adapter}} if adapter
-                                         else {"name": "dpo", "lora": {"r": r, "dropout": 0.0}}).model_dump()
+                                         else {"name": "dpo", "lora": {"r": r, "dropout": 0.0}})
     torch.manual_seed(0)
     return build_model(method, path, "float32", torch.device("cpu")), method
 
@@ -123,7 +123,7 @@ def test_pair_logps_equal_a_per_sequence_brute_force(tiny):
 def test_fresh_adapter_starts_at_the_reference_then_moves_away(tiny):
     path, tokenizer = tiny
     model, method = lora_dpo_model(path)
-    objective = DPOObjective(method["dpo"], model)
+    objective = DPOObjective(method.dpo, model)
     inputs = collate_pairs(pairs_batch(tokenizer), tokenizer.pad_token_id, torch.device("cpu"))
     loss, pairs, sums = objective.loss(model, inputs)
     assert pairs == 3 and loss.item() == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0: policy == reference
@@ -159,7 +159,7 @@ def test_sft_adapter_is_the_reference_and_only_its_trained_copy_is_saved(tiny, t
     model, method = lora_dpo_model(path, adapter=str(tmp_path / "sft"))
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".reference." in n)
     assert any(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
-    objective = DPOObjective(method["dpo"], model)
+    objective = DPOObjective(method.dpo, model)
     inputs = collate_pairs(pairs_batch(tokenizer), tokenizer.pad_token_id, torch.device("cpu"))
     loss, _, _ = objective.loss(model, inputs)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)  # starts at the SFT model = the reference
@@ -173,9 +173,11 @@ def test_sft_adapter_is_the_reference_and_only_its_trained_copy_is_saved(tiny, t
     ref_after, _ = objective.reference.logps(inputs, average=False)
     assert torch.equal(ref_c, ref_after)  # training moves the policy only
 
+    from honed.config import TrainConfig
     from honed.train.backends import TorchBackend
 
-    TorchBackend.artifact(type("B", (), {"model": model, "config": {"method": method}})(), str(tmp_path / "ckpt"), 0)
+    backend = type("B", (), {"model": model, "cfg": TrainConfig(method=method)})()
+    TorchBackend.artifact(backend, str(tmp_path / "ckpt"), 0)
     saved = sorted(p.name for p in (tmp_path / "ckpt" / "adapter").iterdir())
     assert saved == ["README.md", "adapter_config.json", "adapter_model.safetensors"], saved
 
@@ -190,7 +192,7 @@ def test_rows_without_a_rejected_answer_are_refused_by_name(tiny):
 
 
 def test_validation_scores_pairs_with_dpo_and_text_rows_with_lm_loss(tiny):
-    from honed.train.loop import validation_metrics
+    from honed.train.validation import validation_metrics
 
     path, tokenizer = tiny
     model, method = lora_dpo_model(path)
@@ -201,7 +203,7 @@ def test_validation_scores_pairs_with_dpo_and_text_rows_with_lm_loss(tiny):
                        ("rejected_labels", empty), ("source", "kjv")):
         batch[key] = column(list(batch[key]) + [value])
     batch["_weight"] = np.ones(3)
-    scored = DPOObjective(method["dpo"], model).row_scores(model, batch, tokenizer.pad_token_id, torch.device("cpu"))
+    scored = DPOObjective(method.dpo, model).row_scores(model, batch, tokenizer.pad_token_id, torch.device("cpu"))
     sums = {}
     for source, weight, values in scored:
         for k, v in values.items():
@@ -305,7 +307,7 @@ def test_bad_dpo_configs_are_named(method, words):
 
 
 def test_dpo_needs_unpacked_shards_of_pairs_only():
-    from honed.train.trainer import check_preference_data
+    from honed.train.plan import check_preference_data
 
     pairs = {"kinds": {"train": {"prefs": {"preference": 90}}, "val": {"kjv": {"text": 10}}}}
     check_preference_data(pairs, packed=False)
@@ -337,7 +339,7 @@ def test_sft_adapter_must_be_lora_of_the_same_base(tmp_path):
 def test_every_loss_variant_learns_a_fixed_batch(tiny, loss):
     path, tokenizer = tiny
     model, method = lora_dpo_model(path)
-    objective = DPOObjective(method["dpo"] | {"loss": loss, "beta": 0.5}, model)
+    objective = DPOObjective(method.dpo.model_copy(update={"loss": loss, "beta": 0.5}), model)
     inputs = collate_pairs(pairs_batch(tokenizer), tokenizer.pad_token_id, torch.device("cpu"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from honed.train.attention import BOUNDARY_KEYS, IMPLEMENTATION, flatten, use_varlen
-from honed.train.loop import causal_lm_loss, collate, row_losses
+from honed.train.collate import collate
+from honed.train.losses import causal_lm_loss, row_losses
 
 CPU = torch.device("cpu")
 

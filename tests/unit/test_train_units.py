@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from honed.config import ConfigError, MethodConfig, OptimConfig, TrainConfig, load_config
+from honed.config import ConfigError, EarlyStopping, MethodConfig, OptimConfig, TrainConfig, load_config
 from honed.train.backends import deep_merge, deepspeed_config
 from honed.train.efficiency import Meter, efficiency_report, measure_peak_flops
 from honed.train.batching import length_grouped
-from honed.train.loop import causal_lm_loss, collate, my_rows, should_stop
+from honed.train.collate import collate, rank_rows
+from honed.train.losses import causal_lm_loss
+from honed.train.validation import should_stop
 from honed.train.methods import (
     FastDropout,
     build_model,
@@ -31,12 +33,12 @@ CPU = torch.device("cpu")
 LINEARS_PER_LAYER, LAYERS = 7, 2
 
 
-def method(name: str, **settings) -> dict:
-    return MethodConfig(name=name, **settings).model_dump()
+def method(name: str, **settings) -> MethodConfig:
+    return MethodConfig(name=name, **settings)
 
 
-def optim(**settings) -> dict:
-    return OptimConfig(**settings).model_dump()
+def optim(**settings) -> OptimConfig:
+    return OptimConfig(**settings)
 
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -304,7 +306,7 @@ def test_lora_dropout_is_swapped_on_cpu_only_when_it_drops(tiny_model):
 def test_right_padded_batch_loses_the_mask_without_changing_a_loss(tiny_model):
     """Causal attention already hides the trailing padding from every scored token: dropping the mask of a
     right-padded batch gives the same losses; a left-padded batch keeps its mask and its losses."""
-    from honed.train.loop import row_losses
+    from honed.train.losses import row_losses
 
     model = build_model(method("full"), tiny_model, "auto", CPU).eval()
     batch = fixed_batch(seed=5)
@@ -325,7 +327,7 @@ def test_right_padded_batch_loses_the_mask_without_changing_a_loss(tiny_model):
 
 
 # ------------------------------------------------------------------------------------ 3. DeepSpeed config
-def ds_method(**deepspeed) -> dict:
+def ds_method(**deepspeed) -> MethodConfig:
     return method("full", deepspeed=deepspeed)
 
 
@@ -391,7 +393,7 @@ def test_deepspeed_raw_config_merges_recursively_over_the_generated_one():
     assert cfg["gradient_clipping"] == 2.0
     assert cfg["activation_checkpointing"] == {"partition_activations": True}
     assert cfg["train_batch_size"] == 8 * 1 * 2
-    assert spec["deepspeed"]["config"] == raw  # the method dict is not mutated
+    assert spec.deepspeed.config == raw  # the method config is not mutated
 
 
 def test_deep_merge_does_not_mutate_and_replaces_non_dicts():
@@ -517,11 +519,11 @@ def test_cli_main_never_reaches_init_ray_on_bad_config(monkeypatch, own_output, 
 # --------------------------------------------------------------------------------------- 5. loop helpers
 @pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 16, 17])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_my_rows_slices_cover_every_row_once(n, world):
+def test_rank_rows_slices_cover_every_row_once(n, world):
     batch = {"input_ids": np.arange(n) * 10, "source": np.array([f"s{i}" for i in range(n)])}
     seen = []
     for rank in range(world):
-        rows = my_rows(batch, rank, world)
+        rows = rank_rows(batch, rank, world)
         assert set(rows) == {"input_ids", "source", "_weight"}
         assert len(rows["input_ids"]) == len(rows["source"]) == len(rows["_weight"]) >= 1
         if rows["_weight"].sum() == 0:  # a rank without rows: one zero-weight stand-in row
@@ -581,19 +583,19 @@ def test_live_log_creates_the_output_dir_it_writes_into(tmp_path):
     from honed.train.loop import live_log
 
     path = tmp_path / "out" / "run" / "progress.jsonl"
-    live_log({"live_log": str(path)}, {"step": 1, "loss": 2.5})
-    live_log({"live_log": str(path)}, {"event": "resumed", "step": 1})
+    live_log(str(path), {"step": 1, "loss": 2.5})
+    live_log(str(path), {"event": "resumed", "step": 1})
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert [(x.get("event"), x["step"]) for x in lines] == [(None, 1), ("resumed", 1)]
 
 
-def test_my_rows_rank_without_rows_gets_one_zero_weight_row():
+def test_rank_rows_rank_without_rows_gets_one_zero_weight_row():
     batch = {"input_ids": np.array([7, 8]), "labels": np.array([1, 2])}
-    parts = [my_rows(batch, r, 4) for r in range(4)]
+    parts = [rank_rows(batch, r, 4) for r in range(4)]
     assert [p["_weight"].tolist() for p in parts] == [[1.0], [1.0], [0.0], [0.0]]
     assert [p["input_ids"].tolist() for p in parts] == [[7], [8], [7], [7]]
     # an even batch splits evenly
-    even = [my_rows({"x": np.arange(8)}, r, 4)["x"].tolist() for r in range(4)]
+    even = [rank_rows({"x": np.arange(8)}, r, 4)["x"].tolist() for r in range(4)]
     assert even == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
@@ -613,12 +615,12 @@ def hist(*values, metric="val_loss"):
     ((1.0, 1.0, 1.0), 2, 0.01, True),  # flat
 ])
 def test_should_stop_patience_and_min_delta(values, patience, min_delta, stop):
-    early = {"metric": "val_loss", "patience": patience, "min_delta": min_delta}
+    early = EarlyStopping(metric="val_loss", patience=patience, min_delta=min_delta)
     assert should_stop(hist(*values), early) is stop
 
 
 def test_should_stop_reads_only_its_metric_and_is_off_without_config():
-    early = {"metric": "val_loss/icd10", "patience": 1, "min_delta": 0.0}
+    early = EarlyStopping(metric="val_loss/icd10", patience=1, min_delta=0.0)
     history = [{"val_loss/icd10": 1.0}, {"loss": 0.1}, {"loss": 0.05}, {"val_loss/icd10": 1.2, "val_loss": 0.1}]
     assert should_stop(history, early) is True  # training-loss entries neither count nor reset patience
     assert should_stop(history[:3], early) is False
@@ -626,7 +628,7 @@ def test_should_stop_reads_only_its_metric_and_is_off_without_config():
 
 
 def test_should_stop_on_exactly_flat_metric_with_zero_min_delta():
-    assert should_stop(hist(1.0, 1.0, 1.0), {"metric": "val_loss", "patience": 2, "min_delta": 0.0}) is True
+    assert should_stop(hist(1.0, 1.0, 1.0), EarlyStopping(metric="val_loss", patience=2, min_delta=0.0)) is True
 
 
 def test_meter_excludes_warmup_steps_and_round_trips():

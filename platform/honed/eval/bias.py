@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from honed.train.loop import collate, row_losses
+from honed.train.collate import collate
+from honed.train.losses import row_losses
 
 PROBES_FILE = "bias_probe.jsonl"
 

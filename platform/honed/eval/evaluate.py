@@ -24,22 +24,24 @@ import pyarrow.parquet as pq
 import torch
 
 from honed.config import EvalConfig
-from honed.data.pipeline import load_manifest
+from honed.artifacts import read_manifest
 from honed.eval.bias import load_probes, pair_gaps, summarize
 from honed.eval.contamination import contamination_check, eval_file_items, row_text
 from honed.eval.gate import failure_reason, gate_checks
 from honed.eval.preference import score_pairs
 from honed.eval.report import comparison_table, write_report
+from honed.eval.samples import pick_questions, spread, validation_sets
 from honed.generation import generate, render_chat
 from honed.models import load_model, load_tokenizer, resolve_model
 from honed.train.dpo import is_pair
-from honed.train.loop import collate, row_losses
+from honed.train.collate import collate
+from honed.train.losses import row_losses
 
-__all__ = ["comparison_table", "evaluate", "exact_match", "rouge_l", "token_f1"]
+__all__ = ["comparison_table", "evaluate", "exact_match", "rouge_l", "spread", "token_f1"]
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    manifest = load_manifest(cfg.data_dir)
+    manifest = read_manifest(cfg.data_dir)
     model_path = resolve_model(cfg.model.name_or_path)
     tuned = resolve_tuned(cfg)
     by_source = validation_sets(cfg.data_dir, cfg.max_examples)
@@ -109,27 +111,6 @@ def check_contamination(cfg: EvalConfig, manifest: dict, model_path: str) -> dic
                                  manifest.get("decontamination", {}).get("ngram", 13),
                                  tokenizer=load_tokenizer(model_path) if packed else None)
     return report | {"missing_files": missing}
-
-
-def validation_sets(data_dir: str, max_examples: int) -> dict[str, list[dict]]:
-    """Validation rows per source, in a stable order (sorted by group), at most `max_examples` each."""
-    table = pq.read_table(Path(data_dir) / "shards" / "val").to_pylist()
-    by_source: dict[str, list[dict]] = {}
-    for row in sorted(table, key=lambda r: (r["source"], r["group"], r["prompt"], r["text"])):
-        by_source.setdefault(row["source"], []).append(row)
-    return {s: spread(rows, max_examples) for s, rows in by_source.items()}
-
-
-def pick_questions(by_source: dict[str, list[dict]], probes: set[str], n: int) -> list[dict]:
-    rows = [r for s, rs in by_source.items() if s not in probes for r in rs if r["prompt"]]
-    return [{"prompt": r["prompt"], "response": r["response"]} for r in spread(rows, n)]
-
-
-def spread(rows: list, n: int) -> list:
-    """`n` rows evenly spaced over the list (all of them when there are fewer)."""
-    if len(rows) <= n:
-        return rows
-    return [rows[i * len(rows) // n] for i in range(n)]
 
 
 def score_model(model_path: str, dtype: str, by_source: dict, questions: list[dict], template: dict, cfg: dict,

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from honed.eval.samples import spread
 from honed.train.dpo import collate_pairs, is_pair, object_column, pair_logps
 
 
@@ -25,8 +26,6 @@ def held_out_pairs(data_dir: str, limit: int | None = None) -> list[dict]:
     columns = ["source", "group", "prompt", "chosen", "rejected", "input_ids", "labels", "rejected_input_ids",
                "rejected_labels"]
     table = pq.read_table(Path(data_dir) / "shards" / "val", columns=columns).to_pylist()
-    from honed.eval.evaluate import spread  # evaluate imports this module
-
     pairs = sorted((r for r in table if is_pair(r["rejected_input_ids"])),
                    key=lambda r: (r["source"], r["group"], r["prompt"]))
     return pairs if limit is None else spread(pairs, limit)

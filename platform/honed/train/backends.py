@@ -2,7 +2,7 @@
 
 Both backends offer the same small surface to the loop:
 
-    backend = make_backend(model, config, device)
+    backend = make_backend(model, cfg, total_steps, device)    # cfg: the validated TrainConfig
     with backend.autocast():
         loss = ...                                # forward through backend.module
     backend.backward(loss, boundary)              # boundary: the last micro-batch of an optimizer step
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from honed.config import MethodConfig, OptimConfig, TrainConfig
 from honed.train.methods import compute_dtype, make_optimizer, param_groups
 
 STATE_FILE = "state.pt"
@@ -31,35 +32,34 @@ DS_DIR = "deepspeed"
 DS_TAG = "state"
 
 
-def make_scheduler(optimizer, optim: dict, total_steps: int):
+def make_scheduler(optimizer, optim: OptimConfig, total_steps: int):
     from transformers import get_scheduler
 
-    schedule = {"constant": "constant_with_warmup"}.get(optim["schedule"], optim["schedule"])
-    return get_scheduler(schedule, optimizer, num_warmup_steps=optim["warmup_steps"], num_training_steps=total_steps)
+    schedule = {"constant": "constant_with_warmup"}.get(optim.schedule, optim.schedule)
+    return get_scheduler(schedule, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=total_steps)
 
 
-def make_backend(model, config: dict, device: torch.device):
-    if config["method"]["deepspeed"]["zero_stage"] is not None:
-        return DeepSpeedBackend(model, config, device)
-    return TorchBackend(model, config, device)
+def make_backend(model, cfg: TrainConfig, total_steps: int, device: torch.device):
+    if cfg.method.deepspeed.enabled:
+        return DeepSpeedBackend(model, cfg, total_steps, device)
+    return TorchBackend(model, cfg, total_steps, device)
 
 
-def artifact_name(method: dict) -> str:
-    return "model" if method["name"] == "full" else "adapter"
+def artifact_name(method: MethodConfig) -> str:
+    return "model" if method.name == "full" else "adapter"
 
 
 class TorchBackend:
     """One process or DDP: gradient accumulation without all-reduce until the boundary, clipping, autocast to
     the compute dtype when it is not fp32, and loss scaling for fp16."""
 
-    def __init__(self, model, config: dict, device: torch.device):
+    def __init__(self, model, cfg: TrainConfig, total_steps: int, device: torch.device):
         import ray.train.torch
 
-        self.model, self.config, self.device = model, config, device
-        optim = config["optim"]
-        self.optimizer = make_optimizer(optim, param_groups(model, config["method"], optim))
-        self.scheduler = make_scheduler(self.optimizer, optim, config["total_steps"])
-        self.dtype = compute_dtype(config["dtype"], device)
+        self.model, self.cfg, self.device = model, cfg, device
+        self.optimizer = make_optimizer(cfg.optim, param_groups(model, cfg.method, cfg.optim))
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim, total_steps)
+        self.dtype = compute_dtype(cfg.model.dtype, device)
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
         # Rotary buffers are constants: skipping their per-step broadcast saves a collective per forward.
         self.module = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
@@ -74,11 +74,11 @@ class TorchBackend:
         return self.module.no_sync()
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
-        loss = loss / self.config["optim"]["grad_accum_steps"]
+        loss = loss / self.cfg.optim.grad_accum_steps
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> float:
-        clip = self.config["optim"]["grad_clip"]
+        clip = self.cfg.optim.grad_clip
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -110,12 +110,12 @@ class TorchBackend:
         if rank == 0:
             # peft would also write the frozen DPO reference adapter (a subdirectory); the artifact is the trained one
             extra = {"selected_adapters": ["default"]} if hasattr(self.model, "peft_config") else {}
-            self.model.save_pretrained(os.path.join(directory, artifact_name(self.config["method"])), **extra)
+            self.model.save_pretrained(os.path.join(directory, artifact_name(self.cfg.method)), **extra)
 
     def load(self, directory: str, rank: int) -> None:
         from safetensors.torch import load_file
 
-        art = Path(directory) / artifact_name(self.config["method"])
+        art = Path(directory) / artifact_name(self.cfg.method)
         if hasattr(self.model, "peft_config"):
             from peft import set_peft_model_state_dict
 
@@ -137,35 +137,36 @@ class TorchBackend:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def deepspeed_config(method: dict, optim: dict, dtype: torch.dtype, world_size: int, use_gpu: bool) -> dict:
+def deepspeed_config(method: MethodConfig, optim: OptimConfig, dtype: torch.dtype, world_size: int,
+                     use_gpu: bool) -> dict:
     """The DeepSpeed config generated from honed's method + optim sections, with `deepspeed.config` merged over.
 
     The optimizer is DeepSpeed's AdamW: torch's implementation when states stay on the device, DeepSpeed's
     CPU Adam (a compiled, vectorised kernel) when they are offloaded."""
-    ds = method["deepspeed"]
-    stage = ds["zero_stage"]
+    ds = method.deepspeed
+    stage = ds.zero_stage
     zero: dict = {"stage": stage}
-    if ds["offload_optimizer"]:
+    if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
-    if ds["offload_params"]:
+    if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     generated = {
-        "train_micro_batch_size_per_gpu": optim["batch_size"],
-        "gradient_accumulation_steps": optim["grad_accum_steps"],
-        "train_batch_size": optim["batch_size"] * optim["grad_accum_steps"] * world_size,
-        "gradient_clipping": optim["grad_clip"] or 0.0,
+        "train_micro_batch_size_per_gpu": optim.batch_size,
+        "gradient_accumulation_steps": optim.grad_accum_steps,
+        "train_batch_size": optim.batch_size * optim.grad_accum_steps * world_size,
+        "gradient_clipping": optim.grad_clip or 0.0,
         "optimizer": {"type": "AdamW", "params": {
-            "lr": optim["lr"], "betas": list(optim["betas"]), "weight_decay": optim["weight_decay"],
-            **({} if ds["offload_optimizer"] else {"torch_adam": True})}},
+            "lr": optim.lr, "betas": list(optim.betas), "weight_decay": optim.weight_decay,
+            **({} if ds.offload_optimizer else {"torch_adam": True})}},
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    return deep_merge(generated, ds["config"])
+    return deep_merge(generated, ds.config)
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -179,20 +180,19 @@ class DeepSpeedBackend:
     """DeepSpeed engine: ZeRO partitioning, offload, accumulation and clipping are DeepSpeed's; the LR schedule
     is the same transformers schedule the PyTorch backend uses."""
 
-    def __init__(self, model, config: dict, device: torch.device):
+    def __init__(self, model, cfg: TrainConfig, total_steps: int, device: torch.device):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
         import deepspeed
         import torch.distributed as dist
 
-        self.model, self.config, self.device = model, config, device
-        optim = config["optim"]
+        self.model, self.cfg, self.device = model, cfg, device
         world = dist.get_world_size() if dist.is_initialized() else 1
-        self.ds_config = deepspeed_config(config["method"], optim, compute_dtype(config["dtype"], device), world,
+        self.ds_config = deepspeed_config(cfg.method, cfg.optim, compute_dtype(cfg.model.dtype, device), world,
                                           device.type == "cuda")
         self.stage = self.ds_config["zero_optimization"]["stage"]
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, config["method"], optim), config=self.ds_config,
-            lr_scheduler=lambda opt: make_scheduler(opt, optim, config["total_steps"]))
+            model=model, model_parameters=param_groups(model, cfg.method, cfg.optim), config=self.ds_config,
+            lr_scheduler=lambda opt: make_scheduler(opt, cfg.optim, total_steps))
         self.module = self.engine
 
     def autocast(self):
@@ -232,7 +232,7 @@ class DeepSpeedBackend:
             return
         if state is None:
             state = self.model.state_dict()
-        target = os.path.join(directory, artifact_name(self.config["method"]))
+        target = os.path.join(directory, artifact_name(self.cfg.method))
         if hasattr(self.model, "peft_config"):
             from peft import get_peft_model_state_dict
 

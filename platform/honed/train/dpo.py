@@ -28,6 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from honed.artifacts import read_meta
+from honed.config import DPOSettings
+from honed.train.collate import collate
+from honed.train.losses import lm_row_scores, scored_token_losses
+
 REFERENCE_ADAPTER = "reference"
 # Sums a rank accumulates for the metrics (all-reduced, then divided by `pairs`).
 PAIR_STATS = ("pairs", "correct", "margin", "chosen", "rejected")
@@ -46,8 +51,6 @@ def object_column(values: list) -> np.ndarray:
 
 def collate_pairs(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict:
     """Chosen rows then rejected rows of a batch of pairs, right-padded into one batch (`pairs` = B)."""
-    from honed.train.loop import collate
-
     missing = [i for i, r in enumerate(batch["rejected_input_ids"]) if not is_pair(r)]
     if missing:
         sources = sorted({str(batch["source"][i]) for i in missing}) if "source" in batch else ["?"]
@@ -61,8 +64,6 @@ def collate_pairs(batch: dict[str, np.ndarray], pad_id: int, device: torch.devic
 def pair_logps(model, inputs: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the chosen and of the rejected answers ([B] each): sums over labelled tokens, or
     means with `average` (IPO)."""
-    from honed.train.loop import scored_token_losses
-
     losses, rows = scored_token_losses(model, inputs)
     n = inputs["labels"].shape[0]
     logps = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, rows, -losses)
@@ -139,10 +140,10 @@ def _with_kwargs(model, kwargs: dict):
 class DPOObjective:
     """What the training loop asks of a method: collate a micro-batch, and its loss, weight and metric sums."""
 
-    def __init__(self, settings: dict, model):
-        self.beta, self.kind, self.smoothing = settings["beta"], settings["loss"], settings["label_smoothing"]
+    def __init__(self, settings: DPOSettings, model):
+        self.beta, self.kind, self.smoothing = settings.beta, settings.loss, settings.label_smoothing
         self.average = self.kind == "ipo"
-        self.reference = Reference(model, from_adapter=bool(settings.get("adapter")))
+        self.reference = Reference(model, from_adapter=bool(settings.adapter))
 
     def collate(self, batch: dict, pad_id: int, device: torch.device) -> dict:
         return collate_pairs(batch, pad_id, device)
@@ -161,8 +162,6 @@ class DPOObjective:
     def row_scores(self, module, rows: dict, pad_id: int, device: torch.device) -> list[tuple[str, float, dict]]:
         """(source, weight, sums) per validation row: pairs get the DPO loss and reward sums; other rows (a
         general-text probe) their language-model loss, as every method scores them."""
-        from honed.train.loop import lm_row_scores
-
         pairs = np.array([is_pair(r) for r in rows["rejected_input_ids"]]) if "rejected_input_ids" in rows \
             else np.zeros(len(rows["input_ids"]), dtype=bool)
         out = []
@@ -183,8 +182,6 @@ def check_sft_adapter(path: str, base_weights_sha256: str | None = None) -> dict
     import json
     from pathlib import Path
 
-    from honed.registry import read_meta
-
     config_file = Path(path) / "adapter_config.json"
     if not config_file.is_file():
         raise ValueError(f"method.dpo.adapter '{path}' is not an adapter directory (adapter_config.json missing); "
@@ -193,7 +190,7 @@ def check_sft_adapter(path: str, base_weights_sha256: str | None = None) -> dict
     if config.get("peft_type") != "LORA":
         raise ValueError(f"method.dpo.adapter '{path}' is a {config.get('peft_type')} adapter; DPO continues LoRA "
                          "adapters only (train the SFT stage with method lora)")
-    trained_on = read_meta(path).get("base_weights_sha256") if (Path(path) / "honed.json").is_file() else None
+    trained_on = read_meta(path).get("base_weights_sha256")
     if base_weights_sha256 and trained_on and trained_on != base_weights_sha256:
         raise ValueError(f"method.dpo.adapter '{path}' was trained on other base weights (sha256 {trained_on[:12]}) "
                          f"than model.name_or_path ({base_weights_sha256[:12]}); use the SFT run's base model")

@@ -1,9 +1,9 @@
 """One model builder for every fine-tuning method, plus its optimizer.
 
-    model = build_model(method, model_path, dtype="auto", device=torch.device("cpu"))
-    optimizer = make_optimizer(optim, param_groups(model, method, optim))
+    model = build_model(cfg.method, model_path, dtype="auto", device=torch.device("cpu"))
+    optimizer = make_optimizer(cfg.optim, param_groups(model, cfg.method, cfg.optim))
 
-`method` and `optim` are the plain-dict forms of `MethodConfig` and `OptimConfig`; the library configs
+`cfg.method` and `cfg.optim` are a validated `MethodConfig` and `OptimConfig`; the library configs
 (`peft.LoraConfig`, `PrefixTuningConfig`, `IA3Config`, `transformers.BitsAndBytesConfig`) are built from them
 one-to-one, nothing re-invented.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from honed.config import MethodConfig, OptimConfig
 from honed.models import device_dtype
 
 
@@ -23,14 +24,14 @@ def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return device_dtype(dtype, device)
 
 
-def build_model(method: dict, model_path: str, dtype: str, device: torch.device):
+def build_model(method: MethodConfig, model_path: str, dtype: str, device: torch.device):
     """The base model with the method applied; trainable weights have requires_grad."""
     base = load_base(method, model_path, dtype, device)
-    if method["name"] == "full":
+    if method.name == "full":
         return base
     from peft import get_peft_model
 
-    sft = method["name"] == "dpo" and method["dpo"]["adapter"]
+    sft = method.name == "dpo" and method.dpo.adapter
     model = from_sft_adapter(base, sft) if sft else get_peft_model(base, peft_config(method))
     if device.type == "cpu":
         use_fast_dropout(model)
@@ -128,21 +129,21 @@ def from_sft_adapter(base, adapter_dir: str):
     return model
 
 
-def load_base(method: dict, model_path: str, dtype: str, device: torch.device):
+def load_base(method: MethodConfig, model_path: str, dtype: str, device: torch.device):
     """The base model as the method trains on it: fp32 master weights (full), 4-bit (qlora, prepared for
     k-bit training), or frozen in the compute dtype (other peft methods)."""
     from transformers import AutoModelForCausalLM
 
-    name = method["name"]
+    name = method.name
     compute = compute_dtype(dtype, device)
     if name == "qlora":
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
-        quant = method["quant"]
-        q_dtype = compute if quant["compute_dtype"] == "auto" else getattr(torch, quant["compute_dtype"])
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant["quant_type"],
-                                 bnb_4bit_use_double_quant=quant["double_quant"], bnb_4bit_compute_dtype=q_dtype)
+        quant = method.quant
+        q_dtype = compute if quant.compute_dtype == "auto" else getattr(torch, quant.compute_dtype)
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                                 bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=q_dtype)
         base = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb, dtype=q_dtype,
                                                     device_map={"": device})
         for module in base.modules():
@@ -151,13 +152,13 @@ def load_base(method: dict, model_path: str, dtype: str, device: torch.device):
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
         base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=method["activation_checkpointing"],
+            base, use_gradient_checkpointing=method.activation_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         # full fine-tuning keeps fp32 master weights; a frozen base can live in the compute dtype
         weights = torch.float32 if name == "full" else compute
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=weights).to(device)
-        if method["activation_checkpointing"]:
+        if method.activation_checkpointing:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             if name != "full":
                 base.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
@@ -165,51 +166,50 @@ def load_base(method: dict, model_path: str, dtype: str, device: torch.device):
     return base
 
 
-def peft_config(method: dict):
+def peft_config(method: MethodConfig):
     """The peft config of a method (`lora`, `qlora`, `dpo` (a fresh LoRA adapter), `prefix`, `ia3`)."""
     from peft import IA3Config, LoraConfig, PrefixTuningConfig
 
-    name = method["name"]
+    name = method.name
     if name in ("lora", "qlora", "dpo"):
-        lora = method["lora"]
-        return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                          target_modules=lora["target_modules"], use_rslora=lora["use_rslora"],
-                          use_dora=lora["use_dora"], task_type="CAUSAL_LM")
+        lora = method.lora
+        return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules, use_rslora=lora.use_rslora,
+                          use_dora=lora.use_dora, task_type="CAUSAL_LM")
     if name == "prefix":
-        prefix = method["prefix"]
-        return PrefixTuningConfig(num_virtual_tokens=prefix["num_virtual_tokens"],
-                                  prefix_projection=prefix["prefix_projection"], task_type="CAUSAL_LM")
+        prefix = method.prefix
+        return PrefixTuningConfig(num_virtual_tokens=prefix.num_virtual_tokens,
+                                  prefix_projection=prefix.prefix_projection, task_type="CAUSAL_LM")
     if name == "ia3":
-        ia3 = method["ia3"]
-        return IA3Config(target_modules=ia3["target_modules"], feedforward_modules=ia3["feedforward_modules"],
+        return IA3Config(target_modules=method.ia3.target_modules, feedforward_modules=method.ia3.feedforward_modules,
                          task_type="CAUSAL_LM")
     raise ValueError(f"method '{name}' has no peft config; peft methods are lora, qlora, prefix, ia3, dpo")
 
 
-def param_groups(model, method: dict, optim: dict) -> list[dict]:
+def param_groups(model, method: MethodConfig, optim: OptimConfig) -> list[dict]:
     """Trainable weights grouped by learning rate and weight decay.
 
     Weight decay applies to matrices only (not norms, biases or IA3/DoRA scale vectors); LoRA matrices take
     `lora.lr` when it is set."""
-    adapter_lr = method.get("lora", {}).get("lr") if method["name"] in ("lora", "qlora", "dpo") else None
+    adapter_lr = method.lora.lr if method.name in ("lora", "qlora", "dpo") else None
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lr = adapter_lr if adapter_lr and ("lora_A" in name or "lora_B" in name) else optim["lr"]
-        decay = optim["weight_decay"] if p.ndim >= 2 and min(p.shape) > 1 else 0.0  # IA3 vectors are (n, 1)
+        lr = adapter_lr if adapter_lr and ("lora_A" in name or "lora_B" in name) else optim.lr
+        decay = optim.weight_decay if p.ndim >= 2 and min(p.shape) > 1 else 0.0  # IA3 vectors are (n, 1)
         groups.setdefault((lr, decay), []).append(p)
     return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
-def make_optimizer(optim: dict, groups: list[dict]) -> torch.optim.Optimizer:
+def make_optimizer(optim: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
     """torch AdamW or a bitsandbytes 8-bit / paged AdamW over the given parameter groups.
 
     torch AdamW runs its fused kernel when every parameter is a floating tensor on CPU or CUDA: one pass
     over each tensor instead of a dozen elementwise ops (on CPU, 0.16 s instead of 0.50 s a step for the
     135M model's full fine-tuning)."""
-    kwargs = {"lr": optim["lr"], "betas": tuple(optim["betas"]), "weight_decay": optim["weight_decay"]}
-    name = optim["optimizer"]
+    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "weight_decay": optim.weight_decay}
+    name = optim.optimizer
     if name == "adamw":
         params = [p for g in groups for p in g["params"]]
         fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)

@@ -1,0 +1,113 @@
+"""A worker's checkpoint: written by every rank at checkpoint steps, read back on resume.
+
+    save_checkpoint(worker, state, metrics, efficiency, final)   # every rank; Ray Train merges the dirs
+    state = restore(worker)                                      # RunState from Ray Train's latest checkpoint
+
+A checkpoint dir holds the backend's part (`adapter/` or `model/` and its resume state: honed.train.backends),
+one RNG state per rank, and from rank 0 the run state (`progress.json`), `metrics.jsonl`, and at the end
+`efficiency.json` and the export check's probe logits (`probe.pt`); file names are honed.artifacts'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from honed.artifacts import PROBE_FILE, PROGRESS_FILE, RNG_DIR, write_efficiency, write_metrics
+from honed.train.collate import collate
+from honed.train.efficiency import Meter
+from honed.train.validation import validate
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the loop carries from step to step and a checkpoint carries across restarts."""
+
+    step: int = 0
+    history: list[dict] = dataclasses.field(default_factory=list)
+    meter: Meter = dataclasses.field(default_factory=Meter)
+
+    def to_json(self) -> str:
+        return json.dumps({"step": self.step, "history": self.history, "meter": self.meter.state()})
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunState":
+        data = json.loads(text)
+        meter = Meter()
+        meter.restore(data["meter"])
+        return cls(step=data["step"], history=data["history"], meter=meter)
+
+
+def restore(worker) -> RunState | None:
+    """The run state (and model, optimizer and RNG state) of Ray Train's latest checkpoint, which it hands back
+    after a worker failure or a rerun of the same run; None when the run starts fresh."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as ckpt_dir:
+        worker.backend.load(ckpt_dir, worker.rank)
+        state = RunState.from_json(Path(ckpt_dir, PROGRESS_FILE).read_text())
+        rng = Path(ckpt_dir, RNG_DIR, f"rank{worker.rank}.pt")
+        if rng.is_file():  # absent when the run resumes with more workers than it had
+            set_rng_state(torch.load(rng, weights_only=False))
+    return state
+
+
+def save_checkpoint(worker, state: RunState, metrics: dict, efficiency: dict | None, final: bool) -> None:
+    """Every rank writes its part (its RNG; DeepSpeed partitions) and reports; Ray Train merges the
+    directories into one checkpoint in `storage_path`."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        worker.backend.save(tmp, worker.rank)
+        Path(tmp, RNG_DIR).mkdir()
+        torch.save(rng_state(), Path(tmp, RNG_DIR, f"rank{worker.rank}.pt"))
+        probe = probe_logits(worker) if final else None
+        if worker.rank == 0:
+            Path(tmp, PROGRESS_FILE).write_text(state.to_json())
+            write_metrics(tmp, state.history)
+            if efficiency:
+                write_efficiency(tmp, efficiency)
+            if probe:
+                torch.save(probe, Path(tmp, PROBE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+@torch.no_grad()
+def probe_logits(worker) -> dict:
+    """Logits of the trained model on two validation rows: the export is checked against them."""
+    if worker.probe_rows is None:
+        validate(worker)
+    inputs = collate(worker.probe_rows, worker.pad_id, worker.device)
+    backend = worker.backend
+    backend.train(False)
+    with backend.autocast():
+        logits = backend.module(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                position_ids=inputs.get("position_ids"), use_cache=False).logits
+    backend.train(True)
+    keep = {k: v.cpu() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    return {"inputs": keep, "logits": logits.float().cpu()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
