@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from honed.data.pipeline import mark_duplicates, pack_examples, stage_counts, star_edges
+from honed.data.corpus_dedup import mark_duplicates, star_edges
+from honed.data.manifest import stage_counts
+from honed.data.shards import pack_examples
 
 
 def examples(lengths: list[int]) -> dict[str, np.ndarray]:

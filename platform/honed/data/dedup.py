@@ -1,8 +1,8 @@
 """Exact and near-duplicate detection and n-gram decontamination: pure building blocks over numpy.
 
-On Ray Data they run as signatures and band keys per batch, a groupby over band keys with `bucket_pairs`
-or `verify_bucket` per bucket, and `resolve_clusters` on the edges; `near_duplicates` is the same composition
-in memory, for tests and small inputs:
+On Ray Data (`honed.data.corpus_dedup`) they run as signatures and band keys per batch, a hash shuffle over
+band keys that links each bucket's members to its smallest id, a signature check of those candidate edges, and
+`resolve_clusters` on the edges; `near_duplicates` is the same composition in memory, for tests and small inputs:
 
     dups = near_duplicates(ids, texts, threshold=0.85, num_perm=128, shingle_words=5)
     kept = [i for i in ids if i not in dups]   # dups maps each dropped id to the id it duplicates

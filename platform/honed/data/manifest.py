@@ -1,0 +1,228 @@
+"""What goes into a prepared dataset's manifest besides its settings, and the report written from it: counts
+that reconcile per source and per stage, record kinds, PII, token statistics, source identities.
+
+    stats = record_statistics(final, kept)   # {"counts", "kinds", "stages", "pii"}: Ray aggregations
+    tokens = token_stats(kept, max_seq_len)
+    (out / "report.md").write_text(render_report(manifest))
+
+Every statistic is computed by Ray Data (groupby counts, block-wise partials); the driver only sums small
+rows. The manifest file itself is read and written by `honed.artifacts`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from honed.config import PII_TYPES, PrepareConfig
+from honed.data.records import KEPT, QUARANTINED
+from honed.data.sources import DERIVED, builtin_rows
+
+# Where each drop or quarantine reason happens; the manifest's per-stage in/out counts follow this order.
+STAGES = ["read", "parse", "normalize", "filter", "pii", "decontaminate", "template", "dedup", "mix"]
+READ_REASONS = {"not_utf8", "too_large", "malformed_csv", "unsupported_value"}
+HIST_BINS = 32
+
+
+def record_statistics(final, kept) -> dict:
+    """The manifest's `counts`, `kinds`, `stages` and `pii` entries, from every marked row and the kept ones."""
+    counts = final.groupby(["source", "status", "reason", "split"]).count().take_all()
+    return {"counts": reconcile(counts), "kinds": kind_counts(kept), "stages": stage_counts(counts),
+            "pii": pii_counts(final)}
+
+
+def kind_counts(kept) -> dict[str, dict[str, dict[str, int]]]:
+    """split → source → record kind → kept rows."""
+    kinds: dict[str, dict[str, dict[str, int]]] = {}
+    for row in kept.groupby(["split", "source", "kind"]).count().take_all():
+        kinds.setdefault(row["split"], {}).setdefault(row["source"], {})[row["kind"]] = row["count()"]
+    return kinds
+
+
+def reconcile(rows: list[dict]) -> dict:
+    """Per source: read = train + val + dropped + quarantined, with per-reason counts."""
+    per_source: dict[str, dict] = {}
+    for row in rows:
+        c = per_source.setdefault(row["source"], {"read": 0, "train": 0, "val": 0, "dropped": Counter(),
+                                                  "quarantined": Counter()})
+        n = row["count()"]
+        c["read"] += n
+        if row["status"] == KEPT:
+            c[row["split"]] += n
+        else:
+            c[row["status"]][row["reason"]] += n
+    totals = Counter()
+    for c in per_source.values():
+        c["dropped"], c["quarantined"] = dict(c["dropped"]), dict(c["quarantined"])
+        totals.update({"read": c["read"], "train": c["train"], "val": c["val"],
+                       "dropped": sum(c["dropped"].values()), "quarantined": sum(c["quarantined"].values())})
+    return {"total": dict(totals), "by_source": per_source}
+
+
+def stage_counts(rows: list[dict]) -> list[dict]:
+    """Records in and out of each stage, in pipeline order, with what each stage removed and why."""
+    removed: dict[str, Counter] = defaultdict(Counter)
+    total = 0
+    for row in rows:
+        total += row["count()"]
+        if row["status"] != KEPT:
+            removed[stage_of(row["status"], row["reason"])][row["reason"]] += row["count()"]
+    stages, current = [], total
+    for stage in STAGES:
+        gone = sum(removed[stage].values())
+        stages.append({"stage": stage, "in": current, "out": current - gone, "removed": dict(removed[stage])})
+        current -= gone
+    return stages
+
+
+def stage_of(status: str, reason: str) -> str:
+    """The stage (one of `STAGES`) that removes a row of this status and reason."""
+    if reason.startswith("empty_"):
+        return "normalize"
+    if status == QUARANTINED:
+        return "read" if reason in READ_REASONS else "parse"
+    if reason.startswith("quality_"):
+        return "filter"
+    if reason == "contaminated":
+        return "decontaminate"
+    if reason in ("too_long", "too_few_tokens"):
+        return "template"
+    if reason.endswith("_duplicate"):
+        return "dedup"
+    return "mix"
+
+
+def pii_counts(final) -> dict[str, int]:
+    from ray.data.aggregate import Sum
+
+    stats = final.aggregate(*[Sum(f"pii_{t}") for t in PII_TYPES])
+    return {t: int(stats[f"sum(pii_{t})"] or 0) for t in PII_TYPES}
+
+
+def token_stats(kept, max_seq_len: int) -> dict:
+    """Per split: examples, total/mean/max tokens and a token-length histogram, in one pass over the kept
+    examples (block-wise partials summed on the driver)."""
+    edges = np.linspace(0, max_seq_len, HIST_BINS + 1)
+
+    def partial(batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out = {"split": [], "counts": [], "total": [], "max": []}
+        for split in ("train", "val"):
+            lengths = batch["num_tokens"][batch["split"] == split].astype(np.int64)
+            out["split"].append(split)
+            out["counts"].append(np.histogram(lengths, bins=edges)[0].tolist())
+            out["total"].append(int(lengths.sum()))
+            out["max"].append(int(lengths.max()) if len(lengths) else 0)
+        return out
+
+    hist = {split: np.zeros(HIST_BINS, dtype=np.int64) for split in ("train", "val")}
+    total, largest = dict.fromkeys(hist, 0), dict.fromkeys(hist, 0)
+    for row in kept.select_columns(["split", "num_tokens"]).map_batches(partial, batch_format="numpy").take_all():
+        split = row["split"]
+        hist[split] += np.asarray(row["counts"], dtype=np.int64)
+        total[split] += int(row["total"])
+        largest[split] = max(largest[split], int(row["max"]))
+    out = {}
+    for split in hist:
+        n = int(hist[split].sum())  # every kept example has 0 < tokens ≤ max_seq_len, so it is in a bin
+        out[split] = {"examples": n, "total": total[split], "mean": round(total[split] / n, 2) if n else 0.0,
+                      "max": largest[split]}
+    return out | {"histogram": {"edges": edges.round(1).tolist(), "train": hist["train"].tolist(),
+                                "val": hist["val"].tolist()}}
+
+
+def source_identities(cfg: PrepareConfig, files: dict[str, list[str]]) -> list[dict]:
+    """Each source's config and a content hash of each input (files hashed in Ray tasks, in parallel)."""
+    import ray.data
+
+    all_files = [p for paths in files.values() for p in paths]
+    hashes = {}
+    if all_files:
+        rows = ray.data.from_items([{"path": p} for p in all_files], override_num_blocks=len(all_files)).map(
+            _hash_file).take_all()
+        hashes = {r["path"]: (r["sha256"], r["bytes"]) for r in rows}
+    out = []
+    for index, source in enumerate(cfg.data.sources):
+        entry = source.model_dump(mode="json")
+        if source.name in files:
+            entry["files"] = [{"path": p, "sha256": hashes[p][0], "bytes": hashes[p][1]} for p in files[source.name]]
+        else:
+            digest = hashlib.sha256()
+            for row in builtin_rows(source, index, cfg.data.seed):
+                digest.update(row["raw"].encode())
+            entry["records_sha256"] = digest.hexdigest()
+            if source.kind in DERIVED:
+                entry["derived"] = DERIVED[source.kind]
+        out.append(entry)
+    return out
+
+
+def _hash_file(row: dict) -> dict:
+    from honed.data.sources import _open
+
+    digest, size = hashlib.sha256(), 0
+    with _open(row["path"]) as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"path": row["path"], "sha256": digest.hexdigest(), "bytes": size}
+
+
+def plot_histogram(tokens: dict, path: Path) -> None:
+    from honed.report import pyplot
+
+    plt = pyplot()
+    hist = tokens["histogram"]
+    edges = np.asarray(hist["edges"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = edges[1] - edges[0]
+    ax.bar(edges[:-1], hist["train"], width=width, align="edge", alpha=0.7, label="train")
+    ax.bar(edges[:-1], hist["val"], width=width, align="edge", alpha=0.7, label="validation")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.set_title("Token lengths of kept examples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render_report(m: dict) -> str:
+    lines = ["# Prepared dataset", "", "## Records per source", "",
+             "| source | read | train | val | dropped | quarantined |", "|---|---:|---:|---:|---:|---:|"]
+    for name, c in m["counts"]["by_source"].items():
+        lines.append(f"| {name} | {c['read']} | {c['train']} | {c['val']} | "
+                     f"{_reasons(c['dropped'])} | {_reasons(c['quarantined'])} |")
+    lines += ["", "## Stages", "", "| stage | in | out | removed |", "|---|---:|---:|---|"]
+    lines += [f"| {s['stage']} | {s['in']} | {s['out']} | {_reasons(s['removed'])} |" for s in m["stages"]]
+    d = m["dedup"]
+    lines += ["", "## Deduplication", "",
+              f"Exact duplicates removed: {d['exact_removed']}; near duplicates removed: {d['near_removed']} "
+              f"(MinHash {d['num_perm']} permutations, {d['shingle_words']}-word shingles, threshold "
+              f"{d['threshold']}{', %s bands × %s rows' % (d['bands'], d['rows']) if 'bands' in d else ''}); "
+              f"{d['clusters']} clusters, the largest of {d['largest_cluster']} records."]
+    lines += [f"- `{e['duplicate']}` duplicates `{e['kept']}`" for e in d["examples"]]
+    lines += ["", "## PII redacted", "", ", ".join(f"{k}: {v}" for k, v in m["pii"].items())]
+    if m["mix"]:
+        lines += ["", "## Mix", "", "| source | weight | share | available | rate |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {v['weight']} | {v['share']} | {v['available']} | {v['rate']:.3f} |"
+                  for k, v in m["mix"].items()]
+    t = m["tokens"]
+    lines += ["", "## Tokens", "",
+              f"Training: {t['train']['total']} tokens over {t['train']['examples']} examples (mean "
+              f"{t['train']['mean']}, max {t['train']['max']}); validation: {t['val']['total']} tokens over "
+              f"{t['val']['examples']} examples.", "", "![token lengths](token_lengths.png)"]
+    p = m["packing"]
+    if p["enabled"]:
+        lines += ["", f"Packing: {p['examples']} examples into {p['rows']} rows of {p['seq_len']} tokens, "
+                      f"efficiency {p['efficiency']:.1%} (non-pad tokens / all tokens)."]
+    tm = m["template"]
+    lines += ["", f"Template `{tm['name']}`: system prompt {tm['system_prompt']!r}, loss on {tm['loss_on']}, "
+                  f"stop {tm['stop']}, EOS {tm['eos_token']!r}."]
+    return "\n".join(lines) + "\n"
+
+
+def _reasons(counter: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counter.items())) or "0"

@@ -1,0 +1,153 @@
+"""From marked examples to the files of a prepared dataset: the weighted mix, a seeded global shuffle,
+best-fit packing into `seq_len`-token rows, deterministic Parquet shards and the quarantine files.
+
+    rates = mix_rates(cfg, marked)
+    final = marked.map_batches(apply_mix, fn_kwargs={"rates": rates, "seed": seed}, batch_format="pyarrow")
+    train = seeded_shuffle(train, seed).map_batches(pack_examples, fn_kwargs={"seq_len": 512, "pad_id": 0},
+                                                     batch_size=4096, batch_format="numpy")
+    write_shards(train, out / "shards" / "train", "train")
+
+Every choice is a pure function of (seed, record ids), never of how rows fall into blocks: the same input and
+seed give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from honed.config import PrepareConfig
+from honed.data.batch_columns import column_values, replace_columns
+from honed.data.records import DROPPED, KEPT, QUARANTINED, unit_hash
+
+# Preference pairs keep the chosen conversation in input_ids/labels (so any method can train on them) and the
+# rejected one beside it; other rows leave the rejected columns empty.
+SHARD_COLUMNS = ["source", "group", "id", "kind", "prompt", "response", "text", "messages", "input_ids", "labels",
+                 "num_tokens", "chosen", "rejected", "rejected_input_ids", "rejected_labels"]
+QUARANTINE_COLUMNS = ["source", "origin", "reason", "detail", "raw"]
+
+
+def mix_rates(cfg: PrepareConfig, marked) -> dict:
+    """Sampling rate per weighted source so kept training examples follow the weights without repeating
+    any: the scarcest source (relative to its weight) is used in full, the others are subsampled."""
+    from ray.data.expressions import col
+
+    weighted = {s.name: s.weight for s in cfg.data.sources if s.weight and not s.eval_only}
+    if not weighted:
+        return {}
+    rows = marked.filter(expr=(col("status") == KEPT) & (col("split") == "train")).groupby("source").count().take_all()
+    available = {r["source"]: r["count()"] for r in rows}
+    total_weight = sum(weighted.values())
+    shares = {name: w / total_weight for name, w in weighted.items()}
+    budget = min(available.get(name, 0) / share for name, share in shares.items())
+    return {name: {"weight": weighted[name], "share": round(share, 4), "available": available.get(name, 0),
+                   "rate": min(1.0, budget * share / available[name]) if available.get(name) else 0.0}
+            for name, share in shares.items()}
+
+
+def apply_mix(batch, rates: dict, seed: int):
+    """Drop (`mix_subsampled`) each kept training row of a weighted source with 1 − its rate, by a seeded
+    hash of its id, so the choice does not depend on how rows fall into blocks."""
+    if not rates:
+        return batch
+    status, reason, split = (column_values(batch, k) for k in ("status", "reason", "split"))
+    for i, (source, rid) in enumerate(zip(column_values(batch, "source"), column_values(batch, "id"))):
+        rate = rates.get(str(source), {}).get("rate", 1.0)
+        if status[i] == KEPT and split[i] == "train" and unit_hash(f"{seed}:mix:{rid}") >= rate:
+            status[i], reason[i] = DROPPED, "mix_subsampled"
+    return replace_columns(batch, status=status, reason=reason)
+
+
+def seeded_shuffle(ds, seed: int):
+    """A global shuffle that is a pure function of (seed, ids): sort by a seeded hash of each id."""
+    def add_key(batch):
+        import pyarrow as pa
+
+        keys = [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") >> 1
+                for i in batch.column("id").to_pylist()]
+        return batch.append_column("shuffle_key", pa.array(keys, pa.int64()))
+
+    return ds.map_batches(add_key, batch_format="pyarrow").sort("shuffle_key").drop_columns(["shuffle_key"])
+
+
+def pack_examples(batch: dict[str, np.ndarray], seq_len: int, pad_id: int):
+    """Best-fit-decreasing packing of a batch of examples into rows of `seq_len` tokens. Position ids
+    restart at 0 for every example (and for the padding tail), which is how the model's attention mask
+    keeps each example to itself; padding carries label -100."""
+    lengths = [len(x) for x in batch["input_ids"]]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        fits = [b for b, room in enumerate(free) if room >= lengths[i]]
+        if fits:
+            b = min(fits, key=lambda b: free[b])
+            bins[b].append(i)
+            free[b] -= lengths[i]
+        else:
+            bins.append([i])
+            free.append(seq_len - lengths[i])
+    out = defaultdict(list)
+    for members in bins:
+        ids, labels, positions = [], [], []
+        for i in members:
+            ids += list(batch["input_ids"][i])
+            labels += list(batch["labels"][i])
+            positions += list(range(lengths[i]))
+        used = len(ids)
+        ids += [pad_id] * (seq_len - used)
+        labels += [-100] * (seq_len - used)
+        positions += list(range(seq_len - used))
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["position_ids"].append(positions)
+        out["num_tokens"].append(used)
+        out["num_examples"].append(len(members))
+    return packed_table(out)
+
+
+def packed_table(columns: dict[str, list]):
+    """Plain Arrow lists (not Ray's tensor extension type), so any Parquet reader loads the shards."""
+    import pyarrow as pa
+
+    lists = {k: pa.array(columns.get(k, []), type=pa.list_(pa.int32()))
+             for k in ("input_ids", "labels", "position_ids")}
+    return pa.table(lists | {k: pa.array(columns.get(k, []), type=pa.int32()) for k in ("num_tokens", "num_examples")})
+
+
+def packing_stats(packed, seq_len: int, n_examples: int) -> dict:
+    from ray.data.aggregate import Count, Sum
+
+    stats = packed.aggregate(Sum("num_tokens"), Count())
+    rows, used = int(stats["count()"]), int(stats["sum(num_tokens)"] or 0)
+    return {"seq_len": seq_len, "rows": rows, "examples": n_examples,
+            "efficiency": round(used / max(rows * seq_len, 1), 4)}
+
+
+def write_shards(ds, path: Path, prefix: str, rows_per_shard: int = 50_000) -> int:
+    """Write deterministic Parquet shards (`prefix-00000.parquet`, ...) and return the row count."""
+    import ray.data
+    from ray.data.datasource import FilenameProvider
+
+    class Names(FilenameProvider):  # the default names hold random write ids
+        def get_filename_for_task(self, write_uuid, task_index):
+            return f"{prefix}-{task_index:05d}.parquet"
+
+    n = ds.count()
+    path.mkdir(parents=True, exist_ok=True)
+    if n:
+        ds.repartition(max(1, -(-n // rows_per_shard))).write_parquet(
+            str(path.resolve()), filename_provider=Names(), mode=ray.data.SaveMode.OVERWRITE)
+    return n
+
+
+def write_quarantine(final, path: Path) -> None:
+    """The quarantined rows as JSON lines ({source, origin, reason, detail, raw}); no files when there are none."""
+    from ray.data.expressions import col
+
+    quarantined = final.filter(expr=col("status") == QUARANTINED).select_columns(QUARANTINE_COLUMNS)
+    if quarantined.count():
+        quarantined.write_json(str(path.resolve()))
