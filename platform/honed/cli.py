@@ -16,6 +16,8 @@ failed forgetting gate (`honed eval --gate`) exits with status 3, after eval.jso
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,18 @@ COMMANDS = {
     "merge": "merge an adapter into its base and verify the logits",
     "serve": "serve base + adapters behind an OpenAI-compatible endpoint (Ray Serve)",
     "demo": "prepare → train → eval → merge → serve on the embedded default model",
+}
+JOB_ACTIONS = {
+    "list": "list the cluster's jobs, oldest first",
+    "status": "show a job's status and message",
+    "logs": "print a job's logs (--follow: stream them until it ends, exit with its status)",
+    "stop": "stop a running job and wait until it is STOPPED",
+}
+REGISTRY_ACTIONS = {
+    "add": "register an adapter directory as the next version of NAME; prints NAME@N",
+    "list": "list every version: base model, hashes, promotable, eval figures",
+    "show": "print a version's honed.json (REF: name, name@N or name@latest)",
+    "remove": "delete one version (name@N) or every version of a name",
 }
 
 
@@ -68,9 +82,55 @@ def parser() -> argparse.ArgumentParser:
                              help=f"continue {what}; fail if there is none (without a flag an existing one is "
                                   "continued, a new one started)")
             how.add_argument("--restart", action="store_true", help=restart)
-    jobs.add_commands(subs)
-    registry.add_commands(subs)
+    add_job_commands(subs)
+    add_registry_commands(subs)
     return top
+
+
+def add_job_commands(subs) -> None:
+    """`honed submit` and `honed jobs ACTION` (honed.jobs)."""
+    sub = subs.add_parser("submit", help="submit a job file to a Ray cluster, stream its logs, exit with its status",
+                          description="Submit a job file (see jobs/submit/) to a Ray cluster with Ray's Jobs SDK, "
+                                      "stream its logs, exit 0 when it SUCCEEDED, 1 otherwise, 2 for a bad job file.")
+    sub.add_argument("job", help="job YAML (see jobs/submit/)")
+    sub.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="override a job file value, e.g. submission_id=x")
+    sub.add_argument("--address",
+                     help=f"Jobs API address (default: the file's, RAY_ADDRESS, else {jobs.DEFAULT_ADDRESS})")
+    sub.add_argument("--no-wait", action="store_true", help="submit and return instead of streaming the logs")
+    sub.add_argument("--print-config", action="store_true", help="print the validated job and exit")
+    jobs_parser = subs.add_parser("jobs", help="list, inspect, follow or stop Ray jobs",
+                                  description="Ray jobs on a cluster.")
+    actions = jobs_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help_text in JOB_ACTIONS.items():
+        action = actions.add_parser(name, help=help_text, description=help_text)
+        if name != "list":
+            action.add_argument("id", help="submission id (or Ray job id)")
+        action.add_argument("--address", help=f"Jobs API address (default: RAY_ADDRESS, else {jobs.DEFAULT_ADDRESS})")
+        if name == "logs":
+            action.add_argument("--follow", action="store_true", help="stream until the job ends")
+        if name == "stop":
+            action.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for STOPPED (default 60)")
+
+
+def add_registry_commands(subs) -> None:
+    """`honed registry ACTION` (honed.registry)."""
+    registry_parser = subs.add_parser("registry", help="add, list, show or remove adapters in an adapter registry",
+                                      description=registry.__doc__.split("\n\n")[0])
+    actions = registry_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    default, fallback = os.environ.get("HONED_REGISTRY", registry.DEFAULT_REGISTRY), registry.DEFAULT_REGISTRY
+    for name, help_text in REGISTRY_ACTIONS.items():
+        action = actions.add_parser(name, help=help_text, description=help_text)
+        if name == "add":
+            action.add_argument("name", help="adapter name: a-z 0-9 . _ -, at most 64 characters")
+            action.add_argument("adapter_dir", help="adapter directory exported by `honed train` (output_dir/adapter)")
+            action.add_argument("--eval", metavar="FILE", help="eval.json written by `honed eval`, kept under `eval`")
+        elif name in ("show", "remove"):
+            action.add_argument("ref", help="name, name@N or name@latest")
+        elif name == "list":
+            action.add_argument("--json", action="store_true", help="print the rows as JSON")
+        action.add_argument("--registry", metavar="URI", default=default,
+                            help=f"registry directory or URI (default: HONED_REGISTRY, else {fallback})")
 
 
 def split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -80,12 +140,21 @@ def split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return args.config, list(args.overrides)
 
 
+def parse_command(argv: list[str]) -> tuple[str, str | None, list[str]]:
+    """(command, config path or None, overrides) of `honed` arguments, read as `main` reads them; SystemExit (after
+    argparse's usage message) when they are no honed command. honed.jobs checks job entrypoints with it."""
+    args = parser().parse_args(argv)
+    if args.command not in CONFIGS:
+        return args.command, None, []
+    return (args.command, *split_config_arg(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command in ("submit", "jobs"):
-        return jobs.main(args)
+        return run_job_command(args)
     if args.command == "registry":
-        return registry.main(args)
+        return run_registry_command(args)
     path, overrides = split_config_arg(args)
     if getattr(args, "with_dpo", False):
         overrides.append("dpo.enabled=true")
@@ -99,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    missing = missing_inputs(args.command, cfg) or preflight(args, cfg)
+    missing, plan = missing_inputs(args.command, cfg), None
+    if not missing:
+        missing, plan = preflight(args, cfg)
     if missing:
         print(f"honed {args.command}: {missing}", file=sys.stderr)
         return 1
@@ -108,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     init_ray(args.address)
     try:
-        status = run(args.command, cfg, detach=getattr(args, "detach", False)) or 0
+        status = run(args.command, cfg, detach=getattr(args, "detach", False), plan=plan) or 0
     except (FileNotFoundError, ValueError) as err:
         print(f"honed {args.command}: {err}", file=sys.stderr)
         return 1
@@ -151,49 +222,49 @@ def missing_inputs(command: str, cfg) -> str | None:
     return None
 
 
-def preflight(args: argparse.Namespace, cfg) -> str | None:
-    """Train and tune checks against the prepared dataset and the run's storage, before Ray starts."""
+def preflight(args: argparse.Namespace, cfg) -> tuple[str | None, object]:
+    """Train and tune checks against the model, the prepared dataset and the run's storage, before Ray starts:
+    (what stops the run or None, the training's RunPlan, planned here once and handed to `honed.train`)."""
     if args.command == "tune":
         from honed.tune import preflight as tune_preflight
 
-        return tune_preflight(cfg, resume=args.resume, restart=args.restart)
+        return tune_preflight(cfg, resume=args.resume, restart=args.restart), None
     if args.command != "train":
-        return None
-    from honed.train.trainer import plan_run, run_checkpoints
+        return None, None
+    from honed.models import resolve_model
+    from honed.train.plan import plan_run, run_checkpoints, run_dir
 
     try:
-        plan_run(cfg)
-    except ValueError as err:
-        return str(err)
+        plan = plan_run(cfg, resolve_model(cfg.model.name_or_path))
+    except (FileNotFoundError, ValueError) as err:
+        return str(err), None
     checkpoints = run_checkpoints(cfg)
     if args.resume and checkpoints is not None and not checkpoints:
-        return f"--resume: run '{cfg.name}' has no checkpoint under {cfg.storage_path or cfg.output_dir}; drop --resume"
+        return (f"--resume: run '{cfg.name}' has no checkpoint under {cfg.storage_path or cfg.output_dir}; "
+                "drop --resume"), None
     if args.restart:
         import shutil
 
-        from honed.train.trainer import run_dir
-
         if "://" in run_dir(cfg):
-            return "--restart deletes local runs only; choose a new `name` for a cloud storage_path"
+            return "--restart deletes local runs only; choose a new `name` for a cloud storage_path", None
         shutil.rmtree(run_dir(cfg), ignore_errors=True)
-    return None
+    return None, plan
 
 
-def run(command: str, cfg, detach: bool = False) -> int | None:
-    """Run one stage; a non-zero int is the exit status (a failed eval gate)."""
+def run(command: str, cfg, detach: bool = False, plan=None) -> int | None:
+    """Run one stage (`plan`: the preflight's RunPlan for train); a non-zero int is the exit status (a failed
+    eval gate)."""
     if command == "prepare":
         from honed.data.pipeline import prepare
 
         counts = prepare(cfg)["counts"]["total"]
         print(f"[honed.prepare] {counts} → {cfg.output_dir}", flush=True)
     elif command == "train":
+        from honed.train.backends import artifact_name
         from honed.train.trainer import train
 
-        from honed.train.backends import artifact_name
-
-        train(cfg)
-        print(f"[honed.train] {artifact_name(cfg.method.model_dump())} → {cfg.output_dir}/"
-              f"{artifact_name(cfg.method.model_dump())}", flush=True)
+        train(cfg, plan=plan)
+        print(f"[honed.train] {artifact_name(cfg.method)} → {cfg.output_dir}/{artifact_name(cfg.method)}", flush=True)
     elif command == "tune":
         from honed.tune import tune
 
@@ -211,9 +282,9 @@ def run(command: str, cfg, detach: bool = False) -> int | None:
         from honed.merge import merge
         from honed.runtime import run_task
 
-        report = run_task(merge, cfg)
-        print(f"[honed.merge] max |Δlogit| {report['max_abs_logit_diff']:.2e} ≤ {cfg.tolerance:.0e} → "
-              f"{cfg.output_dir}", flush=True)
+        report = run_task(merge, cfg, num_gpus=1 if cfg.use_gpu else 0)
+        print(f"[honed.merge] max |Δlogit| {report['max_abs_logit_diff']:.2e} ≤ {report['tolerance']:.0e} "
+              f"({report['dtype']} on {report['device']}) → {cfg.output_dir}", flush=True)
     elif command == "serve":
         from honed.serve.deploy import serve_forever
 
@@ -222,6 +293,65 @@ def run(command: str, cfg, detach: bool = False) -> int | None:
         from honed.demo import run_demo
 
         run_demo(cfg)
+
+
+def run_job_command(args: argparse.Namespace) -> int:
+    """`honed submit` / `honed jobs ACTION`: a Jobs API failure exits 1 with one line, a bad job file 2."""
+    from ray.exceptions import AuthenticationError
+
+    name = "submit" if args.command == "submit" else f"jobs {args.action}"
+    try:
+        return submit(args) if args.command == "submit" else run_job_action(args)
+    except (OSError, RuntimeError, AuthenticationError, ValueError) as err:  # OSError: refused / lost connections
+        print(f"honed {name}: {err}", file=sys.stderr)
+        return 1
+
+
+def submit(args: argparse.Namespace) -> int:
+    try:
+        job, runtime_env = jobs.load_job(args.job, parse_command, args.overrides)
+    except ConfigError as err:
+        print(f"honed submit: {err}", file=sys.stderr)
+        return 2
+    address = jobs.resolve_address(args.address, job.address)
+    if args.print_config:
+        print(dump_config(job.model_copy(update={"address": address, "runtime_env": runtime_env})), end="")
+        return 0
+    return jobs.submit(job, runtime_env, address, wait=not args.no_wait)
+
+
+def run_job_action(args: argparse.Namespace) -> int:
+    client = jobs.connect(jobs.resolve_address(args.address))
+    if args.action == "list":
+        return jobs.list_jobs(client)
+    if args.action == "status":
+        return jobs.job_status(client, args.id)
+    if args.action == "logs":
+        return jobs.follow(client, args.id) if args.follow else jobs.print_logs(client, args.id)
+    return jobs.stop_job(client, args.id, timeout_s=args.timeout)
+
+
+def run_registry_command(args: argparse.Namespace) -> int:
+    """`honed registry ACTION`: prints its result; a bad name, ref, adapter dir or --eval file, or an unreachable
+    bucket, exits 2 with one line."""
+    try:
+        print(registry_action(registry.Registry(args.registry), args))
+    except (ValueError, OSError) as err:  # RegistryError is a ValueError
+        print(f"honed registry: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def registry_action(adapters: registry.Registry, args: argparse.Namespace) -> str:
+    if args.action == "add":
+        results = json.loads(Path(args.eval).read_text()) if args.eval else None
+        return adapters.add(args.name, args.adapter_dir, eval_results=results)
+    if args.action == "show":
+        return json.dumps(adapters.show(args.ref), indent=2)
+    if args.action == "remove":
+        return "\n".join(f"removed {ref}" for ref in adapters.remove(args.ref))
+    rows = adapters.list()
+    return json.dumps(rows, indent=2) if args.json else registry.list_table(rows)
 
 
 if __name__ == "__main__":

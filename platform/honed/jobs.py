@@ -13,22 +13,28 @@ configs loaded too. Relative paths are read from the current directory, as `ray 
 Address: `--address`, else the job file's `address`, else RAY_API_SERVER_ADDRESS / RAY_ADDRESS, else
 http://127.0.0.1:8265 (the dashboard of a `ray start --head` on this machine). A cluster started with token
 auth wants RAY_AUTH_MODE=token here as well (the token is read from ~/.ray/auth_token or RAY_AUTH_TOKEN).
+
+honed.cli parses those command lines and calls the functions here; from Python:
+
+    from honed.cli import parse_command
+    job, runtime_env = load_job("jobs/submit/train_lora.yaml", parse_command, ["submission_id=icd10-lora-2"])
+    status = submit(job, runtime_env, resolve_address(None, job.address), wait=False)
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import Field, field_validator
 
-from honed.config import CONFIGS, ConfigError, Section, dump_config, load_config
+from honed.config import CONFIGS, ConfigError, Section, load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 SUCCEEDED, TERMINAL = "SUCCEEDED", ("SUCCEEDED", "FAILED", "STOPPED")
@@ -36,6 +42,10 @@ SUCCEEDED, TERMINAL = "SUCCEEDED", ("SUCCEEDED", "FAILED", "STOPPED")
 RUNTIME_ENV_KEYS = ("working_dir", "py_modules", "py_executable", "excludes", "pip", "uv", "conda", "env_vars",
                     "container", "image_uri", "java_jars", "worker_process_setup_hook", "config")
 SHELL_SEPARATORS = ("&&", "||", ";", "|")
+
+# `honed` arguments -> (command, config path or None, overrides); SystemExit when they are not a honed command.
+# Passed in (honed.cli.parse_command) rather than imported: honed.cli imports this module.
+ParseCommand = Callable[[list[str]], tuple[str, str | None, list[str]]]
 
 
 class JobFile(Section):
@@ -69,11 +79,13 @@ class JobFile(Section):
         return value
 
 
-def load_job(path: str, overrides: list[str] = ()) -> tuple[JobFile, dict[str, Any]]:
-    """The validated job file and its runtime_env (read from its file when given as a path); ConfigError else."""
-    job = load_config(JobFile, path, overrides)
+def load_job(path: str, parse_command: ParseCommand,
+             overrides: Sequence[str] = ()) -> tuple[JobFile, dict[str, Any]]:
+    """The validated job file and its runtime_env (read from its file when given as a path); ConfigError else.
+    `parse_command` reads each honed command of the entrypoint (honed.cli.parse_command)."""
+    job = load_config(JobFile, path, list(overrides))
     runtime_env = load_runtime_env(job.runtime_env)
-    check_honed_commands(job.entrypoint, runtime_env.get("working_dir"))
+    check_honed_commands(job.entrypoint, runtime_env.get("working_dir"), parse_command)
     return job, runtime_env
 
 
@@ -102,33 +114,30 @@ def load_runtime_env(value: str | dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-def check_honed_commands(entrypoint: str, working_dir: str | None) -> None:
+def check_honed_commands(entrypoint: str, working_dir: str | None, parse_command: ParseCommand) -> None:
     """Parse each honed command of the entrypoint and load its config (from a local working_dir), so a typo
     fails here rather than on the cluster."""
-    from honed.cli import parser, split_config_arg
-
     for argv in shell_commands(entrypoint):
         args = honed_args(argv)
         if args is None:
             continue
         try:
-            parsed = parser().parse_args(args)
+            command, config, overrides = parse_command(args)
         except SystemExit:
             raise ConfigError(f"entrypoint: `{shlex.join(argv)}` is not a valid honed command "
                               f"(see `honed {args[0] if args else ''} --help`)") from None
-        if parsed.command not in CONFIGS:
+        if command not in CONFIGS:
             continue
-        config, overrides = split_config_arg(parsed)
         if config and working_dir and "://" not in working_dir:
             config = Path(working_dir) / config
             if not config.is_file():
-                raise ConfigError(f"entrypoint: honed {parsed.command} config {config} not found in the working_dir")
+                raise ConfigError(f"entrypoint: honed {command} config {config} not found in the working_dir")
         elif config:
             continue  # resolved on the cluster; nothing local to check
         try:
-            load_config(CONFIGS[parsed.command], config, overrides)
+            load_config(CONFIGS[command], config, overrides)
         except ConfigError as err:
-            raise ConfigError(f"entrypoint: honed {parsed.command}: {err}") from None
+            raise ConfigError(f"entrypoint: honed {command}: {err}") from None
 
 
 def shell_commands(entrypoint: str) -> list[list[str]]:
@@ -184,17 +193,10 @@ def connect(address: str):
 
 
 # ------------------------------------------------------------------------------------------------- commands
-def submit(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    try:
-        job, runtime_env = load_job(args.job, overrides)
-    except ConfigError as err:
-        print(f"honed submit: {err}", file=sys.stderr)
-        return 2
-    address = resolve_address(args.address, job.address)
-    if args.print_config:
-        print(dump_config(job.model_copy(update={"address": address, "runtime_env": runtime_env})), end="")
-        return 0
+# What `honed submit` and `honed jobs ACTION` run once honed.cli has parsed them; each returns the exit status.
+def submit(job: JobFile, runtime_env: dict[str, Any], address: str, wait: bool = True) -> int:
+    """Submit a job from `load_job` to the cluster at `address` (`resolve_address`); with `wait`, stream its logs
+    and return 0 when it SUCCEEDED, 1 otherwise."""
     client = connect(address)
     submission_id = client.submit_job(
         entrypoint=job.entrypoint, runtime_env=runtime_env, submission_id=job.submission_id,
@@ -202,7 +204,7 @@ def submit(args: argparse.Namespace) -> int:
         entrypoint_num_gpus=job.entrypoint_num_gpus or None, entrypoint_memory=job.entrypoint_memory or None,
         entrypoint_resources=job.entrypoint_resources or None)
     print(f"[honed.submit] job {submission_id} submitted to {address}", flush=True)
-    if args.no_wait:
+    if not wait:
         print(f"[honed.submit] follow it: honed jobs logs {submission_id} --follow --address {address}", flush=True)
         return 0
     return follow(client, submission_id)
@@ -247,7 +249,7 @@ def report_end(client, submission_id: str, status: str) -> int:
     return 0 if status == SUCCEEDED else 1
 
 
-def list_jobs(client, args: argparse.Namespace) -> int:
+def list_jobs(client) -> int:
     jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
     print(f"{'SUBMISSION ID':<28} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
     for j in jobs:
@@ -256,70 +258,25 @@ def list_jobs(client, args: argparse.Namespace) -> int:
     return 0
 
 
-def job_status(client, args: argparse.Namespace) -> int:
-    info = client.get_job_info(args.id)
-    print(f"{args.id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+def job_status(client, submission_id: str) -> int:
+    info = client.get_job_info(submission_id)
+    print(f"{submission_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
     return 0
 
 
-def job_logs(client, args: argparse.Namespace) -> int:
-    if args.follow:
-        return follow(client, args.id)
-    print(client.get_job_logs(args.id), end="")
+def print_logs(client, submission_id: str) -> int:
+    """The job's logs so far (`follow` streams them until it ends)."""
+    print(client.get_job_logs(submission_id), end="")
     return 0
 
 
-def stop_job(client, args: argparse.Namespace) -> int:
+def stop_job(client, submission_id: str, timeout_s: float) -> int:
     """Ray sends SIGTERM to the entrypoint's process group, then SIGKILL; wait for the STOPPED status."""
-    was_running = client.stop_job(args.id)
-    status = wait_until_done(client, args.id, timeout_s=args.timeout)
+    was_running = client.stop_job(submission_id)
+    status = wait_until_done(client, submission_id, timeout_s=timeout_s)
     if not was_running and status in TERMINAL:
-        print(f"[honed.jobs] job {args.id} was not running: {status}")
+        print(f"[honed.jobs] job {submission_id} was not running: {status}")
         return 0
-    print(f"[honed.jobs] job {args.id} {status}" + ("" if status in TERMINAL else
-                                                   f" after {args.timeout:.0f}s; it is still stopping"))
+    print(f"[honed.jobs] job {submission_id} {status}" + ("" if status in TERMINAL else
+                                                          f" after {timeout_s:.0f}s; it is still stopping"))
     return 0 if status in TERMINAL else 1
-
-
-JOB_ACTIONS = {
-    "list": (list_jobs, "list the cluster's jobs, oldest first"),
-    "status": (job_status, "show a job's status and message"),
-    "logs": (job_logs, "print a job's logs (--follow: stream them until it ends, exit with its status)"),
-    "stop": (stop_job, "stop a running job and wait until it is STOPPED"),
-}
-
-
-def add_commands(subs) -> None:
-    """`submit` and `jobs` on the `honed` parser."""
-    sub = subs.add_parser("submit", help="submit a job file to a Ray cluster, stream its logs, exit with its status",
-                          description="Submit a job file (see jobs/submit/) to a Ray cluster with Ray's Jobs SDK, "
-                                      "stream its logs, exit 0 when it SUCCEEDED, 1 otherwise, 2 for a bad job file.")
-    sub.add_argument("job", help="job YAML (see jobs/submit/)")
-    sub.add_argument("overrides", nargs="*", metavar="key=value", help="override a job file value, e.g. submission_id=x")
-    sub.add_argument("--address", help=f"Jobs API address (default: the file's, RAY_ADDRESS, else {DEFAULT_ADDRESS})")
-    sub.add_argument("--no-wait", action="store_true", help="submit and return instead of streaming the logs")
-    sub.add_argument("--print-config", action="store_true", help="print the validated job and exit")
-    jobs = subs.add_parser("jobs", help="list, inspect, follow or stop Ray jobs", description="Ray jobs on a cluster.")
-    actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, (_, help_text) in JOB_ACTIONS.items():
-        action = actions.add_parser(name, help=help_text, description=help_text)
-        if name != "list":
-            action.add_argument("id", help="submission id (or Ray job id)")
-        action.add_argument("--address", help=f"Jobs API address (default: RAY_ADDRESS, else {DEFAULT_ADDRESS})")
-        if name == "logs":
-            action.add_argument("--follow", action="store_true", help="stream until the job ends")
-        if name == "stop":
-            action.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for STOPPED (default 60)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from ray.exceptions import AuthenticationError
-
-    name = "submit" if args.command == "submit" else f"jobs {args.action}"
-    try:
-        if args.command == "submit":
-            return submit(args)
-        return JOB_ACTIONS[args.action][0](connect(resolve_address(args.address)), args)
-    except (OSError, RuntimeError, AuthenticationError, ValueError) as err:  # OSError: refused / lost connections
-        print(f"honed {name}: {err}", file=sys.stderr)
-        return 1

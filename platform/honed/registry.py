@@ -18,26 +18,23 @@ Refs are `name`, `name@N` or `name@latest`; names and versions are validated bef
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import posixpath
-import re
 import shutil
-import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from honed.config import check_adapter_name
+from honed.artifacts import META, read_meta
+from honed.config.names import VERSION, check_adapter_name
+from honed.config.names import parse_ref as parse_adapter_ref
 
 DEFAULT_REGISTRY = "runs/registry"
-META = "honed.json"  # what honed knows of an adapter or model dir: written by `honed train` / `honed merge`
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
-VERSION = re.compile(r"[1-9][0-9]{0,8}")
 EVAL_FIGURES = ("exact_match", "token_f1", "rouge_l")
 
 
@@ -58,20 +55,11 @@ def check_name(name: str) -> str:
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
-    """`name` or `name@latest` → (name, None); `name@N` → (name, N)."""
-    name, sep, version = ref.partition("@") if isinstance(ref, str) else (ref, "", "")
-    check_name(name)
-    if not sep or version == "latest":
-        return name, None
-    if not VERSION.fullmatch(version):
-        raise RegistryError(f"ref {ref!r}: the version must be an integer ≥ 1 or 'latest' (name@3, name@latest)")
-    return name, int(version)
-
-
-def read_meta(artifact_dir: str | Path) -> dict:
-    """The honed.json of an adapter or model dir ({} when it has none, e.g. a model honed did not write)."""
-    path = Path(artifact_dir) / META
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """`name` or `name@latest` → (name, None); `name@N` → (name, N); else RegistryError saying what is allowed."""
+    try:
+        return parse_adapter_ref(ref)
+    except ValueError as err:
+        raise RegistryError(str(err)) from None
 
 
 def safetensors_sha256(directory: str | Path) -> str:
@@ -157,6 +145,15 @@ class Registry:
         if target.is_dir() and safetensors_sha256(target) == expected:
             return str(target)
         return str(self._download(name, version, target, expected))
+
+    def publish(self, ref: str, root: str) -> str:
+        """Copy a version to `<root>/<name@N>/`: the flat layout vLLM reads adapters from (Ray Serve LLM's
+        `dynamic_lora_loading_path`, an s3:// or gs:// URI). Returns that adapter id, `name@N`."""
+        name, version = self._find(ref)
+        source = self._path(name, version)
+        files = [self._inside(f.path) for f in self.fs.get_file_info(pafs.FileSelector(source))
+                 if f.type == pafs.FileType.File]
+        return publish_adapter(self.fs, files, root, f"{name}@{version}", self._meta(name, version))
 
     def remove(self, ref: str) -> list[str]:
         """Delete one version (`name@N`, `name@latest`) or every version of `name`; returns the refs removed."""
@@ -285,6 +282,27 @@ class Registry:
         return target
 
 
+def publish_adapter(fs: pafs.FileSystem, files: list[str], root: str, adapter_id: str, meta: dict) -> str:
+    """Copy an adapter's `files` (paths on `fs`) to `<root>/<adapter_id>/` with `meta` as honed.json, written last
+    so a half-copied adapter never looks complete. A copy there whose honed.json has the same adapter_sha256 is
+    kept as it is. Returns `adapter_id`."""
+    dest_fs, dest_root = pafs.FileSystem.from_uri(root)
+    target = f"{dest_root.rstrip('/')}/{adapter_id}"
+    if dest_fs.get_file_info(f"{target}/{META}").type == pafs.FileType.File:
+        with dest_fs.open_input_stream(f"{target}/{META}") as stream:
+            if json.loads(stream.read()).get("adapter_sha256") == meta["adapter_sha256"]:
+                return adapter_id
+    dest_fs.create_dir(target)
+    for path in files:
+        if posixpath.basename(path) != META:
+            with fs.open_input_stream(path) as src, dest_fs.open_output_stream(
+                    f"{target}/{posixpath.basename(path)}") as out:
+                shutil.copyfileobj(src, out, 1 << 22)
+    with dest_fs.open_output_stream(f"{target}/{META}") as out:
+        out.write(json.dumps(meta, indent=2).encode())
+    return adapter_id
+
+
 def _valid_name(name: str) -> bool:
     try:
         return bool(check_adapter_name(name))
@@ -302,56 +320,8 @@ def list_row(meta: dict) -> dict:
     return row | {k: tuned[k] for k in EVAL_FIGURES if k in tuned}
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-ACTIONS = {
-    "add": "register an adapter directory as the next version of NAME; prints NAME@N",
-    "list": "list every version: base model, hashes, promotable, eval figures",
-    "show": "print a version's honed.json (REF: name, name@N or name@latest)",
-    "remove": "delete one version (name@N) or every version of a name",
-}
-
-
-def add_commands(subs) -> None:
-    """`registry` and its actions on the `honed` parser."""
-    registry = subs.add_parser("registry", help="add, list, show or remove adapters in an adapter registry",
-                               description=__doc__.split("\n\n")[0])
-    actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, help_text in ACTIONS.items():
-        action = actions.add_parser(name, help=help_text, description=help_text)
-        if name == "add":
-            action.add_argument("name", help="adapter name: a-z 0-9 . _ -, at most 64 characters")
-            action.add_argument("adapter_dir", help="adapter directory exported by `honed train` (output_dir/adapter)")
-            action.add_argument("--eval", metavar="FILE", help="eval.json written by `honed eval`, kept under `eval`")
-        elif name in ("show", "remove"):
-            action.add_argument("ref", help="name, name@N or name@latest")
-        elif name == "list":
-            action.add_argument("--json", action="store_true", help="print the rows as JSON")
-        action.add_argument("--registry", metavar="URI", default=os.environ.get("HONED_REGISTRY", DEFAULT_REGISTRY),
-                            help=f"registry directory or URI (default: HONED_REGISTRY, else {DEFAULT_REGISTRY})")
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        print(run_action(Registry(args.registry), args))
-    except (ValueError, OSError) as err:  # RegistryError, a bad --eval file, an unreachable bucket
-        print(f"honed registry: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def run_action(registry: Registry, args: argparse.Namespace) -> str:
-    if args.action == "add":
-        results = json.loads(Path(args.eval).read_text()) if args.eval else None
-        return registry.add(args.name, args.adapter_dir, eval_results=results)
-    if args.action == "show":
-        return json.dumps(registry.show(args.ref), indent=2)
-    if args.action == "remove":
-        return "\n".join(f"removed {ref}" for ref in registry.remove(args.ref))
-    rows = registry.list()
-    return json.dumps(rows, indent=2) if args.json else table(rows)
-
-
-def table(rows: list[dict]) -> str:
+def list_table(rows: list[dict]) -> str:
+    """`list` rows as aligned columns, as `honed registry list` prints them."""
     if not rows:
         return "(no adapters)"
     columns = list(dict.fromkeys(key for row in rows for key in row))

@@ -2,6 +2,7 @@
 `ray job submit` command in its header), bad input is named before Ray is contacted, the address is picked in
 the documented order, and an unreachable cluster gives a clear error instead of a traceback."""
 
+import ast
 import json
 import shlex
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from honed.cli import main, parser
+from honed.cli import main, parse_command, parser
 from honed.config import ConfigError
 from honed.jobs import DEFAULT_ADDRESS, honed_args, load_job, resolve_address, shell_commands
 
@@ -55,7 +56,7 @@ def load_job_at_root(path: Path):
     cwd = os.getcwd()
     os.chdir(ROOT)  # shipped job files are submitted from the repository root
     try:
-        return load_job(str(path))
+        return load_job(str(path), parse_command)
     finally:
         os.chdir(cwd)
 
@@ -97,18 +98,18 @@ def test_shipped_job_file_is_valid_and_equals_its_ray_job_submit_header(path):
 ])
 def test_bad_job_file_is_named_before_ray(job_dir, fields, expected):
     with pytest.raises(ConfigError) as err:
-        load_job(write_job(job_dir / "job.yaml", **fields))
+        load_job(write_job(job_dir / "job.yaml", **fields), parse_command)
     assert expected in str(err.value)
 
 
 def test_runtime_env_from_a_file_and_remote_working_dir_skip_local_checks(job_dir):
     (job_dir / "env.yaml").write_text("working_dir: s3://bucket/honed.zip\nenv_vars: {A: '1'}\n")
     _, runtime_env = load_job(write_job(job_dir / "job.yaml", runtime_env="env.yaml",
-                                        entrypoint="python -m honed.cli train cluster-only.yaml"))
+                                        entrypoint="python -m honed.cli train cluster-only.yaml"), parse_command)
     assert runtime_env == {"working_dir": "s3://bucket/honed.zip", "env_vars": {"A": "1"}}
     (job_dir / "list.yaml").write_text("- a\n")
     with pytest.raises(ConfigError, match="runtime_env file list.yaml must hold a mapping, got list"):
-        load_job(write_job(job_dir / "job.yaml", runtime_env="list.yaml"))
+        load_job(write_job(job_dir / "job.yaml", runtime_env="list.yaml"), parse_command)
 
 
 def test_shell_commands_split_chains_and_look_inside_bash_c():
@@ -119,6 +120,36 @@ def test_shell_commands_split_chains_and_look_inside_bash_c():
     assert honed_args(["/opt/venv/bin/honed", "eval"]) == ["eval"]
     assert honed_args(["honed", "train", "t.yaml", ">", "log", "2", ">&", "1"]) is None  # left to the shell
     assert honed_args(["python", "train.py"]) is None
+
+
+def test_parse_command_reads_honed_arguments_as_main_does():
+    assert parse_command(["train", "t.yaml", "optim.lr=1"]) == ("train", "t.yaml", ["optim.lr=1"])
+    assert parse_command(["train", "optim.lr=1", "name=x"]) == ("train", None, ["optim.lr=1", "name=x"])
+    assert parse_command(["registry", "list"]) == ("registry", None, [])
+    with pytest.raises(SystemExit):
+        parse_command(["trian", "t.yaml"])
+
+
+def imported_modules(tree: ast.AST) -> set[str]:
+    """Every module a file imports, at the top or inside a function (`from honed import cli` gives honed.cli)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+@pytest.mark.parametrize("module", ["jobs", "registry"])
+def test_the_cli_is_above_jobs_and_registry(module):
+    """honed.cli imports both and builds their argparse commands; they take what they need of it as arguments
+    (jobs.load_job's parse_command)."""
+    tree = ast.parse((ROOT / "platform" / "honed" / f"{module}.py").read_text())
+    assert not {name for name in imported_modules(tree) if name == "honed.cli" or name.startswith("honed.cli.")}
+    argparse_calls = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                      and node.attr in ("ArgumentParser", "add_parser", "add_subparsers", "add_argument")}
+    assert not argparse_calls
 
 
 def test_submit_cli_exits_2_naming_the_problem(job_dir, capsys):
