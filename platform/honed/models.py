@@ -93,12 +93,18 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu", adapter: str | None = None):
-    """The model and its tokenizer; with `adapter`, the base wrapped with that peft adapter (for scoring)."""
+def load_model(path: str, dtype: str = "auto", device: str | torch.device = "cpu", adapter: str | None = None,
+               attn_implementation: str = "auto"):
+    """The model and its tokenizer; with `adapter`, the base wrapped with that peft adapter (for scoring).
+    `attn_implementation`: `model.attn_implementation` (honed.train.attention.choose_kernel)."""
     from transformers import AutoModelForCausalLM
 
+    from honed.train.attention import attention_kernel
+
     device = torch.device(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=device_dtype(dtype, device)).to(device)
+    weights = device_dtype(dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=weights, attn_implementation=attention_kernel(attn_implementation, device, weights)).to(device)
     if adapter:
         from peft import PeftModel
 
@@ -157,6 +163,24 @@ def make_tiny_model(target: str | Path, corpus: list[str] | None = None, seed: i
     LlamaForCausalLM(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
     (target / "honed_tiny.json").write_text(json.dumps({"seed": seed}))
+    return str(target)
+
+
+def make_random_model(target: str | Path, tokenizer_dir: str | Path, hidden_size: int = 1024, layers: int = 24,
+                      seed: int = 0) -> str:
+    """Write a random-init Llama of `layers` x `hidden_size` (24 x 1024: ~400 M parameters, 1.6 GB in fp32) with
+    the tokenizer of `tokenizer_dir` to `target`: a large model to measure memory behaviour without a download."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64,
+        max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
     return str(target)
 
 

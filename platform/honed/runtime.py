@@ -29,8 +29,19 @@ def _quiet_data_logs() -> None:
     ctx.enable_progress_bars = sys.stdout.isatty()
 
 
-def run_task(fn, *args, num_cpus: float = 1, **kwargs):
-    """Run `fn` as a Ray task (on the cluster when connected to one) and wait for its result."""
+def run_task(fn, *args, num_cpus: float = 1, num_gpus: float = 0, **kwargs):
+    """Run `fn` as a Ray task (on the cluster when connected to one, on a GPU node with `num_gpus`) and wait for
+    its result."""
     import ray
 
-    return ray.get(ray.remote(num_cpus=num_cpus)(fn).remote(*args, **kwargs))
+    return ray.get(ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn).remote(*args, **kwargs))
+
+
+def task_device(use_gpu: bool):
+    """The device a task runs on: the GPU Ray gave it (`num_gpus=1`), else the CPU."""
+    import torch
+
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("use_gpu is set but this task sees no CUDA device (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); does the cluster have GPU nodes?")
+    return torch.device("cuda" if use_gpu else "cpu")

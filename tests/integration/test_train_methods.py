@@ -208,7 +208,8 @@ def test_method_trains_and_exports_what_it_trained(case, runs, tiny_model):
             scalings = [m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]
             assert scalings and all(x == pytest.approx(scaling) for x in scalings), (scaling, set(scalings))
     assert eff["method"] == name and eff["world_size"] == 2
-    assert eff["tokens_per_s"] > 0 and eff["mfu"] > 0 and eff["peak_memory_mb"] > 0
+    assert eff["tokens_per_s"] > 0 and eff["peak_memory_mb"] > 0
+    assert "mfu_error" not in eff and eff["mfu"] > 0, eff.get("mfu_error")
     assert eff["measured_steps"] == STEPS - 2  # two warm-up steps are excluded from the rates
     assert len(eff["workers"]) == 2 and {w["rank"] for w in eff["workers"]} == {0, 1}
     if cfg.method.deepspeed.enabled:

@@ -126,7 +126,8 @@ def test_fresh_adapter_starts_at_the_reference_then_moves_away(tiny):
     objective = DPOObjective(method.dpo, model)
     inputs = collate_pairs(pairs_batch(tokenizer), tokenizer.pad_token_id, torch.device("cpu"))
     loss, pairs, sums = objective.loss(model, inputs)
-    assert pairs == 3 and loss.item() == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0: policy == reference
+    assert pairs == 3 and objective.units(inputs) == 3
+    assert loss.item() / pairs == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0: policy == reference
     assert sums["margin"] == pytest.approx(0.0, abs=1e-6)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(5):
@@ -161,8 +162,8 @@ def test_sft_adapter_is_the_reference_and_only_its_trained_copy_is_saved(tiny, t
     assert any(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
     objective = DPOObjective(method.dpo, model)
     inputs = collate_pairs(pairs_batch(tokenizer), tokenizer.pad_token_id, torch.device("cpu"))
-    loss, _, _ = objective.loss(model, inputs)
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)  # starts at the SFT model = the reference
+    loss, pairs, _ = objective.loss(model, inputs)
+    assert loss.item() / pairs == pytest.approx(math.log(2), abs=1e-5)  # starts at the SFT model = the reference
     ref_c, _ = objective.reference.logps(inputs, average=False)
     with model.disable_adapter(), torch.no_grad():
         base_c, _ = pair_logps(model, inputs)

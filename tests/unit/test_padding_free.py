@@ -2,7 +2,10 @@
 
 What must hold: the flattened row gives the padded batch's loss and gradients; no token of one example sees
 another example; packed rows are cut at their position-id restarts with the padding tail dropped; a model
-switched to `honed_varlen` behaves as `sdpa` on every call without boundaries (masks, left padding)."""
+switched to `honed_varlen` behaves as `sdpa` on every call without boundaries (masks, left padding). The kernel
+a model loads with follows `model.attn_implementation` (`choose_kernel`, a function of the device type, the
+compute dtype and whether flash-attn is installed), and padding-free batches fall back to `honed_varlen` only
+where that kernel does not read the boundaries. tests/gpu/test_gpu_train.py runs the CUDA side."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from honed.train.attention import BOUNDARY_KEYS, IMPLEMENTATION, flatten, use_varlen
+from honed.config import ConfigError, MethodConfig, TrainConfig, load_config
+from honed.train.attention import BOUNDARY_KEYS, IMPLEMENTATION, choose_kernel, flatten, reads_boundaries, use_varlen
 from honed.train.collate import collate
 from honed.train.losses import causal_lm_loss, row_losses
 
@@ -24,11 +28,11 @@ def examples(lengths, seed=0, prompt=2):
     return {"input_ids": np.array(ids + [None], dtype=object)[:-1], "labels": np.array(labels + [None], dtype=object)[:-1]}
 
 
-def load(path, varlen: bool):
+def load(path, varlen: bool, kernel: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=kernel)
     if varlen:
         use_varlen(model)
     return model
@@ -72,11 +76,12 @@ def test_collate_flat_counts_only_real_tokens():
     assert flat["input_ids"].numel() == 16 and padded["input_ids"].numel() == 27
 
 
-def test_flattened_row_gives_the_padded_batch_loss_and_gradients(tiny_model):
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_flattened_row_gives_the_padded_batch_loss_and_gradients(tiny_model, kernel):
     batch = examples([7, 12, 5, 9, 3])
-    base = load(tiny_model, varlen=False)
+    base = load(tiny_model, varlen=False, kernel=kernel)
     loss_p, n_p, grads_p = loss_and_grads(base, collate(batch, 0, CPU))
-    flat_model = load(tiny_model, varlen=True)
+    flat_model = load(tiny_model, varlen=True, kernel=kernel)
     assert flat_model.config._attn_implementation == IMPLEMENTATION
     loss_f, n_f, grads_f = loss_and_grads(flat_model, collate(batch, 0, CPU, flat=True))
     assert n_f == n_p
@@ -161,3 +166,62 @@ def test_padding_free_config_errors():
             TrainConfig.model_validate({"method": {"name": method}, "optim": {"padding_free": True}})
     assert not TrainConfig.model_validate({"method": {"name": "prefix"},
                                            "optim": {"padding_free": False}}).optim.padding_free
+
+
+@pytest.mark.parametrize("requested, device, dtype, flash_attn, kernel", [
+    ("auto", "cuda", torch.bfloat16, True, "flash_attention_2"),
+    ("auto", "cuda", torch.float16, True, "flash_attention_2"),
+    ("auto", "cuda", torch.bfloat16, False, "sdpa"),  # flash-attn not installed
+    ("auto", "cuda", torch.float32, True, "sdpa"),  # flash-attn has no fp32 kernel
+    ("auto", "cpu", torch.float32, True, "sdpa"),
+    ("auto", "cpu", torch.bfloat16, False, "sdpa"),
+    ("sdpa", "cuda", torch.bfloat16, True, "sdpa"),
+    ("eager", "cpu", torch.float32, False, "eager"),
+    ("flash_attention_2", "cuda", torch.bfloat16, True, "flash_attention_2"),
+])
+def test_kernel_choice(requested, device, dtype, flash_attn, kernel):
+    assert choose_kernel(requested, device, dtype, flash_attn) == kernel
+
+
+@pytest.mark.parametrize("device, dtype, flash_attn, why", [
+    ("cpu", torch.bfloat16, True, "device cpu, flash-attn installed, dtype bfloat16"),
+    ("cuda", torch.bfloat16, False, "device cuda, flash-attn not installed, dtype bfloat16"),
+    ("cuda", torch.float32, True, "device cuda, flash-attn installed, dtype float32"),
+])
+def test_flash_attention_where_it_cannot_run_is_an_error_not_a_fallback(device, dtype, flash_attn, why):
+    with pytest.raises(ValueError, match=f"'flash_attention_2' needs a CUDA device.*here: {why}. Use auto"):
+        choose_kernel("flash_attention_2", device, dtype, flash_attn)
+
+
+def test_attn_implementation_errors_name_the_allowed_values():
+    assert TrainConfig().model.attn_implementation == "auto"
+    with pytest.raises(ConfigError, match="model.attn_implementation = 'flash': Input should be 'auto', 'sdpa', "
+                                          "'eager' or 'flash_attention_2'"):
+        load_config(TrainConfig, None, ["model.attn_implementation=flash"])
+    with pytest.raises(ValueError, match="'flash' is not allowed; use one of auto, sdpa, eager, flash_attention_2"):
+        choose_kernel("flash", "cpu", torch.float32, False)
+
+
+def test_padding_free_falls_back_per_example_only_where_the_kernel_ignores_boundaries(tiny_model):
+    from honed.train.methods import build_model
+
+    assert [reads_boundaries(k) for k in ("flash_attention_2", "sdpa", "eager")] == [True, False, False]
+    auto = build_model(MethodConfig(name="lora"), tiny_model, "auto", CPU)  # on CPU: sdpa
+    assert auto.get_base_model().config._attn_implementation == "sdpa"
+    assert use_varlen(auto) == IMPLEMENTATION
+    eager = build_model(MethodConfig(name="full"), tiny_model, "auto", CPU, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    assert use_varlen(eager) == IMPLEMENTATION
+    # a model on flash attention (set here by hand: no CUDA) keeps it: its kernel reads the boundaries itself
+    flash = load(tiny_model, varlen=False)
+    flash.config._attn_implementation = "flash_attention_2"
+    assert use_varlen(flash) == "flash_attention_2" and flash.config._attn_implementation == "flash_attention_2"
+    with pytest.raises(ValueError, match="'flash_attention_2' needs a CUDA device"):
+        build_model(MethodConfig(name="full"), tiny_model, "auto", CPU, attn_implementation="flash_attention_2")
+
+
+def test_serving_and_eval_loading_takes_the_same_choice(tiny_model):
+    from honed.models import load_model
+
+    assert load_model(tiny_model)[0].config._attn_implementation == "sdpa"  # auto on CPU
+    assert load_model(tiny_model, attn_implementation="eager")[0].config._attn_implementation == "eager"

@@ -1,6 +1,6 @@
 """Training building blocks without Ray: QLoRA numerics, the peft methods and their optimizer groups, the
 generated DeepSpeed config, config validation (and the CLI refusing before Ray starts), and the loop's
-pure helpers (row slicing, early stopping, efficiency accounting)."""
+pure helpers (row slicing, early stopping); efficiency accounting is tests/unit/test_efficiency.py."""
 
 import json
 import shutil
@@ -14,7 +14,6 @@ import torch
 
 from honed.config import ConfigError, EarlyStopping, MethodConfig, OptimConfig, TrainConfig, load_config
 from honed.train.backends import deep_merge, deepspeed_config
-from honed.train.efficiency import Meter, efficiency_report, measure_peak_flops
 from honed.train.batching import length_grouped
 from honed.train.collate import collate, rank_rows
 from honed.train.losses import causal_lm_loss
@@ -629,51 +628,3 @@ def test_should_stop_reads_only_its_metric_and_is_off_without_config():
 
 def test_should_stop_on_exactly_flat_metric_with_zero_min_delta():
     assert should_stop(hist(1.0, 1.0, 1.0), EarlyStopping(metric="val_loss", patience=2, min_delta=0.0)) is True
-
-
-def test_meter_excludes_warmup_steps_and_round_trips():
-    meter = Meter(warmup=2)
-    for seconds, tokens, real, labelled in [(9.0, 999, 999, 999), (8.0, 888, 888, 888),
-                                            (1.0, 100, 80, 40), (2.0, 120, 90, 50)]:
-        meter.add(seconds, tokens, real, labelled)
-    state = meter.state()
-    assert state == {"warmup": 2, "steps": 4, "seconds": 3.0, "tokens": 220, "real_tokens": 170, "loss_tokens": 90}
-    again = Meter()
-    again.restore(state)
-    again.add(1.0, 10, 10, 10)  # a restored meter keeps counting past its warm-up
-    assert again.steps == 5 and again.tokens == 230
-    assert meter.state() == state  # state() is a copy
-
-
-def test_efficiency_report_on_hand_made_numbers():
-    meters = [
-        {"warmup": 2, "steps": 6, "seconds": 3.0, "tokens": 1000, "real_tokens": 800, "loss_tokens": 300},
-        {"warmup": 2, "steps": 6, "seconds": 4.0, "tokens": 1000, "real_tokens": 600, "loss_tokens": 200},
-    ]
-    r = efficiency_report(meters, total_params=1_000_000, trainable_params=10_000, peak_flops=1e10,
-                          peak_flops_source="config", memory_mb=[100.0, 250.55], memory_kind="cpu_max_rss",
-                          method="lora", world_size=2)
-    # the slowest worker's 4 s is the run's time
-    assert r["measured_steps"] == 4
-    assert r["step_time_s"] == 1.0
-    assert r["tokens_per_s"] == 500.0  # 2000 / 4
-    assert r["nonpad_tokens_per_s"] == 350.0  # 1400 / 4
-    assert r["padding_fraction"] == 0.3
-    assert r["labelled_tokens"] == 500
-    assert r["flops_per_token"] == 6_000_000
-    # MFU = 6 N · non-pad tokens/s / (peak · world) = 6e6 · 350 / (1e10 · 2)
-    assert r["mfu"] == pytest.approx(6e6 * 350 / (1e10 * 2)) == pytest.approx(0.105)
-    assert r["peak_memory_mb"] == 250.6 and r["peak_memory_mb_per_worker"] == [100.0, 250.6]
-    assert r["trainable_fraction"] == 0.01
-    assert (r["method"], r["world_size"], r["peak_flops_source"]) == ("lora", 2, "config")
-    # nothing measured yet (all steps in warm-up): no division by zero, no fake numbers
-    idle = efficiency_report([{"warmup": 2, "steps": 2, "seconds": 0.0, "tokens": 0, "real_tokens": 0,
-                               "loss_tokens": 0}], total_params=10, trainable_params=1, peak_flops=1e9,
-                             peak_flops_source="x", memory_mb=[1.0], memory_kind="k", method="full", world_size=1)
-    assert idle["step_time_s"] is None and idle["mfu"] == 0.0 and idle["tokens_per_s"] == 0.0
-    assert idle["padding_fraction"] is None
-
-
-def test_measure_peak_flops_is_plausible_on_cpu():
-    flops = measure_peak_flops(CPU, torch.float32, size=256, seconds=0.2)
-    assert 1e8 < flops < 1e14  # a CPU core does ~1e9-1e11 fp32 FLOP/s

@@ -45,6 +45,7 @@ from honed.config.serve import AutoscalingSettings, ServeConfig
 from honed.config.train import (
     OPTIMIZERS,
     EarlyStopping,
+    EfficiencySettings,
     OptimConfig,
     RegisterConfig,
     ScalingSettings,
@@ -77,7 +78,8 @@ CONFIGS: dict[str, type[Section]] = {
 __all__ = [
     "ADAPTER_NAME", "AutoscalingSettings", "BiasSettings", "CONFIGS", "ConfigError", "DEFAULT_MODEL",
     "DEFAULT_SYSTEM_PROMPT", "DPOSettings", "DataConfig", "DecontamConfig", "DedupConfig", "DeepSpeedSettings",
-    "DemoConfig", "DemoDPOOptim", "DemoDPOSettings", "DemoData", "DemoOptim", "EarlyStopping", "EvalConfig",
+    "DemoConfig", "DemoDPOOptim", "DemoDPOSettings", "DemoData", "DemoOptim", "EarlyStopping", "EfficiencySettings",
+    "EvalConfig",
     "FILE_KINDS", "FieldMap", "FilterConfig", "GateSettings", "IA3Settings", "LoraSettings", "METHODS",
     "METHOD_SECTIONS", "METHOD_SECTION_NAMES", "MergeConfig", "MethodConfig", "ModelConfig", "NormalizeConfig",
     "OPTIMIZERS", "OptimConfig", "PER_TRIAL_KEYS", "PIIConfig", "PII_TYPES", "PackConfig", "PrefixSettings",

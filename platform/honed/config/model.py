@@ -14,4 +14,10 @@ class ModelConfig(Section):
     """`smollm2-135m-instruct` (the embedded default) or a local Hugging Face model directory."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and compute dtype; `auto` is float32 on CPU and bfloat16 on GPU."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel. `auto`: `flash_attention_2` on a CUDA GPU where the flash-attn package is installed and
+    the compute dtype is bfloat16/float16, `sdpa` (torch's scaled_dot_product_attention) everywhere else.
+    `flash_attention_2` where it cannot run is an error where the model loads, not a silent fallback. Padding-free
+    batches (`optim.padding_free`) run flash attention's variable-length kernel as is; under `sdpa` or `eager`
+    they run honed's per-example SDPA (`honed_varlen`), which keeps attention inside each example."""
 

@@ -94,6 +94,15 @@ class RegisterConfig(Section):
         return check_adapter_name(value)
 
 
+class EfficiencySettings(Section):
+    """What `efficiency.json`'s MFU divides by (honed.train.efficiency)."""
+
+    peak_flops: float | None = Field(default=None, gt=0)
+    """Peak FLOP/s of one worker's device in the compute dtype, e.g. 989e12 for an H100 SXM's dense bf16.
+    Default: the datasheet figure of a known GPU (`torch.cuda.get_device_name`), else a large matmul measured on
+    every worker at once before training starts."""
+
+
 def is_val_metric(name: str) -> bool:
     return name == "val_loss" or (name.startswith("val_loss/") and len(name) > len("val_loss/"))
 
@@ -129,10 +138,25 @@ class TrainConfig(Section):
     """Compute per-source validation loss at every checkpoint (always done at the end)."""
     early_stopping: EarlyStopping | None = None
     """Stop when the validation metric stops improving (validates at every checkpoint)."""
-    peak_flops: float | None = Field(default=None, gt=0)
-    """Peak FLOP/s of one worker's device for MFU; default: measured (fp32/bf16 matmul) at the start."""
+    efficiency: EfficiencySettings = EfficiencySettings()
+    """MFU's peak; a top-level `peak_flops: X` is read as `efficiency: {peak_flops: X}`."""
     register: RegisterConfig | None = None
     """Register the exported adapter (PEFT methods only) in an adapter registry, e.g. {name: icd10-lora}."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _top_level_peak_flops(cls, data):
+        """A top-level `peak_flops` (the key before the `efficiency` section) is `efficiency.peak_flops`."""
+        if not isinstance(data, dict) or "peak_flops" not in data:
+            return data
+        data = dict(data)
+        peak = data.pop("peak_flops")
+        section = dict(data.get("efficiency") or {})
+        if section.get("peak_flops", peak) != peak:
+            raise ValueError(f"peak_flops ({peak}) and efficiency.peak_flops ({section['peak_flops']}) disagree; "
+                             "give efficiency.peak_flops only")
+        data["efficiency"] = section | {"peak_flops": peak}
+        return data
 
     @model_validator(mode="after")
     def _check_method(self) -> "TrainConfig":

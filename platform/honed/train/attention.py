@@ -10,6 +10,11 @@ runs `varlen_sdpa`, registered below as the attention implementation `honed_varl
 example, so no token attends across an example and none attends to padding. A call without boundaries (a
 padded batch, a mask, generation) goes to transformers' own SDPA path, so a model set to `honed_varlen` gives
 the same results as `sdpa` everywhere else.
+
+Which kernel a model loads with is `model.attn_implementation` (`attention_kernel`): `auto` takes
+`flash_attention_2` where it can run (a CUDA device, the flash-attn package, a 16-bit compute dtype) and `sdpa`
+elsewhere. Padding-free batches keep the loaded kernel when it reads the boundaries (flash attention) and
+switch to `honed_varlen` otherwise (`use_varlen`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,41 @@ import torch
 
 IMPLEMENTATION = "honed_varlen"
 BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+KERNELS = ("auto", "sdpa", "eager", "flash_attention_2")  # the values of model.attn_implementation
+FLASH_DTYPES = (torch.bfloat16, torch.float16)  # flash-attn has no fp32 kernel
+
+
+def choose_kernel(requested: str, device_type: str, dtype: torch.dtype, flash_attn: bool) -> str:
+    """The attention implementation to load a model with, from `model.attn_implementation` (one of `KERNELS`),
+    the device type (`cuda`, `cpu`, ...), the compute dtype and whether the flash-attn package is installed.
+
+    `auto`: `flash_attention_2` on CUDA with flash-attn and a 16-bit compute dtype, else `sdpa`. An explicit
+    `flash_attention_2` where it cannot run is an error, not a silent fallback."""
+    if requested not in KERNELS:
+        raise ValueError(f"model.attn_implementation '{requested}' is not allowed; use one of {', '.join(KERNELS)}")
+    flash_runs = device_type == "cuda" and flash_attn and dtype in FLASH_DTYPES
+    if requested == "auto":
+        return "flash_attention_2" if flash_runs else "sdpa"
+    if requested == "flash_attention_2" and not flash_runs:
+        raise ValueError(
+            f"model.attn_implementation 'flash_attention_2' needs a CUDA device, the flash-attn package (>= 2.3.3: "
+            f"pip install flash-attn) and compute dtype bfloat16 or float16; here: device {device_type}, flash-attn "
+            f"{'installed' if flash_attn else 'not installed'}, dtype {str(dtype).removeprefix('torch.')}. "
+            "Use auto (flash_attention_2 where it runs, sdpa elsewhere), sdpa or eager")
+    return requested
+
+
+def attention_kernel(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """`choose_kernel` for this process, with flash-attn's presence checked as transformers checks it."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return choose_kernel(requested, device.type, dtype, device.type == "cuda" and is_flash_attn_2_available())
+
+
+def reads_boundaries(kernel: str) -> bool:
+    """Whether an attention implementation runs a flattened row by the `BOUNDARY_KEYS` it is handed (flash
+    attention's variable-length kernel does; sdpa and eager ignore them and would attend across examples)."""
+    return kernel.startswith("flash_attention")
 
 
 def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -35,7 +75,8 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if query.shape[0] != 1:
-        raise ValueError(f"{IMPLEMENTATION} takes one flattened row with cu_seq_lens_q, got a batch of {query.shape[0]}")
+        raise ValueError(f"{IMPLEMENTATION} takes one flattened row with cu_seq_lens_q, "
+                         f"got a batch of {query.shape[0]}")
     gqa = query.shape[1] != key.shape[1]  # grouped-query attention: key/value heads shared, never copied
     # split, not slices: the backward of a split is one concatenation, where every slice's backward would
     # write its gradient into a zeroed copy of the whole row (three per example per layer)
@@ -56,13 +97,16 @@ def register() -> str:
     return IMPLEMENTATION
 
 
-def use_varlen(model) -> None:
-    """Run `model` (a transformers model, or a peft wrapper of one) with `honed_varlen` attention unless it
-    already runs a flash-attention kernel, which reads the same boundaries itself."""
+def use_varlen(model) -> str:
+    """Make `model` (a transformers model, or a peft wrapper of one) ready for flattened rows: it keeps a kernel
+    that reads the boundaries itself (flash attention) and switches to `honed_varlen` otherwise. Returns the
+    kernel padding-free batches now run with."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if str(base.config._attn_implementation).startswith("flash_attention"):
-        return
+    kernel = str(base.config._attn_implementation)
+    if reads_boundaries(kernel):
+        return kernel
     base.set_attn_implementation(register())
+    return IMPLEMENTATION
 
 
 def flatten(input_ids: list, labels: list, position_ids: list | None = None, lengths: list[int] | None = None):

@@ -39,10 +39,23 @@ def make_scheduler(optimizer, optim: OptimConfig, total_steps: int):
     return get_scheduler(schedule, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=total_steps)
 
 
-def make_backend(model, cfg: TrainConfig, total_steps: int, device: torch.device):
+def make_backend(model, cfg: TrainConfig, total_steps: int, device: torch.device, ds_config: dict | None = None):
+    """DeepSpeed when the method asks for it (`ds_config`: the config the model was loaded under, see
+    `run_deepspeed_config`), else plain PyTorch / DDP."""
     if cfg.method.deepspeed.enabled:
-        return DeepSpeedBackend(model, cfg, total_steps, device)
+        return DeepSpeedBackend(model, cfg, total_steps, device, ds_config or run_deepspeed_config(cfg, device))
     return TorchBackend(model, cfg, total_steps, device)
+
+
+def run_deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict:
+    """The DeepSpeed config of this run in this worker group (None-safe to call only with DeepSpeed enabled).
+    Sets DeepSpeed's accelerator first: it is read once, when deepspeed is first imported."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return deepspeed_config(cfg.method, cfg.optim, compute_dtype(cfg.model.dtype, device), world,
+                            device.type == "cuda")
 
 
 def artifact_name(method: MethodConfig) -> str:
@@ -74,7 +87,8 @@ class TorchBackend:
         return self.module.no_sync()
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
-        loss = loss / self.cfg.optim.grad_accum_steps
+        """`loss`: this micro-batch's share of the step's objective, scaled for DDP's gradient averaging (see
+        honed.train.loop.objective_share)."""
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> float:
@@ -99,7 +113,8 @@ class TorchBackend:
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
-    def save(self, directory: str, rank: int) -> None:
+    def save(self, directory: str, rank: int, export: bool = True) -> None:
+        """Rank 0 writes the artifact and the optimizer, schedule and scaler state (DDP replicas are equal)."""
         if rank != 0:
             return
         self.artifact(directory, rank)
@@ -180,15 +195,10 @@ class DeepSpeedBackend:
     """DeepSpeed engine: ZeRO partitioning, offload, accumulation and clipping are DeepSpeed's; the LR schedule
     is the same transformers schedule the PyTorch backend uses."""
 
-    def __init__(self, model, cfg: TrainConfig, total_steps: int, device: torch.device):
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    def __init__(self, model, cfg: TrainConfig, total_steps: int, device: torch.device, ds_config: dict):
         import deepspeed
-        import torch.distributed as dist
 
-        self.model, self.cfg, self.device = model, cfg, device
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        self.ds_config = deepspeed_config(cfg.method, cfg.optim, compute_dtype(cfg.model.dtype, device), world,
-                                          device.type == "cuda")
+        self.model, self.cfg, self.device, self.ds_config = model, cfg, device, ds_config
         self.stage = self.ds_config["zero_optimization"]["stage"]
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.method, cfg.optim), config=self.ds_config,
@@ -202,7 +212,8 @@ class DeepSpeedBackend:
         return contextlib.nullcontext()  # DeepSpeed reduces at its own accumulation boundary
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
-        self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+        # DeepSpeed divides by gradient_accumulation_steps itself; the loop's share already accounts for it
+        self.engine.backward(loss * self.cfg.optim.grad_accum_steps)
         if not boundary:
             self.engine.step()  # a micro-step: DeepSpeed only counts it
 
@@ -220,27 +231,50 @@ class DeepSpeedBackend:
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
-    def save(self, directory: str, rank: int) -> None:
-        self.engine.save_checkpoint(os.path.join(directory, DS_DIR), tag=DS_TAG)  # every rank writes its part
-        self.artifact(directory, rank)
+    def save(self, directory: str, rank: int, export: bool = True) -> None:
+        """Every rank writes its part of DeepSpeed's checkpoint; a peft method's frozen base is left out (it is
+        the model on disk), so a LoRA checkpoint holds the adapter and its optimizer state only. `export`: also
+        the HF artifact (for full fine-tuning under ZeRO-3 a 16-bit gather of the whole model, so only where
+        the checkpoint may become the exported model)."""
+        self.engine.save_checkpoint(os.path.join(directory, DS_DIR), tag=DS_TAG,
+                                    exclude_frozen_parameters=self.cfg.method.peft)
+        if export or self.cfg.method.peft:
+            self.artifact(directory, rank)
 
     def artifact(self, directory: str, rank: int) -> None:
-        """Gather the weights (ZeRO-3 partitions are collected layer by layer onto rank 0) and save them in HF
-        format. Every rank must call this."""
-        state = self.engine._zero3_consolidated_16bit_state_dict() if self.stage == 3 else None
-        if rank != 0:
-            return
-        if state is None:
-            state = self.model.state_dict()
+        """The trained weights in HF format on rank 0; every rank must call this. Under ZeRO-3 the partitions
+        are gathered: a peft method's trainable weights only, a full fine-tune's whole model layer by layer."""
         target = os.path.join(directory, artifact_name(self.cfg.method))
-        if hasattr(self.model, "peft_config"):
-            from peft import get_peft_model_state_dict
+        if self.cfg.method.peft:
+            state = self.trainable_state()
+            if rank == 0:
+                from peft import get_peft_model_state_dict
 
-            self.model.save_pretrained(target, state_dict=get_peft_model_state_dict(self.model, state_dict=state))
-        else:
-            self.model.save_pretrained(target, state_dict=state)
+                self.model.save_pretrained(target, state_dict=get_peft_model_state_dict(self.model, state_dict=state),
+                                           selected_adapters=["default"])
+            return
+        state = self.engine._zero3_consolidated_16bit_state_dict() if self.stage == 3 else None
+        if rank == 0:
+            self.model.save_pretrained(target, state_dict=self.model.state_dict() if state is None else state)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights by name, whole on every rank (gathered from their ZeRO-3 partitions)."""
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        with zero3_gathered([p for _, p in named], self.stage):
+            return {name: p.detach().cpu().clone() for name, p in named}
 
     def load(self, directory: str, rank: int) -> None:
-        path, _ = self.engine.load_checkpoint(os.path.join(directory, DS_DIR), tag=DS_TAG)
+        path, _ = self.engine.load_checkpoint(os.path.join(directory, DS_DIR), tag=DS_TAG,
+                                              load_module_strict=not self.cfg.method.peft)
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint under {directory}/{DS_DIR}")
+
+
+def zero3_gathered(params: list, stage: int):
+    """Whole parameters inside the block under ZeRO-3 (each rank gathers them), the parameters as they are
+    otherwise."""
+    if stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

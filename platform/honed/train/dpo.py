@@ -153,10 +153,14 @@ class DPOObjective:
         pol_c, pol_r = pair_logps(module, inputs, self.average)
         return preference_loss(pol_c, pol_r, ref_c, ref_r, self.beta, self.kind, self.smoothing)
 
+    def units(self, inputs: dict) -> int:
+        """Pairs of a collated micro-batch: the step's objective is the mean DPO loss over its pairs."""
+        return int(inputs["pairs"])
+
     def loss(self, module, inputs: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
-        """Mean loss over the micro-batch's pairs, the number of pairs, and the reward sums."""
+        """Summed loss over the micro-batch's pairs, the number of pairs, and the reward sums."""
         losses, chosen, rejected = self.scores(module, inputs)
-        return losses.mean(), int(inputs["pairs"]), pair_stats(chosen, rejected)
+        return losses.sum(), int(inputs["pairs"]), pair_stats(chosen, rejected)
 
     @torch.no_grad()
     def row_scores(self, module, rows: dict, pad_id: int, device: torch.device) -> list[tuple[str, float, dict]]:

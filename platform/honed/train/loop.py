@@ -27,13 +27,16 @@ import torch
 from honed.config import TrainConfig
 from honed.models import load_tokenizer
 from honed.train.attention import use_varlen
-from honed.train.backends import make_backend
+from honed.train.backends import make_backend, run_deepspeed_config
 from honed.train.batching import length_grouped
 from honed.train.checkpointing import RunState, restore, save_checkpoint, seed_everything
 from honed.train.collate import rank_rows
-from honed.train.efficiency import efficiency_report, format_report, measure_peak_flops, peak_memory_mb
+from honed.train.efficiency import (
+    AnonPeak, device_peak_flops, efficiency_report, format_report, held_params, matmul_params, peak_memory_mb,
+    rss_anon_mb,
+)
 from honed.train.losses import LMObjective
-from honed.train.methods import build_model, compile_decoder, compute_dtype, count_params
+from honed.train.methods import build_model, compile_decoder, compute_dtype, count_params, sharded_loading
 from honed.train.plan import RunPlan
 from honed.train.validation import all_reduce_sum, should_stop, validate
 
@@ -53,6 +56,8 @@ class Worker:
     trainable_params: int
     total_params: int
     peak_flops: tuple[float, str]  # FLOP/s of this worker's device, and where the figure comes from
+    load: dict = dataclasses.field(default_factory=dict)  # memory and parameters held while the model loaded
+    zero3: object = None  # transformers' HfDeepSpeedConfig under ZeRO-3: alive as long as the model
     probe_rows: dict | None = None  # two validation rows, kept for the export check
 
 
@@ -67,35 +72,40 @@ def train_loop_per_worker(config: dict) -> None:
         live_log(plan.live_log, {"event": "resumed", "step": state.step})
     if state.step >= plan.total_steps:  # a rerun of a finished run
         return
-
-    accum = cfg.optim.grad_accum_steps
     window = Window()
-    step_tokens = [0, 0, 0]  # fed, non-pad, labelled: this worker, this optimizer step
     step_start = time.perf_counter()
     worker.backend.train()
-    for epoch, i, rows in micro_batches(worker, state):
-        boundary = (i + 1) % accum == 0
-        inputs = worker.objective.collate(rows, worker.pad_id, worker.device)
-        with worker.backend.no_sync(boundary):
-            with worker.backend.autocast():
-                loss, weight, sums = worker.objective.loss(worker.backend.module, inputs)
-            worker.backend.backward(loss, boundary)
-        window.add(loss.item(), weight, sums)
-        labelled = int((inputs["labels"][:, 1:] != -100).sum())
-        for j, n in enumerate((inputs["input_ids"].numel(), inputs["n_tokens"], labelled)):
-            step_tokens[j] += n
-        if not boundary:
-            continue
+    for epoch, micro_batches in optimizer_steps(worker, state):
+        inputs = [worker.objective.collate(rows, worker.pad_id, worker.device) for rows in micro_batches]
+        share = objective_share(worker, inputs)
+        step_tokens = [0, 0, 0]  # fed, non-pad, labelled: this worker, this optimizer step
+        for k, micro in enumerate(inputs):
+            boundary = k == len(inputs) - 1
+            with worker.backend.no_sync(boundary):
+                with worker.backend.autocast():
+                    loss_sum, units, sums = worker.objective.loss(worker.backend.module, micro)
+                worker.backend.backward(loss_sum * share, boundary)
+            window.add(loss_sum.item(), units, sums)
+            labelled = int((micro["labels"][:, 1:] != -100).sum())
+            for j, n in enumerate((micro["input_ids"].numel(), micro["n_tokens"], labelled)):
+                step_tokens[j] += n
         grad_norm = worker.backend.step()
         state.step += 1
         state.meter.add(time.perf_counter() - step_start, *step_tokens)
         window.tokens += step_tokens[1]
-        step_tokens = [0, 0, 0]
         if end_of_step(worker, state, window, epoch, grad_norm):
             return
         if state.step % cfg.log_every == 0 or state.step % cfg.checkpoint_every == 0:
             window = Window()
         step_start = time.perf_counter()
+
+
+def objective_share(worker: Worker, inputs: list[dict]) -> float:
+    """The factor that turns a micro-batch's summed loss into its share of the step's objective: the mean over
+    every unit (labelled token, or pair for dpo) of the global batch, across ranks and micro-batches. DDP and
+    DeepSpeed average gradients over the `world` ranks, hence world / total. One all-reduce of a number per step."""
+    (total,) = all_reduce_sum([float(sum(worker.objective.units(x) for x in inputs))])
+    return worker.world / max(total, 1.0)
 
 
 def setup(cfg: TrainConfig, plan: RunPlan) -> Worker:
@@ -111,17 +121,26 @@ def setup(cfg: TrainConfig, plan: RunPlan) -> Worker:
 
     seed_everything(cfg.seed)  # identical initial weights (LoRA matrices, prefixes) on every rank
     tokenizer = load_tokenizer(plan.model_path)
-    model = build_model(cfg.method, plan.model_path, cfg.model.dtype, device)
+    ds_config = run_deepspeed_config(cfg, device) if cfg.method.deepspeed.enabled else None
+    zero3 = sharded_loading(ds_config)  # ZeRO-3: each rank builds only its partition of the model
+    with AnonPeak() as loading:
+        model = build_model(cfg.method, plan.model_path, cfg.model.dtype, device, cfg.model.attn_implementation)
+    trainable, total = count_params(model)
+    load = {"baseline_anon_mb": round(loading.baseline_mb, 1), "peak_anon_mb": round(loading.peak_mb, 1),
+            "params_held": held_params(model), "params_total": total, "fp32_model_mb": round(total * 4 / 2**20, 1),
+            "zero3": zero3 is not None}
+    progress(f"rank {rank} loaded {load['params_held']:,} of {total:,} parameter values; anonymous memory "
+             f"{load['baseline_anon_mb']:.0f} → peak {load['peak_anon_mb']:.0f} MB (fp32 model: "
+             f"{load['fp32_model_mb']:.0f} MB)")
     if cfg.optim.padding_free:
-        use_varlen(model)
+        load["attention"] = use_varlen(model)  # the kernel's own varlen path, or honed's per-example SDPA
     if cfg.optim.compile:
         compile_decoder(model)
-    trainable, total = count_params(model)
-    backend = make_backend(model, cfg, plan.total_steps, device)
+    backend = make_backend(model, cfg, plan.total_steps, device, ds_config)
     seed_everything(cfg.seed + rank)  # then one dropout stream per rank
     return Worker(cfg=cfg, plan=plan, backend=backend, objective=objective_for(cfg, backend.model),
                   pad_id=tokenizer.pad_token_id, device=device, rank=rank, world=world, trainable_params=trainable,
-                  total_params=total, peak_flops=peak_flops(cfg, device))
+                  total_params=total, peak_flops=peak_flops(cfg, device), load=load, zero3=zero3)
 
 
 def objective_for(cfg: TrainConfig, model):
@@ -134,30 +153,39 @@ def objective_for(cfg: TrainConfig, model):
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device) -> tuple[float, str]:
-    if cfg.peak_flops:
-        return cfg.peak_flops, "config"
-    dtype = compute_dtype(cfg.model.dtype, device)
-    return measure_peak_flops(device, dtype), f"measured matmul ({dtype}, {cfg.scaling.torch_threads} threads)"
+    """MFU's peak for this worker (honed.train.efficiency.device_peak_flops). A measured one is taken by every
+    worker at the same moment, after a barrier: they share the machine then as they will while training."""
+    import torch.distributed as dist
+
+    def barrier() -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    return device_peak_flops(device, compute_dtype(cfg.model.dtype, device), cfg.efficiency.peak_flops, barrier)
 
 
-def micro_batches(worker: Worker, state: RunState):
-    """(epoch, index in epoch, this rank's rows) for every micro-batch still to train, epoch after epoch; the
-    micro-batches of the current epoch that `state` already trained are skipped."""
+def optimizer_steps(worker: Worker, state: RunState):
+    """(epoch, this rank's rows of each micro-batch) for every optimizer step still to train, epoch after epoch;
+    the steps of the current epoch that `state` already trained are skipped."""
     import ray.train
 
     optim, plan = worker.cfg.optim, worker.plan
     shard = ray.train.get_dataset_shard("train")
     while True:
         epoch, done_in_epoch = divmod(state.step, plan.steps_per_epoch)
-        skip = done_in_epoch * optim.grad_accum_steps
+        skip = done_in_epoch * optim.grad_accum_steps  # micro-batches of this epoch already trained
         batches = shard.iter_batches(batch_size=plan.global_micro_batch, batch_format="numpy", drop_last=True)
         batches = length_grouped(batches, optim.group_by_length, seed=(worker.cfg.seed, epoch))
+        step: list[dict] = []
         for i, global_batch in enumerate(batches):
             if i < skip:
                 continue
             if i >= plan.micro_batches_per_epoch:
                 break
-            yield epoch, i, rank_rows(global_batch, worker.rank, worker.world)
+            step.append(rank_rows(global_batch, worker.rank, worker.world))
+            if len(step) == optim.grad_accum_steps:
+                yield epoch, step
+                step = []
 
 
 class Window:
@@ -168,9 +196,9 @@ class Window:
         self.sums: dict[str, float] = {}
         self.start = time.perf_counter()
 
-    def add(self, loss: float, weight: int, sums: dict[str, float]) -> None:
-        self.loss_sum += loss * weight
-        self.loss_tokens += weight
+    def add(self, loss_sum: float, units: int, sums: dict[str, float]) -> None:
+        self.loss_sum += loss_sum
+        self.loss_tokens += units
         for key, value in sums.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
 
@@ -228,16 +256,18 @@ def run_efficiency(worker: Worker, state: RunState) -> dict:
 
     memory, kind = peak_memory_mb(worker.device)
     mine = {"meter": state.meter.state(), "memory": memory, "rank": worker.rank,
-            "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+            "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+            "load": worker.load | {"anon_mb_after_training": round(rss_anon_mb(), 1)}}
     gathered = [mine]
     if dist.is_initialized() and worker.world > 1:
         gathered = [None] * worker.world
         dist.all_gather_object(gathered, mine)
     return efficiency_report([g["meter"] for g in gathered], total_params=worker.total_params,
                              trainable_params=worker.trainable_params, peak_flops=worker.peak_flops[0],
+                             params=matmul_params(worker.backend.model, worker.total_params, worker.trainable_params),
                              peak_flops_source=worker.peak_flops[1], memory_mb=[g["memory"] for g in gathered],
                              memory_kind=kind, method=worker.cfg.method.name, world_size=worker.world) | {
-        "workers": [{k: g[k] for k in ("rank", "node_id", "pid")} for g in gathered]}
+        "workers": [{k: g[k] for k in ("rank", "node_id", "pid", "load")} for g in gathered]}
 
 
 def ray_report(metrics: dict) -> None:

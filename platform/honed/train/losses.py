@@ -9,7 +9,10 @@ the same three calls): collate a micro-batch, its loss with the weight it carrie
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from honed.train.attention import BOUNDARY_KEYS
 from honed.train.collate import collate
@@ -32,13 +35,60 @@ def scored_token_losses(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.T
         # it, so the mask changes nothing that is scored, and without it SDPA runs its unmasked causal kernel.
         mask = None
     boundaries = {k: inputs[k] for k in BOUNDARY_KEYS if k in inputs}  # a flattened row's examples
-    logits = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs.get("position_ids"),
-                   use_cache=False, logits_to_keep=keep, **boundaries).logits
-    if logits.dim() == 3:  # a model without boolean logits_to_keep returned every position
-        logits = logits[keep]
     targets = labels[:, 1:][keep[:, :-1]]
-    losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-    return losses, keep.nonzero()[:, 0]
+    with hidden_states_out(model) as head:  # the decoder's output at the kept positions, the head applied below
+        hidden = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs.get("position_ids"),
+                       use_cache=False, logits_to_keep=keep, **boundaries).logits
+    if hidden.dim() == 3:  # a model without boolean logits_to_keep returned every position
+        hidden = hidden[keep]
+    if head is None:  # the model post-processes its logits (soft-capping, scaling): they came whole
+        return torch.nn.functional.cross_entropy(hidden.float(), targets, reduction="none"), keep.nonzero()[:, 0]
+    return chunked_cross_entropy(head, hidden, targets), keep.nonzero()[:, 0]
+
+
+LOGIT_BUDGET = 1 << 26
+"""Logits materialised at once by the loss: 64 M floats (256 MB in fp32, ~3x that with softmax and its gradient).
+A batch's labelled positions x the vocabulary above that are scored in chunks (a 49k vocabulary: 1,365
+positions a chunk; 128k: 512), so memory stays bounded as sequences grow; each chunk's logits are recomputed in
+the backward pass instead of kept (one extra vocabulary projection, paid only by batches that need chunks)."""
+
+
+@contextlib.contextmanager
+def hidden_states_out(model):
+    """While active, `model(...)` returns the final hidden states where it would return logits, and the block
+    gets the output head to apply (None, and the model unchanged, for models whose forward transforms the head's
+    output: logit soft-capping or scaling)."""
+    inner = model
+    while hasattr(inner, "module"):  # DDP, DeepSpeed engine
+        inner = inner.module
+    config = getattr(inner, "config", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) != 1.0:
+        yield None
+        return
+    head.forward = _identity  # an instance attribute shadows the class's forward; module hooks still run
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+def chunked_cross_entropy(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy of `head(hidden)` against `targets`, at most LOGIT_BUDGET logits at a time."""
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # ZeRO-3 partitions leave weight empty
+    chunk = max(1, LOGIT_BUDGET // vocab)
+    if hidden.shape[0] <= chunk:
+        return _head_cross_entropy(head, hidden, targets)
+    return torch.cat([checkpoint(_head_cross_entropy, head, h, t, use_reentrant=False)
+                      for h, t in zip(hidden.split(chunk), targets.split(chunk))])
+
+
+def _head_cross_entropy(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 def causal_lm_loss(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -65,7 +115,12 @@ def lm_row_scores(module, rows: dict, pad_id: int, device: torch.device) -> list
 
 
 class LMObjective:
-    """Next-token loss on the labelled tokens: every method but dpo (see honed.train.dpo.DPOObjective)."""
+    """Next-token loss on the labelled tokens: every method but dpo (see honed.train.dpo.DPOObjective).
+
+    The objective of an optimizer step is the mean over every labelled token of the global batch (all ranks,
+    all micro-batches): `loss` gives a micro-batch's summed token loss and `units` its number of tokens, and the
+    loop divides by the step's total (honed.train.loop), so neither the number of workers nor gradient
+    accumulation changes what is minimised."""
 
     def __init__(self, flat: bool = False):
         self.flat = flat
@@ -73,10 +128,14 @@ class LMObjective:
     def collate(self, batch: dict, pad_id: int, device: torch.device) -> dict:
         return collate(batch, pad_id, device, flat=self.flat)
 
+    def units(self, inputs: dict) -> int:
+        """Labelled tokens of a collated micro-batch (what `loss` sums over)."""
+        return int((inputs["labels"][:, 1:] != -100).sum())
+
     def loss(self, module, inputs: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
-        """Mean token loss, the number of labelled tokens (its weight in the window), and no extra sums."""
-        loss, n = causal_lm_loss(module, inputs)
-        return loss, n, {}
+        """Summed token loss, the number of labelled tokens, and no extra sums."""
+        losses, _ = scored_token_losses(module, inputs)
+        return losses.sum(), losses.numel(), {}
 
     @torch.no_grad()
     def row_scores(self, module, rows: dict, pad_id: int, device: torch.device) -> list[tuple[str, float, dict]]:

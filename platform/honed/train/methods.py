@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import torch
 
-from honed.config import MethodConfig, OptimConfig
+from honed.config import MethodConfig, OptimConfig, QuantSettings
 from honed.models import device_dtype
+from honed.train.attention import attention_kernel
 
 
 def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return device_dtype(dtype, device)
 
 
-def build_model(method: MethodConfig, model_path: str, dtype: str, device: torch.device):
-    """The base model with the method applied; trainable weights have requires_grad."""
-    base = load_base(method, model_path, dtype, device)
+def build_model(method: MethodConfig, model_path: str, dtype: str, device: torch.device,
+                attn_implementation: str = "auto"):
+    """The base model with the method applied; trainable weights have requires_grad. `attn_implementation` is
+    `model.attn_implementation` (resolved by `attention_kernel`)."""
+    base = load_base(method, model_path, dtype, device, attn_implementation)
     if method.name == "full":
         return base
     from peft import get_peft_model
@@ -129,41 +132,81 @@ def from_sft_adapter(base, adapter_dir: str):
     return model
 
 
-def load_base(method: MethodConfig, model_path: str, dtype: str, device: torch.device):
-    """The base model as the method trains on it: fp32 master weights (full), 4-bit (qlora, prepared for
-    k-bit training), or frozen in the compute dtype (other peft methods)."""
+def load_base(method: MethodConfig, model_path: str, dtype: str, device: torch.device,
+              attn_implementation: str = "auto"):
+    """The base model as the method trains on it, loaded straight in that form: fp32 master weights (full under
+    DDP), the compute dtype (full under DeepSpeed, partitioned from the first byte under ZeRO-3; frozen bases of
+    peft methods), or 4-bit (qlora, prepared for k-bit training)."""
     from transformers import AutoModelForCausalLM
 
     name = method.name
     compute = compute_dtype(dtype, device)
     if name == "qlora":
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
 
-        quant = method.quant
-        q_dtype = compute if quant.compute_dtype == "auto" else getattr(torch, quant.compute_dtype)
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
-                                 bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=q_dtype)
-        base = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb, dtype=q_dtype,
-                                                    device_map={"": device})
-        for module in base.modules():
-            # bitsandbytes' CPU inference shortcut repacks 4-bit weights with bf16 block scales on the first
-            # eval forward: logits then drift from the training path (~3e-2 here) and the export check fails.
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        base = load_4bit(model_path, method.quant, compute, device)
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=method.activation_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        # full fine-tuning keeps fp32 master weights; a frozen base can live in the compute dtype
-        weights = torch.float32 if name == "full" else compute
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=weights).to(device)
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=weights_dtype(method, compute),
+                                                    **placement(method, device))
         if method.activation_checkpointing:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             if name != "full":
                 base.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
+    # by the compute dtype: fp32 master weights under bf16 autocast still attend in bf16
+    base.set_attn_implementation(attention_kernel(attn_implementation, device, compute))
     base.config.use_cache = False
     return base
+
+
+def load_4bit(model_path: str, quant: QuantSettings, compute: torch.dtype, device: torch.device):
+    """The base with 4-bit weights (bitsandbytes NF4/FP4), dequantized per matmul to the quant compute dtype."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q_dtype = compute if quant.compute_dtype == "auto" else getattr(torch, quant.compute_dtype)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                             bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=q_dtype)
+    base = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb, dtype=q_dtype,
+                                                device_map={"": device})
+    for module in base.modules():
+        # bitsandbytes' CPU inference shortcut repacks 4-bit weights with bf16 block scales on the first
+        # eval forward: logits then drift from the training path (~3e-2 here) and the export check fails.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return base
+
+
+def weights_dtype(method: MethodConfig, compute: torch.dtype) -> torch.dtype:
+    """The dtype the model is loaded in: fp32 master weights for full fine-tuning under DDP (mixed precision
+    comes from autocast); the compute dtype under DeepSpeed (which keeps the fp32 master copy in its optimizer)
+    and for a frozen base."""
+    return torch.float32 if method.name == "full" and not method.deepspeed.enabled else compute
+
+
+def placement(method: MethodConfig, device: torch.device) -> dict:
+    """from_pretrained's placement: straight onto the device, or, while `sharded_loading` is alive (ZeRO-3 in a
+    training worker), nowhere at all: transformers then creates the model inside `deepspeed.zero.Init` and each
+    rank keeps only its partition of every weight. Outside training (the export check) it loads whole."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if method.deepspeed.zero_stage == 3 and is_deepspeed_zero3_enabled():
+        return {}
+    return {"device_map": {"": device}}
+
+
+def sharded_loading(ds_config: dict | None):
+    """Under ZeRO-3, the object that makes transformers' `from_pretrained` build the model inside DeepSpeed's
+    `zero.Init` (None otherwise). transformers holds it through a weak reference: keep it alive as long as the
+    model (honed's Worker does), or later `from_pretrained` and peft calls forget that weights are partitioned."""
+    if not ds_config or ds_config["zero_optimization"]["stage"] != 3:
+        return None
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed()  # adopts the process group Ray Train made: zero.Init partitions over its ranks
+    return HfDeepSpeedConfig(ds_config)
 
 
 def peft_config(method: MethodConfig):

@@ -23,8 +23,10 @@ from honed.artifacts import (
 from honed.config import TrainConfig, dump_config
 from honed.models import resolve_model, weights_hash
 from honed.report import write_train_report
+from honed.runtime import run_task, task_device
 from honed.train.backends import artifact_name
 from honed.train.loop import train_loop_per_worker
+from honed.train.methods import compute_dtype
 from honed.train.plan import RunPlan, plan_run
 
 # Shard reads are light (tokenized Parquet): a quarter CPU each, so nodes whose CPUs the training workers
@@ -34,15 +36,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
-def train(cfg: TrainConfig, callbacks: list | None = None) -> dict:
+def train(cfg: TrainConfig, callbacks: list | None = None, plan: RunPlan | None = None) -> dict:
     """Fit on the connected Ray cluster; returns the final metrics (with `efficiency` and `export_check`).
-    `callbacks` go to the TorchTrainer's RunConfig (honed.tune passes Ray's TuneReportCallback)."""
+    `callbacks` go to the TorchTrainer's RunConfig (honed.tune passes Ray's TuneReportCallback); `plan`: the
+    run's plan when a preflight (`honed train`) already made it, else it is planned here."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     manifest = read_manifest(cfg.data_dir)
-    plan = plan_run(cfg, resolve_model(cfg.model.name_or_path), manifest)
+    plan = plan or plan_run(cfg, resolve_model(cfg.model.name_or_path), manifest)
     resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -126,7 +129,8 @@ def export_result(result, cfg: TrainConfig, manifest: dict, plan: RunPlan) -> di
         for f in TOKENIZER_FILES:
             if (Path(plan.model_path) / f).is_file() and not (artifact / f).exists():
                 shutil.copy(Path(plan.model_path) / f, artifact / f)
-    check = verify_export(cfg, plan.model_path, artifact, probe)
+    check = run_task(verify_export, cfg, plan.model_path, str(artifact), probe,
+                     num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0)
     metrics = dict(result.metrics or {}) | {"efficiency": read_efficiency(out), "export_check": check}
     write_meta(artifact, {
         "base_model": cfg.model.name_or_path,
@@ -144,25 +148,44 @@ def export_result(result, cfg: TrainConfig, manifest: dict, plan: RunPlan) -> di
     return metrics
 
 
-def load_artifact(cfg: TrainConfig, model_path: str, artifact: Path):
-    """The exported artifact as a model, loaded the way users load it (base + adapter, or the full dir)."""
-    from honed.train.methods import load_base
+class ExportMismatch(RuntimeError):
+    """The exported artifact, reloaded, computes other logits than the trained model did."""
+
+
+def verify_export(cfg: TrainConfig, model_path: str, artifact: str, probe: dict) -> dict:
+    """Runs as a Ray task on the training's accelerator: the exported artifact, loaded the way users load it in
+    the dtype it trained in, against the logits the trained model gave on the probe rows (same autocast as
+    training). Tolerance by dtype (honed.merge.tolerance_for: fp32 1e-3; bf16/fp16 a share of the logits)."""
+    from honed.merge import tolerance_for
+
+    device = task_device(cfg.scaling.use_gpu)
+    compute = compute_dtype(cfg.model.dtype, device)
+    model = load_artifact(cfg, model_path, Path(artifact), device).eval()
+    inputs = {k: v.to(device) for k, v in probe["inputs"].items()}
+    with torch.no_grad(), torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                       position_ids=inputs.get("position_ids"), use_cache=False).logits.float().cpu()
+    diff, scale = float((logits - probe["logits"]).abs().max()), float(probe["logits"].abs().max())
+    check = {"max_abs_diff": diff, "max_abs_logit": scale, "rows": int(inputs["input_ids"].shape[0]),
+             "tolerance": tolerance_for(compute, scale, quantized=False), "dtype": str(compute).removeprefix("torch."),
+             "device": device.type}
+    if diff > check["tolerance"]:
+        raise ExportMismatch(f"the exported {artifact} reloads to logits {diff:.2e} away from the trained model's "
+                             f"(tolerance {check['tolerance']:.1e} in {check['dtype']}): the export is not the "
+                             "model that was trained")
+    return check
+
+
+def load_artifact(cfg: TrainConfig, model_path: str, artifact: Path, device: torch.device):
+    """The exported artifact as a model on `device`, loaded the way users load it (base + adapter, or the full
+    dir) in the dtype it trained in."""
+    from honed.train.methods import load_base, weights_dtype
 
     if cfg.method.name == "full":
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32)
+        dtype = weights_dtype(cfg.method, compute_dtype(cfg.model.dtype, device))
+        return AutoModelForCausalLM.from_pretrained(artifact, dtype=dtype, device_map={"": device})
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_base(cfg.method, model_path, cfg.model.dtype, torch.device("cpu")), artifact)
-
-
-def verify_export(cfg: TrainConfig, model_path: str, artifact: Path, probe: dict) -> dict:
-    model = load_artifact(cfg, model_path, artifact).eval()
-    inputs = probe["inputs"]
-    with torch.no_grad():
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                       position_ids=inputs.get("position_ids"), use_cache=False).logits.float()
-    diff = float((logits - probe["logits"]).abs().max())
-    return {"max_abs_diff": diff, "max_abs_logit": float(probe["logits"].abs().max()),
-            "rows": int(inputs["input_ids"].shape[0])}
+    return PeftModel.from_pretrained(load_base(cfg.method, model_path, cfg.model.dtype, device), artifact)
