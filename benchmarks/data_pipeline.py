@@ -1,7 +1,7 @@
 """Throughput of the whole `honed prepare` pipeline on a generated corpus, and how it scales.
 
     .venv/bin/python benchmarks/data_pipeline.py            # 200 MB corpus (and a 400 MB one)
-    .venv/bin/python benchmarks/data_pipeline.py --mb 20    # a quick look
+    .venv/bin/python benchmarks/data_pipeline.py --mb 20    # a quick look (--quick: the same)
 
 The corpus is synthetic text (`honed.data.synthetic`: Zipf-distributed pseudo-words, 80-300 words a
 document) in JSONL files, with planted near duplicates (10 %) and exact duplicates (5 %). Every stage runs:
@@ -16,17 +16,50 @@ included, is linear in corpus size). Writes `benchmarks/results/data_pipeline.js
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import MODEL, Measured, log, main, public, run_process
+
 FILE_MB = 25
+
+
+def options(parser) -> None:
+    parser.add_argument("--mb", type=int, default=200, help="corpus size in MB of text (the 2x run doubles it)")
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--work", default="/tmp/honed-bench-data")
+
+
+def measure(args) -> Measured:
+    work = Path(args.work)
+    one = generate(work / f"corpus-{args.mb}mb", args.mb, seed=0)
+    two = generate(work / f"corpus-{2 * args.mb}mb", 2 * args.mb, seed=0)
+    mb_one, mb_two = one["bytes"] / 1e6, two["bytes"] / 1e6
+    a = pipeline(work / f"corpus-{args.mb}mb", 1, work / "out-a", args.model)
+    b = pipeline(work / f"corpus-{args.mb}mb", 2, work / "out-b", args.model)
+    c = pipeline(work / f"corpus-{2 * args.mb}mb", 2, work / "out-c", args.model)
+    figures = {
+        "corpus": {"x1": one, "x2": two},
+        "runs": {
+            "x1_1cpu": a | {"mb_per_s": round(mb_one / a["seconds"], 3)},
+            "x1_2cpu": b | {"mb_per_s": round(mb_one / b["seconds"], 3)},
+            "x2_2cpu": c | {"mb_per_s": round(mb_two / c["seconds"], 3)},
+        },
+        "ratios": {
+            "throughput_2cpu_over_1cpu": round(a["seconds"] / b["seconds"], 3),
+            "time_2x_corpus_over_1x": round(c["seconds"] / b["seconds"], 3),
+            "near_dup_recall_x1": round(b["dedup"]["near_removed"] / max(one["planted"]["near"], 1), 3),
+            "exact_dup_recall_x1": round(b["dedup"]["exact_removed"] / max(one["planted"]["exact"], 1), 3),
+        },
+    }
+    print(json.dumps(figures["ratios"], indent=2))
+    runs = figures["runs"]
+    log(f"MB/s: 1 CPU {runs['x1_1cpu']['mb_per_s']}, 2 CPUs {runs['x1_2cpu']['mb_per_s']}, "
+        f"2x corpus {runs['x2_2cpu']['mb_per_s']}")
+    return Measured("full honed prepare (read → clean → filter → PII → MinHash/LSH dedup → template + tokenize → "
+                    "split → shuffle → pack 2048 → Parquet) on synthetic JSONL text, local Ray", figures)
 
 
 def generate(root: Path, total_mb: int, seed: int = 0) -> dict:
@@ -56,19 +89,28 @@ def generate(root: Path, total_mb: int, seed: int = 0) -> dict:
     return info
 
 
-def run_once(corpus: Path, cpus: int, out: Path, model: str) -> dict:
-    """One pipeline run in this process (called in a fresh subprocess by `main`)."""
+def pipeline(corpus: Path, cpus: int, out: Path, model: str) -> dict:
+    """`pipeline_main` in a fresh process, in this environment (the pipeline's Ray workers pick their threads)."""
+    log(f"{corpus.name} on {cpus} CPU(s) ...")
+    spec = {"corpus": str(corpus), "cpus": cpus, "out": str(out), "model": model}
+    run = run_process(__file__, "pipeline", spec, f"pipeline-{corpus.name}-{cpus}cpu", env=dict(os.environ))
+    log(f"  {run['seconds']} s")
+    return {k: v for k, v in public(run).items() if k not in ("proc", "log")}
+
+
+def pipeline_main(spec: dict) -> dict:
+    """One pipeline run in this process, on a local Ray of `cpus` CPUs."""
     import ray
 
     from honed.config import PrepareConfig
     from honed.data.pipeline import prepare
     from honed.runtime import _quiet_data_logs
 
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=spec["cpus"], include_dashboard=False, logging_level="WARNING")
     _quiet_data_logs()
     cfg = PrepareConfig.model_validate({
-        "model": {"name_or_path": model}, "output_dir": str(out),
-        "data": {"sources": [{"name": "corpus", "kind": "jsonl", "path": str(corpus)}],
+        "model": {"name_or_path": spec["model"]}, "output_dir": spec["out"],
+        "data": {"sources": [{"name": "corpus", "kind": "jsonl", "path": spec["corpus"]}],
                  "max_seq_len": 2048, "system_prompt": None, "pack": {"enabled": True, "seq_len": 2048}},
     })
     started = time.perf_counter()
@@ -81,69 +123,5 @@ def run_once(corpus: Path, cpus: int, out: Path, model: str) -> dict:
             "packing": manifest["packing"], "tokens": manifest["tokens"]["train"]["total"]}
 
 
-def run_in_subprocess(corpus: Path, cpus: int, out: Path, model: str) -> dict:
-    cmd = [sys.executable, __file__, "--run", str(corpus), "--cpus", str(cpus), "--out", str(out), "--model", model]
-    print(f"[bench] {corpus.name} on {cpus} CPU(s) ...", flush=True)
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"[bench]   {result['seconds']} s", flush=True)
-    return result
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mb", type=int, default=200, help="corpus size in MB of text (the 2x run doubles it)")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--work", default="/tmp/honed-bench-data")
-    parser.add_argument("--run", help=argparse.SUPPRESS)
-    parser.add_argument("--cpus", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.run:
-        print(json.dumps(run_once(Path(args.run), args.cpus, Path(args.out), args.model)))
-        return
-
-    work = Path(args.work)
-    one = generate(work / f"corpus-{args.mb}mb", args.mb, seed=0)
-    two = generate(work / f"corpus-{2 * args.mb}mb", 2 * args.mb, seed=0)
-    mb_one, mb_two = one["bytes"] / 1e6, two["bytes"] / 1e6
-    a = run_in_subprocess(work / f"corpus-{args.mb}mb", 1, work / "out-a", args.model)
-    b = run_in_subprocess(work / f"corpus-{args.mb}mb", 2, work / "out-b", args.model)
-    c = run_in_subprocess(work / f"corpus-{2 * args.mb}mb", 2, work / "out-c", args.model)
-    result = {
-        "benchmark": "data_pipeline",
-        "what": "full honed prepare (read → clean → filter → PII → MinHash/LSH dedup → template + tokenize → "
-                "split → shuffle → pack 2048 → Parquet) on synthetic JSONL text, local Ray",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "commit": commit(), "date": time.strftime("%Y-%m-%d"),
-        "corpus": {"x1": one, "x2": two},
-        "runs": {
-            "x1_1cpu": a | {"mb_per_s": round(mb_one / a["seconds"], 3)},
-            "x1_2cpu": b | {"mb_per_s": round(mb_one / b["seconds"], 3)},
-            "x2_2cpu": c | {"mb_per_s": round(mb_two / c["seconds"], 3)},
-        },
-        "ratios": {
-            "throughput_2cpu_over_1cpu": round(a["seconds"] / b["seconds"], 3),
-            "time_2x_corpus_over_1x": round(c["seconds"] / b["seconds"], 3),
-            "near_dup_recall_x1": round(b["dedup"]["near_removed"] / max(one["planted"]["near"], 1), 3),
-            "exact_dup_recall_x1": round(b["dedup"]["exact_removed"] / max(one["planted"]["exact"], 1), 3),
-        },
-    }
-    out = ROOT / "benchmarks" / "results" / "data_pipeline.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result["ratios"], indent=2))
-    print(f"[bench] MB/s: 1 CPU {result['runs']['x1_1cpu']['mb_per_s']}, 2 CPUs "
-          f"{result['runs']['x1_2cpu']['mb_per_s']}, 2x corpus {result['runs']['x2_2cpu']['mb_per_s']} → {out}")
-
-
 if __name__ == "__main__":
-    main()
+    main("data_pipeline", __doc__, measure, options=options, quick={"mb": 20}, children={"pipeline": pipeline_main})

@@ -5,8 +5,8 @@
 
 Setup: SmolLM2-135M-Instruct (fp32, CPU), N LoRA adapters (r 16, alpha 32, all linear layers: the demo's
 adapter shape; random non-zero weights) registered in a registry dir, one Serve app (`honed.serve.app`) on a
-local Ray with one model replica (1 CPU, `--threads` torch threads), driven over HTTP by `--concurrency` client
-threads sending chat requests (greedy, `max_tokens`), each to the adapter its index picks round-robin.
+local Ray with one model replica (1 CPU, `--threads` torch threads), driven over HTTP by client threads (as
+many as the load level) sending chat requests (greedy, `max_tokens`), each to the adapter its index picks round-robin.
 
   mixed        per load level (`--loads`, concurrent clients, each sending `--requests-per-client` requests one
                after another), the same request set against the app with `max_batch_size` = the clients
@@ -28,7 +28,6 @@ Writes `benchmarks/results/serve_adapters.json`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -37,7 +36,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _train_bench import MODEL, commit, log, machine_info, write_result
+from harness import MODEL, Measured, at_least, log, main, settings
 
 WORK = Path("/tmp/honed-bench-serve")
 QUESTIONS = ["Which ICD-10-CM chapter contains code E11.9?", "What does code I10 describe?",
@@ -50,12 +49,13 @@ def make_adapters(model_path: str, n: int) -> list[Path]:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from honed.artifacts import META, write_meta
     from honed.models import load_model, weights_hash
 
     base_hash, dirs = weights_hash(model_path), []
     for i in range(n):
         target = WORK / "adapters" / f"a{i}"
-        if not (target / "honed.json").is_file():
+        if not (target / META).is_file():
             model, _ = load_model(model_path, "float32", "cpu")
             torch.manual_seed(i)
             peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
@@ -65,9 +65,8 @@ def make_adapters(model_path: str, n: int) -> list[Path]:
                     if "lora_B" in name:
                         p.mul_(0.02)
             peft.save_pretrained(target)
-            (target / "honed.json").write_text(json.dumps({
-                "base_model": MODEL, "base_weights_sha256": base_hash,
-                "template": {"system_prompt": f"You are coding assistant {i}.", "stop": ["<|im_end|>"]}}))
+            template = {"system_prompt": f"You are coding assistant {i}.", "stop": ["<|im_end|>"]}
+            write_meta(target, {"base_model": MODEL, "base_weights_sha256": base_hash, "template": template})
         dirs.append(target)
     return dirs
 
@@ -124,117 +123,117 @@ def cold_loads(url: str, names: list[str], max_tokens: int) -> list[float]:
     return costs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 adapters, 8 requests x 8 tokens")
+def options(parser) -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--loads", type=lambda v: [int(x) for x in v.split(",")], default=[8, 16],
                         help="concurrent clients of the mixed load, comma-separated (batched app: max_batch_size = it)")
     parser.add_argument("--requests-per-client", type=int, default=4, help="mixed load: requests = this x clients")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the model replica")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds (fresh apps each); ratios are medians")
     parser.add_argument("--port", type=int, default=8731)
-    parser.add_argument("--out", help="result file (default benchmarks/results/serve_adapters.json)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
-    args = parser.parse_args()
-    if args.quick:
-        args.adapters, args.loads, args.requests_per_client, args.max_tokens, args.repeats = 4, [4], 2, 8, 1
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "dry_run")}
-    if args.dry_run:
-        print(json.dumps(settings))
-        return
 
+
+def measure(args) -> Measured:
     import ray
 
     from honed.models import resolve_model
     from honed.registry import Registry
-    from honed.serve import deploy as serve_deploy
 
-    model_path = resolve_model(MODEL)
     registry_dir = WORK / "registry"
     shutil.rmtree(registry_dir, ignore_errors=True)
     registry = Registry(str(registry_dir))
     names = []
-    for i, adapter in enumerate(make_adapters(model_path, args.adapters)):
+    for i, adapter in enumerate(make_adapters(resolve_model(MODEL), args.adapters)):
         registry.add(f"a{i}", str(adapter))
         names.append(f"a{i}")
     started = time.time()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    result: dict = {"benchmark": "serve_adapters", "settings": settings, "model": MODEL, **commit(),
-                    "machine": machine_info()}
-    single = [("base", q) for q in QUESTIONS]
-    on_adapter = [(names[0], q) for _, q in single]
-    rounds = []
     try:
-        for r in range(args.repeats):
-            log(f"round {r + 1}/{args.repeats}: batched app (max_batch_size 8) — base alone, one adapter, cold loads")
-            url = deploy(registry_dir, 8, args.adapters, args.threads, args.port, 8)
-            load(url, single, 8, 4)  # warm-up: the first forwards (allocator, threads) are not measured
-            one = {"base": load(url, single, 8, args.max_tokens),
-                   "base_one_client": load(url, single[:4], 1, args.max_tokens)}
-            one |= {"adapter": load(url, on_adapter, 8, args.max_tokens),
-                    "adapter_one_client": load(url, on_adapter[:4], 1, args.max_tokens)}
-            cold = cold_loads(url, names[1:], args.max_tokens)
-            serve_deploy.stop()
-            mixed = {}
-            for level in args.loads:
-                requests = [(names[i % len(names)], QUESTIONS[(i // len(names)) % len(QUESTIONS)])
-                            for i in range(args.requests_per_client * level)]
-                runs = {}
-                for mode, batch in (("batched", level), ("one_at_a_time", 1)):
-                    log(f"round {r + 1}/{args.repeats}: {level} clients, {len(requests)} requests, {mode} app")
-                    url = deploy(registry_dir, batch, args.adapters, args.threads, args.port, level)
-                    load(url, [(name, QUESTIONS[0]) for name in names], min(level, len(names)), 4)  # resident, warm
-                    before = stats(url)
-                    runs[mode] = load(url, requests, level, args.max_tokens)
-                    runs[mode]["replica_stats"] = {
-                        k: v - before.get(k, 0) if isinstance(v, int) and k != "largest_batch" else v
-                        for k, v in stats(url).items()}
-                    serve_deploy.stop()
-                mixed[level] = runs
-            rounds.append({"one": one, "cold": cold, "mixed": mixed})
+        rounds = [one_round(r, registry_dir, names, args) for r in range(args.repeats)]
     finally:
         ray.shutdown()
+    by_load = {f"{level}_clients": mixed_summary([x["mixed"][level] for x in rounds]) for level in args.loads}
+    one = one_adapter_summary(rounds)
+    cold = [c for x in rounds for c in x["cold"]]
+    figures = {"settings": settings(args), "model": MODEL,
+               "mixed": {"goal": GOALS["mixed_batched_over_one_at_a_time"], **by_load},
+               "one_adapter": one,
+               "cold_load_s": {"median": med(cold), "max": round(max(cold), 3), "each": [round(c, 3) for c in cold]},
+               "wall_s": round(time.time() - started, 1)}
+    goals = [{**at_least(f"batched / one-at-a-time completion tokens/s at {key.replace('_', ' ')} (same answers)",
+                         v["ratio"], GOALS["mixed_batched_over_one_at_a_time"]), "met": v["met"]}
+             for key, v in by_load.items()]
+    goals.append(at_least("one adapter / base alone tokens/s", one["ratio"], GOALS["one_adapter_over_base"]))
+    log("mixed batched/one-at-a-time: " + ", ".join(f"{k.split('_')[0]} clients {v['ratio']:.2f}x (same answers: "
+                                                      f"{v['same_answers']})" for k, v in by_load.items()) +
+        f"; one adapter/base {one['ratio']:.3f} (one client: {one['ratio_one_client']}); "
+        f"cold load median {figures['cold_load_s']['median']} s")
+    return Measured("one Serve replica, SmolLM2-135M-Instruct + LoRA adapters from a registry, HTTP clients: a mixed "
+                    "load with continuous batching across adapters vs one request at a time; one adapter vs the base; "
+                    "adapter cold-load time", figures, goals)
 
-    def med(values: list[float]) -> float:
-        return round(statistics.median(values), 3)
 
-    by_load = {}
+def one_round(r: int, registry: Path, names: list[str], args) -> dict:
+    """Fresh apps: a batched one for base / one adapter / cold loads, then per load level batched and
+    one-at-a-time on the same requests."""
+    from honed.serve import deploy as serve_deploy
+
+    log(f"round {r + 1}/{args.repeats}: batched app (max_batch_size 8) — base alone, one adapter, cold loads")
+    single = [("base", q) for q in QUESTIONS]
+    on_adapter = [(names[0], q) for _, q in single]
+    url = deploy(registry, 8, args.adapters, args.threads, args.port, 8)
+    load(url, single, 8, 4)  # warm-up: the first forwards (allocator, threads) are not measured
+    one = {"base": load(url, single, 8, args.max_tokens), "base_one_client": load(url, single[:4], 1, args.max_tokens)}
+    one |= {"adapter": load(url, on_adapter, 8, args.max_tokens),
+            "adapter_one_client": load(url, on_adapter[:4], 1, args.max_tokens)}
+    cold = cold_loads(url, names[1:], args.max_tokens)
+    serve_deploy.stop()
+    mixed = {}
     for level in args.loads:
-        runs = [x["mixed"][level] for x in rounds]
-        ratios = [x["batched"]["tokens_per_s"] / x["one_at_a_time"]["tokens_per_s"] for x in runs]
-        same = all(x["batched"]["answers"] == x["one_at_a_time"]["answers"] == runs[0]["batched"]["answers"]
-                   for x in runs)
-        for x in runs:
-            x["batched"].pop("answers"), x["one_at_a_time"].pop("answers")
-        by_load[f"{level}_clients"] = {
-            "ratio": med(ratios), "ratios": [round(v, 3) for v in ratios], "same_answers": same,
+        requests = [(names[i % len(names)], QUESTIONS[(i // len(names)) % len(QUESTIONS)])
+                    for i in range(args.requests_per_client * level)]
+        mixed[level] = {}
+        for mode, batch in (("batched", level), ("one_at_a_time", 1)):
+            log(f"round {r + 1}/{args.repeats}: {level} clients, {len(requests)} requests, {mode} app")
+            url = deploy(registry, batch, args.adapters, args.threads, args.port, level)
+            load(url, [(name, QUESTIONS[0]) for name in names], min(level, len(names)), 4)  # resident, warm
+            before = stats(url)
+            mixed[level][mode] = load(url, requests, level, args.max_tokens)
+            mixed[level][mode]["replica_stats"] = {
+                k: v - before.get(k, 0) if isinstance(v, int) and k != "largest_batch" else v
+                for k, v in stats(url).items()}
+            serve_deploy.stop()
+    return {"one": one, "cold": cold, "mixed": mixed}
+
+
+def mixed_summary(runs: list[dict]) -> dict:
+    """One load level over the rounds: the median ratio, and whether both modes answered alike (greedy)."""
+    ratios = [x["batched"]["tokens_per_s"] / x["one_at_a_time"]["tokens_per_s"] for x in runs]
+    same = all(x["batched"]["answers"] == x["one_at_a_time"]["answers"] == runs[0]["batched"]["answers"]
+               for x in runs)
+    for x in runs:
+        x["batched"].pop("answers"), x["one_at_a_time"].pop("answers")
+    return {"ratio": med(ratios), "ratios": [round(v, 3) for v in ratios], "same_answers": same,
             "met": same and med(ratios) >= GOALS["mixed_batched_over_one_at_a_time"], "rounds": runs}
-    one_ratios = [x["one"]["adapter"]["tokens_per_s"] / x["one"]["base"]["tokens_per_s"] for x in rounds]
+
+
+def one_adapter_summary(rounds: list[dict]) -> dict:
+    ratios = [x["one"]["adapter"]["tokens_per_s"] / x["one"]["base"]["tokens_per_s"] for x in rounds]
     one_client = [x["one"]["adapter_one_client"]["tokens_per_s"] / x["one"]["base_one_client"]["tokens_per_s"]
                   for x in rounds]
-    cold = [c for x in rounds for c in x["cold"]]
     for x in rounds:
         for part in x["one"].values():
             part.pop("answers")
-    one_ratio = med(one_ratios)
-    result |= {
-        "mixed": {"goal": GOALS["mixed_batched_over_one_at_a_time"], **by_load},
-        "one_adapter": {"ratio": one_ratio, "ratios": [round(v, 3) for v in one_ratios],
-                        "ratio_one_client": med(one_client), "ratios_one_client": [round(v, 3) for v in one_client],
-                        "goal": GOALS["one_adapter_over_base"], "met": one_ratio >= GOALS["one_adapter_over_base"],
-                        "rounds": [x["one"] for x in rounds]},
-        "cold_load_s": {"median": med(cold), "max": round(max(cold), 3), "each": [round(c, 3) for c in cold]},
-        "wall_s": round(time.time() - started, 1),
-    }
-    summary = ", ".join(f"{k.split('_')[0]} clients {v['ratio']:.2f}x (same answers: {v['same_answers']})"
-                        for k, v in by_load.items())
-    path = write_result("serve_adapters", result, args.out)
-    log(f"mixed batched/one-at-a-time: {summary}; one adapter/base {one_ratio:.3f} "
-        f"(one client: {med(one_client)}); "
-        f"cold load median {result['cold_load_s']['median']} s → {path}")
+    return {"ratio": med(ratios), "ratios": [round(v, 3) for v in ratios],
+            "ratio_one_client": med(one_client), "ratios_one_client": [round(v, 3) for v in one_client],
+            "goal": GOALS["one_adapter_over_base"], "met": med(ratios) >= GOALS["one_adapter_over_base"],
+            "rounds": [x["one"] for x in rounds]}
+
+
+def med(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
 
 
 if __name__ == "__main__":
-    main()
+    main("serve_adapters", __doc__, measure, options=options, repeats=2,
+         quick={"adapters": 4, "loads": [4], "requests_per_client": 2, "max_tokens": 8, "repeats": 1})

@@ -8,11 +8,11 @@ AdamW; lora: frozen fp32 base (CPU; bf16 on GPU) + r 16 adapters on all linear l
 adapters over an NF4 double-quantised base (bitsandbytes), compute in fp32 on CPU (bf16 on GPU).
 
 The figure (`peak_mb`) is the peak of bytes held in tensors during a training step, the CPU counterpart of
-CUDA's max allocated (`_train_bench.tensor_memory`): parameters and buffers as stored + optimizer state +
+CUDA's max allocated (`step_breakdown.tensor_memory`): parameters and buffers as stored + optimizer state +
 the highest running total of the step's own allocations (activations, saved tensors, gradients,
 temporaries), measured op by op with torch.profiler in a fresh process that builds the model with honed's
-builder and trains with honed's optimizer and loss (`_train_bench.bare_main`, kernels "honed"); on a GPU it
-is CUDA max allocated. Variants:
+builder and trains with honed's optimizer and loss (benchmarks/train_loops.py `bare`, kernels "honed"); on a
+GPU it is CUDA max allocated. Variants:
   full, lora, qlora           as honed runs them by default
   lora+ac, qlora+ac           with `method.activation_checkpointing: true` (each block recomputed in backward)
   qlora+ac+adamw_8bit         and bitsandbytes' 8-bit AdamW for the adapters (`optim.optimizer: adamw_8bit`)
@@ -27,24 +27,8 @@ Writes `benchmarks/results/train_memory.json`.
 
 from __future__ import annotations
 
-import argparse
-import time
-
-from _train_bench import (
-    LORA,
-    MODEL,
-    WORK,
-    commit,
-    honed_config,
-    log,
-    machine_info,
-    parse_args,
-    prepared_dataset,
-    public,
-    resolve_model_path,
-    run_process,
-    write_result,
-)
+from harness import MODEL, Measured, at_most, log, main, public
+from train_runs import LORA, add_run_options, prepared_dataset, run_honed, run_loop, start
 
 GOAL = 0.45
 METHODS = ("full", "lora", "qlora")
@@ -55,46 +39,15 @@ VARIANTS = {  # name: (method, activation checkpointing, optimizer)
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 steps before the measured one, no honed runs")
-    parser.add_argument("--steps", type=int, default=3, help="steps before the measured one")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
+def options(parser) -> None:
+    add_run_options(parser, steps=3, steps_help="steps before the measured one")
     parser.add_argument("--no-honed", action="store_true", help="skip honed's Ray Train runs (process RSS)")
-    args = parse_args(parser, "train_memory", "CUDA, bf16 compute; memory = CUDA max allocated", quick={"steps": 2, "no_honed": True})
+
+
+def measure(args) -> Measured:
     data = prepared_dataset()
-    model_path = resolve_model_path()
-
-    tensors = {}
-    for variant, (method, ac, optimizer) in VARIANTS.items():
-        log(f"{variant}: {args.steps} steps + 1 measured ...")
-        spec = {"method": method, "model_path": model_path, "data_dir": str(data), "steps": args.steps,
-                "batch_size": args.batch_size, "lr": 2e-5 if method == "full" else 2e-3, "warmup": 10,
-                "threads": args.threads, "gpu": args.gpu, "seed": 0, "kernels": "honed",
-                "activation_checkpointing": ac, "optimizer": optimizer, "tensor_memory": True}
-        b = public(run_process("bare", spec, f"memory-{variant.replace('+', '-')}"))
-        t = b["tensor_memory"]
-        tensors[variant] = {**t, "process_max_rss_mb": b["peak_memory_mb"], "step_time_s": b["step_time_s"],
-                            "trainable_params": b["trainable_params"], "total_params": b["total_params"]}
-        log(f"  peak {t['peak_mb']:.0f} MB = held {t['held_mb']:.0f} + step {t.get('step_peak_mb', 0):.0f} "
-            f"(parts {t['parts']}); process max RSS {b['peak_memory_mb']:.0f} MB")
-
-    honed, floor = {}, None
-    if not args.no_honed:
-        floor = public(run_process("floor", {"bitsandbytes": True}, "memory-floor"))
-        for method in METHODS:
-            tag = f"memory-honed-{method}"
-            log(f"honed {method}: process RSS ...")
-            cfg = honed_config(data, WORK / "runs" / tag, method=method, steps=args.steps + 1,
-                               batch_size=args.batch_size, threads=args.threads, gpu=args.gpu,
-                               lr=2e-5 if method == "full" else 2e-3, log_every=1, peak_flops=1e11)
-            run = run_process("honed", {"config": cfg, "threads": args.threads}, tag)
-            e = run["efficiency"]
-            honed[method] = {"peak_memory_mb": e["peak_memory_mb"], "memory_kind": e["memory_kind"],
-                             "rss_sampled_peak_mb": run["proc"]["rss_peak_mb"],
-                             "rss_curve_s_mb": run["proc"]["rss_curve_s_mb"], "process_wall_s": run["process_wall_s"]}
-            log(f"  {method}: worker max RSS {e['peak_memory_mb']:.0f} MB")
+    tensors = {variant: tensor_peak(variant, data, args) for variant in VARIANTS}
+    process_rss = None if args.no_honed else honed_rss(data, args)
 
     def ratio(a: str, b: str) -> float:
         return round(tensors[a]["peak_mb"] / tensors[b]["peak_mb"], 4)
@@ -102,13 +55,9 @@ def main() -> None:
     ratios = {"qlora / lora": ratio("qlora", "lora"), "qlora+ac / lora+ac": ratio("qlora+ac", "lora+ac"),
               "qlora+ac+adamw_8bit / lora+ac": ratio("qlora+ac+adamw_8bit", "lora+ac"),
               "qlora / full": ratio("qlora", "full"), "lora / full": ratio("lora", "full")}
-    best = min(ratios["qlora+ac / lora+ac"], ratios["qlora / lora"])
-    result = {
-        "benchmark": "train_memory",
-        "what": "peak tensor memory of a training step (parameters + buffers + optimizer state + the step's "
-                "peak allocations; CUDA max allocated on GPU) for full / lora / qlora on SmolLM2-135M-Instruct, "
-                f"batch {args.batch_size}, each in a fresh process with honed's model builder, optimizer and loss",
-        "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), **commit(),
+    goal = at_most("qlora / lora-fp32 peak tensor memory, same settings (best of with and without activation "
+                   "checkpointing)", min(ratios["qlora+ac / lora+ac"], ratios["qlora / lora"]), GOAL)
+    figures = {
         "config": {"model": MODEL, "steps_before_measured": args.steps, "batch_size": args.batch_size,
                    "threads": args.threads, "gpu": args.gpu, "lora": LORA,
                    "qlora_quant": "nf4, double quant, compute dtype auto", "data": str(data),
@@ -116,13 +65,46 @@ def main() -> None:
                                 for k, v in VARIANTS.items()}},
         "tensor_peak": tensors,
         "ratios": ratios,
-        "process_rss": {"honed_worker": honed, "import_floor_mb": floor} if honed else None,
-        "goal": f"qlora / lora-fp32 <= {GOAL} (same settings)", "met": best <= GOAL,
+        "process_rss": process_rss,
+        "goal": f"qlora / lora-fp32 <= {GOAL} (same settings)", "met": goal["met"],
     }
-    out = write_result("train_memory", result, args.out)
-    log("peak tensor MB: " + ", ".join(f"{k} {v['peak_mb']:.0f}" for k, v in tensors.items()) +
-        f"; ratios {ratios} (goal <= {GOAL}: {'met' if result['met'] else 'NOT met'}) → {out}")
+    log("peak tensor MB: " + ", ".join(f"{k} {v['peak_mb']:.0f}" for k, v in tensors.items()) + f"; ratios {ratios}")
+    return Measured("peak tensor memory of a training step (parameters + buffers + optimizer state + the step's "
+                    "peak allocations; CUDA max allocated on GPU) for full / lora / qlora on SmolLM2-135M-Instruct, "
+                    f"batch {args.batch_size}, each in a fresh process with honed's model builder, optimizer and loss",
+                    figures, [goal])
+
+
+def tensor_peak(variant: str, data, args) -> dict:
+    """`args.steps` steps, then one under the profiler's memory accounting (`step_breakdown.tensor_memory`)."""
+    method, ac, optimizer = VARIANTS[variant]
+    log(f"{variant}: {args.steps} steps + 1 measured ...")
+    b = public(run_loop("bare", f"memory-{variant.replace('+', '-')}", data, args, method=method,
+                        lr=2e-5 if method == "full" else 2e-3, kernels="honed", activation_checkpointing=ac,
+                        optimizer=optimizer, tensor_memory=True))
+    t = b["tensor_memory"]
+    log(f"  peak {t['peak_mb']:.0f} MB = held {t['held_mb']:.0f} + step {t.get('step_peak_mb', 0):.0f} "
+        f"(parts {t['parts']}); process max RSS {b['peak_memory_mb']:.0f} MB")
+    return {**t, "process_max_rss_mb": b["peak_memory_mb"], "step_time_s": b["step_time_s"],
+            "trainable_params": b["trainable_params"], "total_params": b["total_params"]}
+
+
+def honed_rss(data, args) -> dict:
+    """The Ray Train worker's max RSS in honed's own run of each method, and the import floor."""
+    floor = public(start("floor", {"bitsandbytes": True}, "memory-floor"))
+    honed = {}
+    for method in METHODS:
+        log(f"honed {method}: process RSS ...")
+        run = run_honed(f"memory-honed-{method}", data, args, method=method, steps=args.steps + 1,
+                        lr=2e-5 if method == "full" else 2e-3, log_every=1, peak_flops=1e11)
+        e = run["efficiency"]
+        honed[method] = {"peak_memory_mb": e["peak_memory_mb"], "memory_kind": e["memory_kind"],
+                         "rss_sampled_peak_mb": run["proc"]["rss_peak_mb"],
+                         "rss_curve_s_mb": run["proc"]["rss_curve_s_mb"], "process_wall_s": run["process_wall_s"]}
+        log(f"  {method}: worker max RSS {e['peak_memory_mb']:.0f} MB")
+    return {"honed_worker": honed, "import_floor_mb": floor}
 
 
 if __name__ == "__main__":
-    main()
+    main("train_memory", __doc__, measure, options=options, quick={"steps": 2, "no_honed": True},
+         gpu="CUDA, bf16 compute; memory = CUDA max allocated")

@@ -14,12 +14,13 @@ Full fine-tuning of SmolLM2-135M-Instruct (every weight, fp32 master weights, Ad
          measured in this invocation (the least disturbed by other load) for both.
 
   honed  `train(cfg)` under Ray Train (1 worker); MFU from its efficiency.json.
-  bare   a plain eager loop (benchmarks/_train_bench.py, kernels "plain"): the HF model's own loss over every
-         position, torch AdamW's default implementation, batches in shard order: the reference.
+  bare   a plain eager loop (benchmarks/train_loops.py `bare`, kernels "plain"): the HF model's own loss over
+         every position, torch AdamW's default implementation, batches in shard order: the reference.
   profile  honed's step (kernels "honed": fused AdamW, labelled-only logits, padding-free rows) in a bare
          process, 3 steps then `--profile-steps` under torch.profiler: self time by op category (matmul,
          attention, softmax/CE, optimizer, elementwise, ...), the matmul FLOPs the profiler counts and the
-         FLOP/s those matmuls achieve, the per-phase split, and AdamW implementations timed side by side.
+         FLOP/s those matmuls achieve, the per-phase split, and AdamW implementations timed side by side
+         (benchmarks/step_breakdown.py).
 
 Runs alternate (bare, honed; honed, bare) in fresh processes; honed logs every step, so `best_steps` gives
 both MFUs from the fastest third of the steps (pooled over repeats): those other jobs on a shared machine
@@ -28,158 +29,74 @@ disturbed least. Writes `benchmarks/results/train_mfu.json`.
 
 from __future__ import annotations
 
-import argparse
-import time
-
-from _train_bench import (
+from harness import MODEL, Measured, alternating, at_least, best_rate, log, main, present, spread
+from train_runs import (
     GROUP_BY_LENGTH,
-    MODEL,
     WARMUP_STEPS_EXCLUDED,
-    WORK,
+    add_run_options,
     bare_cpu_rate,
     bare_step_rates,
-    best_rate,
-    commit,
-    honed_config,
     honed_step_rates,
     honed_wall_rate,
-    log,
-    machine_info,
-    parse_args,
     prepared_dataset,
-    resolve_model_path,
-    run_process,
-    spread,
+    run_honed,
+    run_loop,
     step_token_counts,
-    write_result,
 )
 
 LR = 2e-5
 GOAL = 0.60
+PROFILE_WARMUP = 3  # steps before the profiled ones
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 steps, 1 repeat, 1 profiled step")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
+def options(parser) -> None:
+    add_run_options(parser, steps=8)
     parser.add_argument("--profile-steps", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--group-by-length", type=int, default=GROUP_BY_LENGTH,
                         help="honed's optim.group_by_length (default: honed's default, off)")
     parser.add_argument("--compile", action="store_true",
                         help="honed with optim.compile (torch.compile'd decoder) → train_mfu_compiled.json")
     parser.add_argument("--peak-flops", type=float, help="a datasheet peak (e.g. 989e12 for H100/H200 dense bf16): "
                                                            "adds MFU against it")
-    args = parse_args(parser, "train_mfu", "CUDA, bf16 autocast over fp32 master weights", quick={"steps": 4, "repeats": 1, "profile_steps": 1})
-    log_every = 1  # every step in the live log: per-step rates (`best_steps`)
 
+
+def measure(args) -> Measured:
     data = prepared_dataset()
     tokens = step_token_counts(data, args.batch_size, args.steps, args.group_by_length)
-    model_path = resolve_model_path()
-    repeats = []
-    for r in range(args.repeats):
-        order = ["bare", "honed"] if r % 2 == 0 else ["honed", "bare"]
-        runs = {}
-        for kind in order:
-            tag = f"mfu-{kind}-{r}"
-            log(f"repeat {r + 1}/{args.repeats}: {kind} full fine-tuning ({args.steps} steps) ...")
-            if kind == "honed":
-                cfg = honed_config(data, WORK / "runs" / tag, method="full", steps=args.steps, lr=LR,
-                                   batch_size=args.batch_size, threads=args.threads, gpu=args.gpu, log_every=log_every,
-                                   extra={"optim.group_by_length": args.group_by_length, "optim.compile": args.compile})
-                runs[kind] = run_process("honed", {"config": cfg, "threads": args.threads}, tag)
-                e = runs[kind]["efficiency"]
-                log(f"  honed: {e['nonpad_tokens_per_s']:.1f} non-pad tok/s, MFU {e['mfu']:.3f} of "
-                    f"{e['peak_flops_per_worker'] / 1e9:.1f} GFLOP/s")
-            else:
-                spec = {"method": "full", "model_path": model_path, "data_dir": str(data), "steps": args.steps,
-                        "batch_size": args.batch_size, "lr": LR, "warmup": 10, "threads": args.threads,
-                        "gpu": args.gpu, "measure_peak": True, "seed": 0, "kernels": "plain"}
-                runs[kind] = run_process("bare", spec, tag)
-                b = runs[kind]
-                log(f"  bare: {b['nonpad_tokens_per_s']:.1f} non-pad tok/s, MFU {b['mfu']:.3f} of "
-                    f"{b['peak_flops'] / 1e9:.1f} GFLOP/s")
-        repeats.append(runs)
 
+    def run(kind: str, r: int) -> dict:
+        tag = f"mfu-{kind}-{r}"
+        if kind == "honed":
+            return run_honed(tag, data, args, method="full", lr=LR, log_every=1,  # every step: `best_steps`
+                             extra={"optim.group_by_length": args.group_by_length, "optim.compile": args.compile})
+        return run_loop("bare", tag, data, args, method="full", lr=LR, measure_peak=True, kernels="plain")
+
+    runs = [r for _, r in alternating(args.repeats, ["bare", "honed"], run)]
     # Where honed's step time goes: the same computation as honed's worker (kernels "honed") under the profiler
-    profile_warmup = 3
     profiled = {}
     if args.profile_steps:
-        log(f"profile: honed's step in a bare process ({profile_warmup} + {args.profile_steps} steps) ...")
-        profiled = run_process("bare", {
-            "method": "full", "model_path": model_path, "data_dir": str(data), "steps": profile_warmup,
-            "batch_size": args.batch_size, "lr": LR, "warmup": 10, "threads": args.threads, "gpu": args.gpu,
-            "measure_peak": False, "seed": 0, "kernels": "honed", "profile_steps": args.profile_steps,
-            "group_by_length": args.group_by_length,
-            "optimizer_variants": 1 if args.quick else 3}, "mfu-profile")
+        log(f"profile: honed's step in a bare process ({PROFILE_WARMUP} + {args.profile_steps} steps) ...")
+        profiled = run_loop("bare", "mfu-profile", data, args, method="full", lr=LR, steps=PROFILE_WARMUP,
+                            measure_peak=False, kernels="honed", profile_steps=args.profile_steps,
+                            group_by_length=args.group_by_length, optimizer_variants=1 if args.quick else 3)
 
     # Both sides' MFU against each process's own peak and against the best peak measured in this invocation.
-    peaks = [r["honed"]["efficiency"]["peak_flops_per_worker"] for r in repeats] + [r["bare"]["peak_flops"]
-                                                                                     for r in repeats]
+    peaks = [r["honed"]["efficiency"]["peak_flops_per_worker"] for r in runs] + [r["bare"]["peak_flops"] for r in runs]
     common = max(peaks)
-    n_params = repeats[0]["honed"]["efficiency"]["total_params"]
-    rows, profile, optimizer = [], None, None
-    for runs in repeats:
-        honed, bare = runs["honed"], runs["bare"]
-        e = honed["efficiency"]
-        wall = honed_wall_rate(honed, tokens)
-        bare_cpu = bare_cpu_rate(bare)
-        row = {
-            "honed": {"nonpad_tokens_per_s": e["nonpad_tokens_per_s"], "step_time_s": e["step_time_s"],
-                      "measured_steps": e["measured_steps"], "peak_flops": e["peak_flops_per_worker"],
-                      "mfu": e["mfu"], "mfu_common_peak": round(6 * n_params * e["nonpad_tokens_per_s"] / common, 4),
-                      "wall": wall, "peak_memory_mb": e["peak_memory_mb"],
-                      "loadavg_1min_before_after": honed["loadavg_1min_before_after"]},
-            "bare": {"nonpad_tokens_per_s": bare["nonpad_tokens_per_s"], "step_time_s": bare["step_time_s"],
-                     "measured_steps": bare["measured_steps"], "peak_flops": bare["peak_flops"], "mfu": bare["mfu"],
-                     "mfu_common_peak": round(6 * n_params * bare["nonpad_tokens_per_s"] / common, 4),
-                     "cpu": bare_cpu, "phase_share": bare["phase_share"], "memory_parts": bare["memory_parts"],
-                     "peak_memory_mb": bare["peak_memory_mb"], "step_seconds": [s["seconds"] for s in bare["per_step"]],
-                     "loadavg_1min_before_after": bare["loadavg_1min_before_after"]},
-        }
-        if wall and "nonpad_tokens_per_worker_cpu_s" in wall:
-            # MFU per CPU-second: what the MFU would be if the process had had its core to itself
-            row["honed"]["mfu_per_worker_cpu_s"] = round(6 * n_params * wall["nonpad_tokens_per_worker_cpu_s"] / common, 4)
-        row["bare"]["mfu_per_cpu_s"] = round(6 * n_params * bare_cpu["nonpad_tokens_per_cpu_s"] / common, 4)
-        if args.peak_flops:
-            row["honed"]["mfu_datasheet_peak"] = round(6 * n_params * e["nonpad_tokens_per_s"] / args.peak_flops, 4)
-            row["bare"]["mfu_datasheet_peak"] = round(6 * n_params * bare["nonpad_tokens_per_s"] / args.peak_flops, 4)
-        row["honed"]["step_rates"] = honed_step_rates(honed, tokens)
-        row["bare"]["step_rates"] = bare_step_rates(bare)
-        rows.append(row)
+    n_params = runs[0]["honed"]["efficiency"]["total_params"]
+    rows = [compare(r["honed"], r["bare"], tokens, n_params, common, args.peak_flops) for r in runs]
     profile, optimizer = profiled.get("profile"), profiled.get("optimizer_variants")
-
-    analysis = {}
-    if profile:
-        counts = step_token_counts(data, args.batch_size, profile_warmup + args.profile_steps,
-                                   args.group_by_length, flat=True)[profile_warmup:]  # the profile runs padding-free
-        profiled_tokens = sum(t["nonpad"] for t in counts)
-        fed_tokens = sum(t["fed"] for t in counts)
-        analysis = {
-            "matmul_flops_per_nonpad_token (profiler)": round(profile["matmul_flops"] / profiled_tokens),
-            "six_n": 6 * n_params,
-            "matmul_flops_per_fed_token (profiler)": round(profile["matmul_flops"] / fed_tokens),
-            "matmul_achieved_flops_per_s": profile["matmul_achieved_flops_per_s"],
-            "matmul_achieved_over_common_peak": round(profile["matmul_achieved_flops_per_s"] / common, 4)
-            if profile["matmul_achieved_flops_per_s"] else None,
-            "note": "6N counts every parameter for every non-pad token; the profiler's matmul FLOPs cover honed's "
-                    "default padding-free rows (no padding), lm_head only at labelled positions (honed's loss), and "
-                    "no attention score FLOPs (fused SDPA kernel).",
-        }
     best = {k: best_rate([x for r in rows for x in r[k]["step_rates"]]) for k in ("honed", "bare")}
     best_steps = {"fraction": "fastest third of the measured steps, all repeats pooled",
                   **{f"{k}_nonpad_tokens_per_s": v for k, v in best.items()},
                   **{f"{k}_mfu_common_peak": round(6 * n_params * v / common, 4) for k, v in best.items() if v}}
     honed_mfu = [r["honed"]["mfu"] for r in rows]
     bare_mfu = [r["bare"]["mfu"] for r in rows]
-    result = {
-        "benchmark": "train_mfu",
-        "what": "full fine-tuning of SmolLM2-135M-Instruct, 1 worker, 1 thread: MFU = 6·N·non-pad tokens/s / "
-                "measured fp32 matmul peak, honed (Ray Train) vs a plain eager PyTorch loop; profile of honed's step",
-        "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(), **commit(),
-        "config": {"model": MODEL, "method": "full", "steps": args.steps, "warmup_steps_excluded": WARMUP_STEPS_EXCLUDED,
+    median = spread([r["honed"]["mfu_common_peak"] for r in rows])["median"]
+    goal = at_least("honed MFU against the common peak, median over repeats", median, GOAL)
+    figures = {
+        "config": {"model": MODEL, "method": "full", "steps": args.steps,
+                   "warmup_steps_excluded": WARMUP_STEPS_EXCLUDED,
                    "batch_size": args.batch_size, "lr": LR, "threads": args.threads, "gpu": args.gpu,
                    "repeats": args.repeats, "profile_steps": args.profile_steps, "data": str(data),
                    "total_params": n_params, "datasheet_peak_flops": args.peak_flops,
@@ -189,19 +106,17 @@ def main() -> None:
         "mfu": {"honed": spread(honed_mfu), "bare": spread(bare_mfu),
                 "honed_common_peak": spread([r["honed"]["mfu_common_peak"] for r in rows]),
                 "bare_common_peak": spread([r["bare"]["mfu_common_peak"] for r in rows]),
-                "honed_per_worker_cpu_s": spread([r["honed"].get("mfu_per_worker_cpu_s") for r in rows
-                                                  if r["honed"].get("mfu_per_worker_cpu_s")]),
+                "honed_per_worker_cpu_s": spread(present([r["honed"] for r in rows], "mfu_per_worker_cpu_s")),
                 "bare_per_cpu_s": spread([r["bare"]["mfu_per_cpu_s"] for r in rows])},
         "best_steps": best_steps,
-        "ratio_honed_over_bare": spread([h / b for h, b in zip(
-            [r["honed"]["nonpad_tokens_per_s"] for r in rows], [r["bare"]["nonpad_tokens_per_s"] for r in rows])]),
-        "profile": profile, "optimizer_variants": optimizer, "analysis": analysis,
-        "goal": f">= {GOAL} (honed, common peak, median)",
-        "met": spread([r["honed"]["mfu_common_peak"] for r in rows])["median"] >= GOAL,
+        "ratio_honed_over_bare": spread([r["honed"]["nonpad_tokens_per_s"] / r["bare"]["nonpad_tokens_per_s"]
+                                         for r in rows]),
+        "profile": profile, "optimizer_variants": optimizer,
+        "analysis": analysis(profile, data, args, n_params, common) if profile else {},
+        "goal": f">= {GOAL} (honed, common peak, median)", "met": goal["met"],
     }
-    out = write_result("train_mfu_compiled" if args.compile else "train_mfu", result, args.out)
     log(f"MFU honed {honed_mfu}, bare {bare_mfu} (own peaks); common peak {common / 1e9:.1f} GFLOP/s; fastest "
-        f"third of steps: {best_steps} → {out}")
+        f"third of steps: {best_steps}")
     if optimizer:
         log(f"AdamW step over {optimizer['params']:,} params (s): {optimizer['seconds_per_step']}")
     if profile:
@@ -209,7 +124,63 @@ def main() -> None:
                                                         profile.get("share_by_phase", {}).items()))
         log("honed step self time by category: " + ", ".join(f"{k} {v:.0%}" for k, v in
                                                            profile["share_by_category"].items()))
+    return Measured("full fine-tuning of SmolLM2-135M-Instruct, 1 worker, 1 thread: MFU = 6·N·non-pad tokens/s / "
+                    "measured fp32 matmul peak, honed (Ray Train) vs a plain eager PyTorch loop; profile of honed's "
+                    "step", figures, [goal])
+
+
+def compare(honed: dict, bare: dict, tokens: list[dict], n_params: int, common: float, datasheet: float | None) -> dict:
+    """One repeat: each side's rate and MFU against its own peak, the common peak, per CPU-second and the
+    datasheet peak (when given)."""
+    e = honed["efficiency"]
+    wall = honed_wall_rate(honed, tokens)
+    bare_cpu = bare_cpu_rate(bare)
+
+    def mfu(rate: float, peak: float) -> float:
+        return round(6 * n_params * rate / peak, 4)
+    row = {
+        "honed": {"nonpad_tokens_per_s": e["nonpad_tokens_per_s"], "step_time_s": e["step_time_s"],
+                  "measured_steps": e["measured_steps"], "peak_flops": e["peak_flops_per_worker"],
+                  "mfu": e["mfu"], "mfu_common_peak": mfu(e["nonpad_tokens_per_s"], common),
+                  "wall": wall, "peak_memory_mb": e["peak_memory_mb"],
+                  "loadavg_1min_before_after": honed["loadavg_1min_before_after"]},
+        "bare": {"nonpad_tokens_per_s": bare["nonpad_tokens_per_s"], "step_time_s": bare["step_time_s"],
+                 "measured_steps": bare["measured_steps"], "peak_flops": bare["peak_flops"], "mfu": bare["mfu"],
+                 "mfu_common_peak": mfu(bare["nonpad_tokens_per_s"], common),
+                 "cpu": bare_cpu, "phase_share": bare["phase_share"], "memory_parts": bare["memory_parts"],
+                 "peak_memory_mb": bare["peak_memory_mb"], "step_seconds": [s["seconds"] for s in bare["per_step"]],
+                 "loadavg_1min_before_after": bare["loadavg_1min_before_after"]},
+    }
+    if wall and "nonpad_tokens_per_worker_cpu_s" in wall:
+        # MFU per CPU-second: what the MFU would be if the process had had its core to itself
+        row["honed"]["mfu_per_worker_cpu_s"] = mfu(wall["nonpad_tokens_per_worker_cpu_s"], common)
+    row["bare"]["mfu_per_cpu_s"] = mfu(bare_cpu["nonpad_tokens_per_cpu_s"], common)
+    if datasheet:
+        row["honed"]["mfu_datasheet_peak"] = mfu(e["nonpad_tokens_per_s"], datasheet)
+        row["bare"]["mfu_datasheet_peak"] = mfu(bare["nonpad_tokens_per_s"], datasheet)
+    row["honed"]["step_rates"] = honed_step_rates(honed, tokens)
+    row["bare"]["step_rates"] = bare_step_rates(bare)
+    return row
+
+
+def analysis(profile: dict, data, args, n_params: int, common: float) -> dict:
+    """The profiler's matmul FLOPs per token beside 6N, and the FLOP/s those matmuls reached."""
+    counts = step_token_counts(data, args.batch_size, PROFILE_WARMUP + args.profile_steps,
+                               args.group_by_length, flat=True)[PROFILE_WARMUP:]  # the profile runs padding-free
+    achieved = profile["matmul_achieved_flops_per_s"]
+    return {
+        "matmul_flops_per_nonpad_token (profiler)": round(profile["matmul_flops"] / sum(t["nonpad"] for t in counts)),
+        "six_n": 6 * n_params,
+        "matmul_flops_per_fed_token (profiler)": round(profile["matmul_flops"] / sum(t["fed"] for t in counts)),
+        "matmul_achieved_flops_per_s": achieved,
+        "matmul_achieved_over_common_peak": round(achieved / common, 4) if achieved else None,
+        "note": "6N counts every parameter for every non-pad token; the profiler's matmul FLOPs cover honed's "
+                "default padding-free rows (no padding), lm_head only at labelled positions (honed's loss), and "
+                "no attention score FLOPs (fused SDPA kernel).",
+    }
 
 
 if __name__ == "__main__":
-    main()
+    main("train_mfu", __doc__, measure, options=options, quick={"steps": 4, "repeats": 1, "profile_steps": 1},
+         repeats=2, gpu="CUDA, bf16 autocast over fp32 master weights",
+         file_name=lambda args: "train_mfu_compiled" if args.compile else "train_mfu")
