@@ -23,11 +23,57 @@ from honed.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+SOURCES = "data.sources=[{name: icd10, kind: icd10, chapters: ['4']}, {name: kjv, kind: kjv, eval_only: true}]"
 
 
-@pytest.mark.parametrize("command", sorted(CONFIGS))
+@pytest.mark.parametrize("command", sorted(set(CONFIGS) - {"prepare"}))
 def test_defaults_validate(command):
     assert load_config(CONFIGS[command]) is not None
+
+
+def test_prepare_needs_only_its_sources():
+    # honed ships no default corpus: `honed prepare` names the one key it needs, every other key has a default
+    with pytest.raises(ConfigError, match=r"data: required, has no default \(Needs `data.sources`"):
+        load_config(CONFIGS["prepare"])
+    assert load_config(CONFIGS["prepare"], None, [SOURCES]).data.sources[0].chapters == ["4"]
+
+
+def test_generic_defaults_hold_nothing_of_the_demo_domain():
+    from honed.config import DataConfig, PrepareConfig, SourceConfig
+
+    cfg = load_config(PrepareConfig, None, ["data.sources=[{name: notes, kind: jsonl, path: x.jsonl}]"])
+    assert cfg.data.system_prompt is None and cfg.data.sources[0].chapters is None
+    assert DataConfig.model_fields["sources"].is_required()
+    assert SourceConfig.model_fields["chapters"].default is None
+    text = dump_config(cfg)
+    for domain in ("ICD", "medical", "chapters: [", "'4'"):
+        assert domain not in text
+
+
+def test_the_demo_keeps_its_domain_defaults():
+    cfg = load_config(DemoConfig)
+    assert cfg.data.system_prompt == "You are a medical coding assistant. Answer with ICD-10-CM facts only."
+    assert [(s.name, s.kind, s.chapters, s.max_records, s.eval_only) for s in cfg.data.sources] == [
+        ("icd10", "icd10", ["4", "9", "10"], None, False), ("kjv", "kjv", None, 200, True)]
+    assert cfg.data.decontaminate.sources == ["kjv"]
+    # jobs/demo.yaml says the same as `make demo` (DemoConfig's defaults), as do the ICD-10 prepare configs
+    assert load_config(DemoConfig, ROOT / "jobs" / "demo.yaml").data == cfg.data
+    from honed.config import PrepareConfig
+
+    icd10 = load_config(PrepareConfig, ROOT / "jobs" / "prepare_icd10.yaml").data
+    assert (icd10.system_prompt, icd10.sources) == (cfg.data.system_prompt, cfg.data.sources)
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("{name: a, kind: icd10}", "source 'a': kind 'icd10' needs `chapters`, ICD-10-CM chapter numbers 1-22"),
+    ("{name: a, kind: icd10_pairs, chapters: []}", "kind 'icd10_pairs' needs `chapters`"),
+    ("{name: a, kind: jsonl, path: x, chapters: ['4']}", "source 'a': `chapters` is for kinds icd10 and icd10_pairs "
+                                                         "only, not 'jsonl'"),
+])
+def test_chapters_belong_to_the_icd10_kinds(source, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS["prepare"], None, [f"data.sources=[{source}]"])
+    assert expected in str(err.value)
 
 
 def test_overrides_parse_yaml_values_and_win_over_the_file(tmp_path):
@@ -132,7 +178,8 @@ def test_cli_rejects_bad_config_before_ray_starts():
     (["merge", "adapter=/no/adapter"], "no adapter at /no/adapter (adapter_config.json not found"),
     (["prepare", "data.sources=[{name: notes, kind: csv, path: /no/notes/*.csv}]"],
      "source 'notes': no csv file at '/no/notes/*.csv'"),
-    (["prepare", "data.decontaminate.paths=[/no/eval.jsonl]"], "source 'decontaminate': no jsonl file at '/no/eval.jsonl'"),
+    (["prepare", SOURCES, "data.decontaminate.paths=[/no/eval.jsonl]"],
+     "source 'decontaminate': no jsonl file at '/no/eval.jsonl'"),
 ])
 def test_cli_refuses_missing_inputs_before_ray_starts(argv, message, capsys):
     import sys as _sys
@@ -175,9 +222,10 @@ def test_written_config_loads_back_for_every_method(cls, method, settings, tmp_p
 @pytest.mark.parametrize("overrides, expected", [
     (["data.sources=[{name: a, kind: parquet}]"], "kind 'parquet' needs `path`"),
     (["data.sources=[{name: a, kind: icd10, path: x.jsonl}]"], "kind 'icd10' is bundled and takes no `path`"),
-    (["data.sources=[{name: a, kind: icd10}, {name: a, kind: kjv}]"], "source names must be unique; repeated: a"),
-    (["data.decontaminate.sources=[icd10]"], "'icd10' is not an eval_only source; those are: kjv"),
-    (["data.pack.seq_len=64"], "pack.seq_len = 64 is below max_seq_len = 256"),
+    (["data.sources=[{name: a, kind: icd10, chapters: ['4']}, {name: a, kind: kjv}]"],
+     "source names must be unique; repeated: a"),
+    ([SOURCES, "data.decontaminate.sources=[icd10]"], "'icd10' is not an eval_only source; those are: kjv"),
+    ([SOURCES, "data.pack.seq_len=64"], "pack.seq_len = 64 is below max_seq_len = 256"),
     (["data.dedup.bands=4"], "give both `bands` and `rows`"),
     (["data.dedup.bands=20", "data.dedup.rows=10"], "bands × rows = 200 exceeds num_perm = 128"),
     (["data.dedup.threshold=1.5"], "data.dedup.threshold = 1.5"),
@@ -198,9 +246,11 @@ def test_every_pipeline_stage_can_be_switched_off():
     from honed.config import PrepareConfig
 
     cfg = load_config(PrepareConfig, None, [
+        SOURCES, "data.chunk.enabled=false",
         "data.filters.enabled=false", "data.pii.enabled=false", "data.dedup.exact=false", "data.dedup.near=false",
         "data.normalize.unicode=none", "data.pack.enabled=false", "data.filters.max_symbol_ratio=null"])
     assert not cfg.data.filters.enabled and cfg.data.filters.max_symbol_ratio is None and not cfg.data.dedup.near
+    assert not cfg.data.chunk.enabled
 
 
 def test_config_imports_no_other_honed_module():

@@ -39,6 +39,9 @@ from honed.config.method import (
     PrefixSettings,
     QuantSettings,
 )
+from honed.config.data import ChunkConfig
+from honed.config.demo import DEMO_SYSTEM_PROMPT
+from honed.config.eval import BootstrapSettings
 from honed.config.model import DEFAULT_MODEL, ModelConfig
 from honed.config.names import ADAPTER_NAME, check_adapter_name, parse_ref
 from honed.config.serve import AutoscalingSettings, ServeConfig
@@ -76,6 +79,7 @@ CONFIGS: dict[str, type[Section]] = {
 }
 
 __all__ = [
+    "BootstrapSettings", "ChunkConfig", "DEMO_SYSTEM_PROMPT",
     "ADAPTER_NAME", "AutoscalingSettings", "BiasSettings", "CONFIGS", "ConfigError", "DEFAULT_MODEL",
     "DEFAULT_SYSTEM_PROMPT", "DPOSettings", "DataConfig", "DecontamConfig", "DedupConfig", "DeepSpeedSettings",
     "DemoConfig", "DemoDPOOptim", "DemoDPOSettings", "DemoData", "DemoOptim", "EarlyStopping", "EfficiencySettings",

@@ -9,11 +9,13 @@ from pydantic import Field, model_validator
 from honed.config.base import Section
 from honed.config.model import ModelConfig
 
-DEFAULT_SYSTEM_PROMPT = "You are a medical coding assistant. Answer with ICD-10-CM facts only."
+DEFAULT_SYSTEM_PROMPT: str | None = None
+"""No system prompt unless a config gives one: the model's chat template decides (its own default, if any)."""
 
 
 SOURCE_KINDS = ("icd10", "icd10_pairs", "kjv", "jsonl", "parquet", "csv", "text")
 FILE_KINDS = ("jsonl", "parquet", "csv", "text")
+ICD10_KINDS = ("icd10", "icd10_pairs")
 
 
 class FieldMap(Section):
@@ -49,8 +51,8 @@ class SourceConfig(Section):
     fields: FieldMap = FieldMap()
     text_unit: Literal["file", "paragraph", "line"] = "paragraph"
     """For `text` files: what one record is (a blank-line separated paragraph by default)."""
-    chapters: list[str] = ["4", "9", "10"]
-    """For `icd10` and `icd10_pairs`: chapter numbers (1-22) to draw codes from."""
+    chapters: list[str] | None = None
+    """For `icd10` and `icd10_pairs` only, and required there: chapter numbers (1-22) to draw codes from."""
     max_records: int | None = Field(default=None, gt=0)
     """Bundled sources: keep at most this many records (a seeded, deterministic subsample)."""
     val_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -67,14 +69,13 @@ class SourceConfig(Section):
         if self.kind not in FILE_KINDS and self.path:
             raise ValueError(f"source '{self.name}': kind '{self.kind}' is bundled and takes no `path`; "
                              f"file kinds are {', '.join(FILE_KINDS)}")
+        if self.kind in ICD10_KINDS and not self.chapters:
+            raise ValueError(f"source '{self.name}': kind '{self.kind}' needs `chapters`, ICD-10-CM chapter numbers "
+                             "1-22 (the demo uses [\"4\", \"9\", \"10\"])")
+        if self.kind not in ICD10_KINDS and self.chapters is not None:
+            raise ValueError(f"source '{self.name}': `chapters` is for kinds {' and '.join(ICD10_KINDS)} only, "
+                             f"not '{self.kind}'")
         return self
-
-
-def _default_sources() -> list[SourceConfig]:
-    return [
-        SourceConfig(name="icd10", kind="icd10"),
-        SourceConfig(name="kjv", kind="kjv", max_records=200, eval_only=True),
-    ]
 
 
 class NormalizeConfig(Section):
@@ -169,13 +170,27 @@ class PackConfig(Section):
     """Packed row length; defaults to `data.max_seq_len`."""
 
 
+class ChunkConfig(Section):
+    """Text (continued pre-training) documents longer than `data.max_seq_len` tokens are cut into windows of
+    `max_seq_len` tokens instead of being dropped. Instruction, chat and preference examples are never cut: one
+    that is too long is dropped (`too_long`). Dedup and decontamination see the whole document, and its windows
+    share its group, so they land in one split; the manifest's `chunk` entry counts documents and windows."""
+
+    enabled: bool = True
+    overlap: int = Field(default=0, ge=0)
+    """Tokens each window repeats from the one before, as context: they carry no loss there, so every token of
+    the document is trained on once. The last window ends at the document's end (it may repeat more)."""
+
+
 class DataConfig(Section):
-    sources: list[SourceConfig] = Field(default_factory=_default_sources, min_length=1)
-    """Inputs, each with a name and a kind."""
+    sources: list[SourceConfig] = Field(min_length=1)
+    """Inputs, each with a name and a kind; honed ships no default corpus (`honed demo` brings its own)."""
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    """System message put before every instruction example (and used again at serve time)."""
+    """System message put before every instruction, chat and preference example unless the record has its own,
+    stored in the manifest and used again in eval and serving; null: none (the chat template's own default)."""
     max_seq_len: int = Field(default=256, ge=8)
-    """Examples with more tokens are dropped (counted in the manifest)."""
+    """Longest example in tokens: longer text documents are cut into windows (`chunk`), longer instruction and
+    chat examples are dropped (`too_long`, counted in the manifest)."""
     val_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
     """Share of groups (e.g. ICD codes) held out; a group's records never straddle train and validation."""
     seed: int = 0
@@ -189,6 +204,7 @@ class DataConfig(Section):
     decontaminate: DecontamConfig = DecontamConfig()
     template: TemplateConfig = TemplateConfig()
     pack: PackConfig = PackConfig()
+    chunk: ChunkConfig = ChunkConfig()
     max_record_bytes: int = Field(default=1_000_000, gt=0)
     """Records larger than this are quarantined (`too_large`) before parsing."""
     num_workers: int | None = Field(default=None, gt=0)
@@ -205,6 +221,9 @@ class DataConfig(Section):
             if not match or not match[0].eval_only:
                 allowed = ", ".join(s.name for s in self.sources if s.eval_only) or "none"
                 raise ValueError(f"decontaminate.sources: '{name}' is not an eval_only source; those are: {allowed}")
+        if self.chunk.overlap >= self.max_seq_len:
+            raise ValueError(f"chunk.overlap = {self.chunk.overlap} must be below max_seq_len = {self.max_seq_len} "
+                             "(each window must bring new tokens)")
         if self.pack.seq_len and self.pack.seq_len < self.max_seq_len:
             raise ValueError(f"pack.seq_len = {self.pack.seq_len} is below max_seq_len = {self.max_seq_len}; "
                              "an example must fit in one packed row")
@@ -215,6 +234,7 @@ class PrepareConfig(Section):
     """`honed prepare`: sources → Ray Data → `output_dir/{shards,quarantine}`, `manifest.json`."""
 
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
+    data: DataConfig
+    """Needs `data.sources`; every other key has a default."""
     output_dir: str = "runs/data"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from honed.config.base import Section
-from honed.config.data import DataConfig, DecontamConfig
+from honed.config.data import DataConfig, DecontamConfig, SourceConfig
 from honed.config.eval import EvalConfig
 from honed.config.method import DPOSettings, MethodConfig
 from honed.config.model import ModelConfig
@@ -28,7 +28,22 @@ class DemoOptim(OptimConfig):
     max_steps: int | None = Field(default=80, gt=0)
 
 
+DEMO_SYSTEM_PROMPT = "You are a medical coding assistant. Answer with ICD-10-CM facts only."
+
+
+def _demo_sources() -> list[SourceConfig]:
+    return [
+        SourceConfig(name="icd10", kind="icd10", chapters=["4", "9", "10"]),  # endocrine, circulatory, respiratory
+        SourceConfig(name="kjv", kind="kjv", max_records=200, eval_only=True),  # general text: the forgetting probe
+    ]
+
+
 class DemoData(DataConfig):
+    """The ICD-10-CM demo's data: its sources, system prompt and decontamination against the KJV probe live here
+    and in jobs/demo.yaml, never in the generic `DataConfig`."""
+
+    sources: list[SourceConfig] = Field(default_factory=_demo_sources, min_length=1)
+    system_prompt: str | None = DEMO_SYSTEM_PROMPT
     decontaminate: DecontamConfig = DecontamConfig(sources=["kjv"])
 
 

@@ -2,7 +2,8 @@
 that reconcile per source and per stage, record kinds, PII, token statistics, source identities.
 
     stats = record_statistics(final, kept)   # {"counts", "kinds", "stages", "pii"}: Ray aggregations
-    tokens = token_stats(kept, max_seq_len)
+    chunk = chunk_stats(kept, max_seq_len, overlap, enabled)   # documents and the windows long ones became
+    tokens = token_stats(rows, max_seq_len)   # the shard rows (windows)
     (out / "report.md").write_text(render_report(manifest))
 
 Every statistic is computed by Ray Data (groupby counts, block-wise partials); the driver only sums small
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from honed.config import PII_TYPES, PrepareConfig
-from honed.data.records import KEPT, QUARANTINED
+from honed.data.records import KEPT, QUARANTINED, window_spans
 from honed.data.sources import DERIVED, builtin_rows
 
 # Where each drop or quarantine reason happens; the manifest's per-stage in/out counts follow this order.
@@ -133,6 +134,28 @@ def token_stats(kept, max_seq_len: int) -> dict:
                                 "val": hist["val"].tolist()}}
 
 
+def chunk_stats(kept, size: int, overlap: int, enabled: bool) -> dict:
+    """The manifest's `chunk` entry: per source, the kept documents (text, instruction, chat: one record each), how
+    many of them were longer than `size` tokens and cut into windows, and the windows those became (so a source's
+    shard rows = documents - chunked + windows)."""
+    def partial(batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out = {"source": [], "documents": [], "chunked": [], "windows": []}
+        for source in np.unique(batch["source"]):
+            lengths = batch["num_tokens"][batch["source"] == source]
+            long = lengths[lengths > size]
+            out["source"].append(source)
+            out["documents"].append(len(lengths))
+            out["chunked"].append(len(long))
+            out["windows"].append(sum(len(window_spans(int(n), size, overlap)) for n in long))
+        return out
+
+    by_source: dict[str, Counter] = defaultdict(Counter)
+    for row in kept.select_columns(["source", "num_tokens"]).map_batches(partial, batch_format="numpy").take_all():
+        by_source[str(row["source"])].update({k: int(row[k]) for k in ("documents", "chunked", "windows")})
+    return {"enabled": enabled, "window": size, "overlap": overlap,
+            "by_source": {name: dict(c) for name, c in sorted(by_source.items())}}
+
+
 def source_identities(cfg: PrepareConfig, files: dict[str, list[str]]) -> list[dict]:
     """Each source's config and a content hash of each input (files hashed in Ray tasks, in parallel)."""
     import ray.data
@@ -214,6 +237,12 @@ def render_report(m: dict) -> str:
               f"Training: {t['train']['total']} tokens over {t['train']['examples']} examples (mean "
               f"{t['train']['mean']}, max {t['train']['max']}); validation: {t['val']['total']} tokens over "
               f"{t['val']['examples']} examples.", "", "![token lengths](token_lengths.png)"]
+    c = m.get("chunk", {})
+    chunked = {name: v for name, v in c.get("by_source", {}).items() if v["chunked"]}
+    if chunked:
+        lines += ["", f"Long text documents cut into windows of {c['window']} tokens (overlap {c['overlap']}): "
+                  + "; ".join(f"{name}: {v['chunked']} of {v['documents']} documents → {v['windows']} windows"
+                              for name, v in chunked.items()) + "."]
     p = m["packing"]
     if p["enabled"]:
         lines += ["", f"Packing: {p['examples']} examples into {p['rows']} rows of {p['seq_len']} tokens, "

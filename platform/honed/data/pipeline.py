@@ -1,5 +1,5 @@
 """`honed prepare` on Ray Data: read → parse → normalise → filter → redact → decontaminate → template +
-tokenize → deduplicate → mix → split → shuffle → pack → write.
+tokenize → deduplicate → mix → split → cut long text documents into windows → shuffle → pack → write.
 
     honed prepare jobs/prepare_icd10.yaml output_dir=runs/data
 
@@ -30,10 +30,12 @@ from honed.artifacts import write_manifest
 from honed.config import PrepareConfig, SourceConfig, dump_config
 from honed.data.corpus_dedup import duplicate_table, find_duplicates, mark_duplicates
 from honed.data.dedup import NgramIndex, lsh_params
-from honed.data.manifest import plot_histogram, record_statistics, render_report, source_identities, token_stats
-from honed.data.processing import ExampleProcessor
+from honed.data.manifest import (
+    chunk_stats, plot_histogram, record_statistics, render_report, source_identities, token_stats,
+)
+from honed.data.processing import ExampleProcessor, split_windows
 from honed.data.quality import normalize_text, text_of
-from honed.data.records import KEPT, BadRecord, parse_record
+from honed.data.records import KEPT, BadRecord, parse_record, unit_hash
 from honed.data.shards import (
     SHARD_COLUMNS, apply_mix, mix_rates, pack_examples, packing_stats, seeded_shuffle, write_quarantine, write_shards,
 )
@@ -44,6 +46,8 @@ from honed.models import load_tokenizer, resolve_model, tokenizer_hash, weights_
 # Ray Data coalesces a reader's output into blocks of up to 128 MB and hands a block to one actor: small
 # blocks let every cleaning actor work, also on a single large file.
 BLOCK_BYTES = 4 << 20
+# Shard rows: an example, or one window of a long text document (`window` counts from 0 within the document)
+ROW_COLUMNS = SHARD_COLUMNS + ["window"]
 
 
 def prepare(cfg: PrepareConfig) -> dict:
@@ -91,10 +95,13 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
     phases.done("mix", "duplicates marked, mix applied")
 
     kept = final.filter(expr=col("status") == KEPT)
-    train = kept.filter(expr=col("split") == "train").select_columns(SHARD_COLUMNS)
-    val = kept.filter(expr=col("split") == "val").select_columns(SHARD_COLUMNS)
-    tokens = token_stats(kept, cfg.data.max_seq_len)
-    train = seeded_shuffle(train, cfg.data.seed)
+    chunk = cfg.data.chunk
+    rows = kept.map_batches(split_windows, fn_kwargs={"size": cfg.data.max_seq_len, "overlap": chunk.overlap,
+                                                      "model_path": model_path}, batch_format="pyarrow")
+    train = rows.filter(expr=col("split") == "train").select_columns(ROW_COLUMNS)
+    val = rows.filter(expr=col("split") == "val").select_columns(ROW_COLUMNS)
+    tokens = token_stats(rows, cfg.data.max_seq_len)
+    train = shuffle_windows(train, cfg.data.seed)
     packing = {"enabled": cfg.data.pack.enabled}
     if cfg.data.pack.enabled:
         seq_len = cfg.data.pack.seq_len or cfg.data.max_seq_len
@@ -111,7 +118,8 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - started, 1),
         "phase_seconds": phases.seconds,  # the same dict: the statistics phase below lands in it too
-        **record_statistics(final, kept),  # counts, kinds, stages, pii
+        **record_statistics(final, kept),  # counts (of documents), kinds, stages, pii
+        "chunk": chunk_stats(kept, cfg.data.max_seq_len, chunk.overlap, chunk.enabled),
         "dedup": dedup_stats,
         "mix": rates,
         "tokens": tokens,
@@ -138,6 +146,21 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
     plot_histogram(manifest["tokens"], out / "token_lengths.png")
     (out / "report.md").write_text(render_report(manifest))
     return manifest
+
+
+def shuffle_windows(train, seed: int):
+    """`seeded_shuffle` keys on the record id, which the windows of one document share: they are shuffled under a
+    key of their own (window 0 keeps the id, so rows never cut shuffle as before) and get the id back after."""
+    import pyarrow as pa
+
+    def window_keys(batch):
+        ids, windows = batch["id"].to_pylist(), batch["window"].to_pylist()
+        keys = [i if w == 0 else int(unit_hash(f"{i}:{w}") * 2**63) for i, w in zip(ids, windows)]
+        index = batch.schema.get_field_index("id")
+        return batch.append_column("record_id", batch["id"]).set_column(index, "id", pa.array(keys, pa.int64()))
+
+    shuffled = seeded_shuffle(train.map_batches(window_keys, batch_format="pyarrow"), seed)
+    return shuffled.drop_columns(["id"]).rename_columns({"record_id": "id"}).select_columns(ROW_COLUMNS)
 
 
 class Phases:
@@ -206,6 +229,7 @@ def processor_settings(cfg: PrepareConfig, template: dict, dedup_params: dict) -
     d = cfg.data
     return {
         "system_prompt": d.system_prompt, "max_seq_len": d.max_seq_len, "loss_on": d.loss_on, "seed": d.seed,
+        "chunk": d.chunk.enabled,
         "chat_template": template["chat_template"], "min_tokens": d.filters.min_tokens if d.filters.enabled else None,
         "normalize": d.normalize.model_dump(),
         "filters": d.filters if d.filters.enabled else None,

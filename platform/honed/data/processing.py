@@ -1,5 +1,6 @@
 """Per-record work of `honed prepare`: one Ray Data actor turns reader rows into processed rows (parse →
-normalise → filter → redact → decontaminate → template + tokenize → split → dedup keys), one row out per row in.
+normalise → filter → redact → decontaminate → template + tokenize → split → dedup keys), one row out per row in;
+after dedup, `split_windows` cuts kept text documents longer than the limit into token windows.
 
     processed = rows.map_batches(ExampleProcessor, fn_constructor_kwargs={"model_path": path, "settings": s,
                                  "decontam": index}, batch_format="numpy", compute=ray.data.ActorPoolStrategy(...))
@@ -10,6 +11,7 @@ has the columns of `OUTPUT_TYPES`, with a status (kept, dropped, quarantined) an
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections import Counter, defaultdict
@@ -22,7 +24,7 @@ from honed.data.pii import redact
 from honed.data.quality import normalize_text, quality_reason, text_of
 from honed.data.records import (
     DROPPED, KEPT, QUARANTINED, BadRecord, assign_split, empty_field, encode_example, encode_preference, encode_texts,
-    group_key, identical_answers, map_texts, parse_record,
+    group_key, identical_answers, map_texts, parse_record, token_windows,
 )
 from honed.models import load_tokenizer
 
@@ -107,8 +109,10 @@ class ExampleProcessor:
                     record, self.tokenizer, s["system_prompt"], s["loss_on"], s["chat_template"])
             # a pair is as long as its longer answer's conversation; both must fit max_seq_len
             n_tokens = max(len(encoded["input_ids"]), len(encoded.get("rejected_input_ids", ())))
-            if n_tokens > s["max_seq_len"] or (s["min_tokens"] and n_tokens < s["min_tokens"]):
-                row.update(status=DROPPED, reason="too_long" if n_tokens > s["max_seq_len"] else "too_few_tokens")
+            # a long text document stays whole through dedup and the split; `split_windows` cuts it afterwards
+            too_long = n_tokens > s["max_seq_len"] and not (s["chunk"] and record["kind"] == "text")
+            if too_long or (s["min_tokens"] and n_tokens < s["min_tokens"]):
+                row.update(status=DROPPED, reason="too_long" if too_long else "too_few_tokens")
                 continue
             src = s["sources"][source]
             group = group_key(record)
@@ -133,6 +137,41 @@ class ExampleProcessor:
                 r["signature"] = sig.astype(np.int64).tolist()
         for r in kept:
             del r["dedup_text"]
+
+
+def split_windows(batch, size: int, overlap: int, model_path: str):
+    """Ray Data stage on kept rows (an Arrow batch), after dedup and the split: a row longer than `size` tokens (a
+    text document; nothing else is kept that long) becomes its windows (`honed.data.records.token_windows`), each
+    a copy of the document's row (source, id, group, split) with its own tokens, text and `window` number; other
+    rows pass through as window 0."""
+    import pyarrow as pa
+
+    long = batch["num_tokens"].to_numpy() > size
+    if not long.any():
+        return batch.append_column("window", pa.array(np.zeros(len(long), dtype=np.int32)))
+    ids, labels = batch["input_ids"].to_pylist(), batch["labels"].to_pylist()
+    rows, numbers, pieces = [], [], []  # per output row: its document's row, its window number, (ids, labels)
+    for i in range(len(long)):
+        windows = token_windows(ids[i], labels[i], size, overlap) if long[i] else [(ids[i], labels[i])]
+        rows += [i] * len(windows)
+        numbers += range(len(windows))
+        pieces += windows
+    out = batch.take(pa.array(rows))
+    texts = [_tokenizer(model_path).decode(x, skip_special_tokens=True) if long[row] else text
+             for row, (x, _), text in zip(rows, pieces, out["text"].to_pylist())]
+    columns = {"input_ids": list_array([x for x, _ in pieces], OUTPUT_TYPES["input_ids"]),
+               "labels": list_array([y for _, y in pieces], OUTPUT_TYPES["labels"]),
+               "num_tokens": pa.array([len(x) for x, _ in pieces], OUTPUT_TYPES["num_tokens"]),
+               "text": pa.array(texts, pa.string())}
+    for name, values in columns.items():
+        out = out.set_column(out.schema.get_field_index(name), name, values)
+    return out.append_column("window", pa.array(numbers, pa.int32()))
+
+
+@functools.cache
+def _tokenizer(model_path: str):
+    """One tokenizer per worker process for `split_windows` (a plain Ray Data task function, reused across tasks)."""
+    return load_tokenizer(model_path)
 
 
 def shard_texts(record: dict) -> dict:

@@ -12,7 +12,8 @@ plus an optional `group` (records of one group never straddle train and validati
 default group is its question, so pairs sharing a question stay on one side).
 
 Every record ends in exactly one state: `kept` (train or val), `dropped` (a filter said no, with a reason)
-or `quarantined` (the record itself is broken, with a reason); the manifest counts reconcile from these.
+or `quarantined` (the record itself is broken, with a reason); the manifest counts reconcile from these. A kept
+text document longer than the length limit is one record, trained on as several windows (`token_windows`).
 """
 
 from __future__ import annotations
@@ -208,6 +209,27 @@ def encode_texts(texts: list[str], tokenizer) -> list[list[int]]:
     if not texts:
         return []
     return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def window_spans(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int, int]]:
+    """`(start, end, first_labelled)` of the windows of at most `size` tokens that cover a document of `n_tokens`:
+    each starts `size - overlap` after the one before (so it repeats at least `overlap` tokens as context), the
+    last ends at the document's end, and `first_labelled` is where the tokens no earlier window holds begin, so
+    the labelled parts tile the document exactly once. One window when the document fits."""
+    spans, start, labelled = [], 0, 0
+    while True:
+        end = min(start + size, n_tokens)
+        spans.append((start, end, labelled))
+        if end == n_tokens:
+            return spans
+        start, labelled = min(start + size - overlap, n_tokens - size), end
+
+
+def token_windows(input_ids: list[int], labels: list[int], size: int, overlap: int) -> list[tuple[list, list]]:
+    """A long text document's `(input_ids, labels)` cut into windows (see `window_spans`); tokens repeated as
+    context carry label -100."""
+    return [(list(input_ids[start:end]), [-100] * (labelled - start) + list(labels[labelled:end]))
+            for start, end, labelled in window_spans(len(input_ids), size, overlap)]
 
 
 def conversation_pieces(messages: list[dict], tokenizer, chat_template: str | None) -> list[tuple[str, bool]]:
