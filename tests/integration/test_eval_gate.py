@@ -40,7 +40,10 @@ def test_failing_gate_exits_3_and_marks_the_version_not_promotable(trained, prep
     base, tuned = result["scores"]["base"], result["scores"]["tuned"]
     ppl = checks["general_ppl/kjv"]
     assert ppl["change"] == pytest.approx(tuned["ppl/kjv"] / base["ppl/kjv"] - 1, abs=1e-6)
-    assert ppl["passed"] == (ppl["change"] <= 0.10)  # the default limit
+    # the default limit, which the whole interval of the change must clear (gate.require_interval: true)
+    low, high = ppl["interval"]
+    assert low <= ppl["change"] <= high and ppl["passed"] == (ppl["change"] <= 0.10 and high <= 0.10)
+    assert ppl["interval"] == result["intervals"]["change"]["ppl/kjv"]["relative"]
     meta = Registry(registry).show("tuned@1")
     assert meta["promotable"] is False and "domain_loss/icd10" in meta["promotable_reason"]
     assert Registry(registry).list()[0]["promotable"] is False
@@ -49,6 +52,14 @@ def test_failing_gate_exits_3_and_marks_the_version_not_promotable(trained, prep
     for metric in ("loss/icd10", "ppl/kjv", "exact_match", "token_f1", "rouge_l"):
         assert f"| {metric} | {base[metric]:.4f} | {tuned[metric]:.4f} | {tuned[metric] - base[metric]:+.4f} |" in md
     assert "## Forgetting gate: FAILED" in md and "`tuned@1` marked promotable = false" in md
+    intervals = result["intervals"]
+    for metric in ("loss/icd10", "ppl/kjv", "token_f1"):
+        (b_low, b_high), (t_low, t_high) = intervals["models"]["base"][metric], intervals["models"]["tuned"][metric]
+        c_low, c_high = intervals["change"][metric]["absolute"]
+        assert b_low <= base[metric] <= b_high and t_low <= tuned[metric] <= t_high
+        assert (f"| [{b_low:.4f}, {b_high:.4f}] | [{t_low:.4f}, {t_high:.4f}] | [{c_low:+.4f}, {c_high:+.4f}] |"
+                in next(line for line in md.splitlines() if line.startswith(f"| {metric} |")))
+    assert intervals["items"]["loss/icd10"] == 16 and intervals["items"]["token_f1"] == len(result["samples"]["base"])
     bias = result["bias"]
     assert bias["pairs"] == 38 and set(bias["categories"]) >= {"gender", "nationality", "religion"}
     for category, e in bias["categories"].items():

@@ -51,7 +51,8 @@ SCORES = {"base": {"ppl/kjv": 80.0, "loss/icd10": 4.0, "token_f1": 0.10, "rouge_
 
 
 def gate(**kw) -> GateSettings:
-    return GateSettings(**({"enabled": True} | kw))
+    """The change alone decides (intervals: see the tests after these)."""
+    return GateSettings(**({"enabled": True, "require_interval": False} | kw))
 
 
 def test_gate_passes_within_limits():
@@ -94,6 +95,57 @@ def test_gate_fails_closed_on_what_it_did_not_measure():
 def test_gate_check_switched_off_is_not_run():
     result = gate_checks(SCORES, ["icd10"], ["kjv"], gate(max_general_ppl_increase=None, min_domain_gain=0.0))
     assert [c["name"] for c in result["checks"]] == ["domain_token_f1"]
+
+
+# SCORES' changes: ppl/kjv +7.5 %, token_f1 +0.35, loss/icd10 -3.0; intervals around them
+CHANGES = {"ppl/kjv": {"absolute": [2.0, 10.0], "relative": [0.025, 0.125]},
+           "token_f1": {"absolute": [0.15, 0.55]}, "loss/icd10": {"absolute": [-3.5, -2.5]}}
+
+
+def test_required_interval_must_clear_the_limit_not_only_the_change():
+    settings = gate(require_interval=True, max_general_ppl_increase=0.10, min_domain_gain=0.2)
+    result = gate_checks(SCORES, ["icd10"], ["kjv"], settings, CHANGES)
+    ppl, f1 = result["checks"]
+    # both changes clear their limits (+7.5 % ≤ 10 %, +0.35 ≥ 0.2), neither interval does
+    assert not ppl["passed"] and not f1["passed"] and result["require_interval"]
+    assert ppl["interval"] == [0.025, 0.125] and f1["interval"] == [0.15, 0.55]
+    assert describe(ppl) == ("general_ppl/kjv: change +7.50% (CI +2.50% to +12.50%), upper bound +12.50% > "
+                             "limit +10.00%")
+    assert describe(f1) == "domain_token_f1: change +0.3500 (CI +0.1500 to +0.5500), lower bound +0.1500 < limit +0.2000"
+    # the same figures with the mean alone pass
+    assert gate_checks(SCORES, ["icd10"], ["kjv"], gate(max_general_ppl_increase=0.10, min_domain_gain=0.2),
+                       CHANGES)["passed"]
+
+
+def test_required_interval_passes_when_the_whole_interval_clears():
+    settings = gate(require_interval=True, max_general_ppl_increase=0.15, min_domain_gain=0.1)
+    result = gate_checks(SCORES, ["icd10"], ["kjv"], settings, CHANGES)
+    assert result["passed"], [describe(c) for c in result["checks"]]
+    assert describe(result["checks"][1]) == ("domain_token_f1: change +0.3500 (CI +0.1500 to +0.5500), lower bound "
+                                             "+0.1500 ≥ limit +0.1000")
+    loss = gate_checks(SCORES, ["icd10"], [], gate(require_interval=True, max_general_ppl_increase=None,
+                                                   domain_metric="loss", min_domain_gain=2.5), CHANGES)
+    assert loss["passed"] and loss["checks"][0]["interval"] == [-3.5, -2.5]  # upper bound −2.5 ≤ −2.5
+    tighter = gate_checks(SCORES, ["icd10"], [], gate(require_interval=True, max_general_ppl_increase=None,
+                                                      domain_metric="loss", min_domain_gain=2.6), CHANGES)
+    assert not tighter["passed"]
+
+
+def test_required_interval_fails_closed_when_unmeasured_or_nan():
+    settings = gate(require_interval=True, max_general_ppl_increase=None, min_domain_gain=0.1)
+    unmeasured = gate_checks(SCORES, ["icd10"], ["kjv"], settings, {})
+    assert not unmeasured["passed"] and unmeasured["checks"][0]["interval"] is None
+    assert "no confidence interval was measured for token_f1" in describe(unmeasured["checks"][0])
+    nan = gate_checks(SCORES, ["icd10"], ["kjv"], settings, {"token_f1": {"absolute": [math.nan, math.nan]}})
+    assert not nan["passed"]
+    below = gate_checks(SCORES, ["icd10"], ["kjv"], gate(require_interval=True, max_general_ppl_increase=None,
+                                                         min_domain_gain=0.4), CHANGES)
+    assert describe(below["checks"][0]).endswith("change +0.3500 < limit +0.4000")  # the change itself fails first
+
+
+def test_the_gate_requires_intervals_by_default():
+    assert GateSettings().require_interval is True
+    assert EvalConfig().generate_examples == 200 and EvalConfig().bootstrap.resamples == 1000
 
 
 # ------------------------------------------------------------------------------------------------- config

@@ -5,9 +5,11 @@ the same held-out sets, side by side.
     honed eval jobs/eval_icd10.yaml registry=runs/registry adapter=icd10@2 --gate   # exit 3 when the gate fails
 
 Per validation source: mean token loss and perplexity (domain sets score the response tokens, general text
-scores every token: the forgetting probe). On domain instruction data: greedy answers with the stored template
-and stop strings, scored by exact match, token F1 and ROUGE-L; on preference pairs, preference accuracy
-(`honed.eval.preference`). Then the forgetting gate (`honed.eval.gate`),
+scores every token: the forgetting probe). On each domain instruction source: greedy answers (`generate_examples`
+per source) with the stored template and stop strings, scored by exact match, token F1 and ROUGE-L; on preference
+pairs, preference accuracy (`honed.eval.preference`). Every loss, perplexity and task metric gets a confidence
+interval by bootstrap over its items, per model and paired for the change (`honed.eval.intervals`). Then the
+forgetting gate (`honed.eval.gate`, on the changes and their intervals),
 the bias probe (`honed.eval.bias`) and the decontamination check (`honed.eval.contamination`). Writes
 `output_dir/eval.json`, `eval.md` and `plots/*.png`; a gate result on a registry version sets its `promotable`.
 """
@@ -28,11 +30,13 @@ from honed.artifacts import read_manifest
 from honed.eval.bias import load_probes, pair_gaps, summarize
 from honed.eval.contamination import contamination_check, eval_file_items, row_text
 from honed.eval.gate import failure_reason, gate_checks
+from honed.eval.intervals import metric_intervals
 from honed.eval.preference import score_pairs
 from honed.eval.report import comparison_table, write_report
-from honed.eval.samples import pick_questions, spread, validation_sets
+from honed.eval.samples import pick_questions, spread, validation_rows
 from honed.generation import generate, render_chat
 from honed.models import load_model, load_tokenizer, resolve_model
+from honed.runtime import task_device
 from honed.train.dpo import is_pair
 from honed.train.collate import collate
 from honed.train.losses import row_losses
@@ -44,9 +48,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     manifest = read_manifest(cfg.data_dir)
     model_path = resolve_model(cfg.model.name_or_path)
     tuned = resolve_tuned(cfg)
-    by_source = validation_sets(cfg.data_dir, cfg.max_examples)
+    rows = validation_rows(cfg.data_dir)
+    by_source = {source: spread(source_rows, cfg.max_examples) for source, source_rows in rows.items()}
     probes = {s["name"] for s in manifest["sources"] if s["eval_only"]}
-    questions = pick_questions(by_source, probes, cfg.generate_examples)
+    questions = pick_questions(rows, probes, cfg.generate_examples)
     pairs = load_probes(cfg.bias.path) if cfg.bias.enabled else []
     args = (cfg.model.dtype, by_source, questions, manifest["template"], cfg.model_dump(), pairs)
     models = {"base": (model_path, None)}
@@ -56,25 +61,28 @@ def evaluate(cfg: EvalConfig) -> dict:
           f" + {len(pairs)} bias probe pairs", flush=True)
     import ray
 
-    refs = [ray.remote(num_cpus=1)(score_model).remote(path, *args, adapter=adapter) for path, adapter in models.values()]
+    score = ray.remote(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)(score_model)
+    refs = [score.remote(path, *args, adapter=adapter) for path, adapter in models.values()]
     decontamination = check_contamination(cfg, manifest, model_path) if cfg.decontamination else None
     scores = dict(zip(models, ray.get(refs)))
     probe_sources = sorted(probes & set(by_source))
-    result = {"scores": {k: v["metrics"] for k, v in scores.items()},
+    intervals = metric_intervals({k: v["items"] for k, v in scores.items()}, cfg.bootstrap)
+    result = {"scores": {k: v["metrics"] for k, v in scores.items()}, "intervals": intervals,
               "samples": {k: v["samples"] for k, v in scores.items()},
               "domain_sources": sorted(set(by_source) - probes), "probe_sources": probe_sources,
               "adapter": cfg.adapter, "model": cfg.model.name_or_path, "tuned": tuned,
               "bias": summarize(pairs, {k: v["bias"] for k, v in scores.items()}, cfg.bias.max_shift) if pairs else None,
               "decontamination": decontamination}
     if cfg.gate.enabled:
-        result["gate"] = gate_checks(result["scores"], result["domain_sources"], probe_sources, cfg.gate)
+        result["gate"] = gate_checks(result["scores"], result["domain_sources"], probe_sources, cfg.gate,
+                                     intervals["change"])
         if tuned.get("ref"):
             result["gate"]["registry"] = {"ref": tuned["ref"], "promotable": result["gate"]["passed"]}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     write_report(result, out)
-    print(comparison_table(result["scores"]), flush=True)
+    print(comparison_table(result["scores"], intervals), flush=True)
     if cfg.gate.enabled and tuned.get("ref"):
         from honed.registry import Registry
 
@@ -115,42 +123,51 @@ def check_contamination(cfg: EvalConfig, manifest: dict, model_path: str) -> dic
 
 def score_model(model_path: str, dtype: str, by_source: dict, questions: list[dict], template: dict, cfg: dict,
                 bias_pairs: list[dict], adapter: str | None = None) -> dict:
-    """Runs as a Ray task: loss/perplexity per source, generation metrics and bias probe gaps for one model."""
+    """Runs as a Ray task (on a GPU with `use_gpu`): loss/perplexity per source, generation metrics and bias
+    probe gaps for one model, and each figure's items `(sum, count)` for its confidence interval."""
     torch.set_num_threads(1)
-    model, tokenizer = load_model(model_path, dtype, adapter=adapter)
+    model, tokenizer = load_model(model_path, dtype, device=task_device(cfg["use_gpu"]), adapter=adapter)
     model.eval()
-    metrics = {}
+    metrics, items = {}, {}
     for source, rows in by_source.items():
-        loss = mean_loss(model, rows, tokenizer.pad_token_id, cfg["batch_size"])
+        losses = items[f"loss/{source}"] = row_loss_items(model, rows, tokenizer.pad_token_id, cfg["batch_size"])
+        loss = sum(s for s, _ in losses) / max(sum(n for _, n in losses), 1)
         metrics[f"loss/{source}"] = round(loss, 4)
         metrics[f"ppl/{source}"] = round(math.exp(min(loss, 50)), 3)
-    samples = []
-    for i in range(0, len(questions), cfg["batch_size"]):
-        batch = questions[i: i + cfg["batch_size"]]
-        prompts = [render_chat(tokenizer, [{"role": "user", "content": q["prompt"]}], template)
-                   for q in batch]
-        completions = generate(model, tokenizer, prompts, cfg["max_new_tokens"], stop=template.get("stop"))
-        samples += [{**q, "answer": c.text} for q, c in zip(batch, completions)]
-    for name, fn in (("exact_match", exact_match), ("token_f1", token_f1), ("rouge_l", rouge_l)) if samples else ():
-        metrics[name] = round(sum(fn(s["answer"], s["response"]) for s in samples) / len(samples), 4)
+    samples = answer_questions(model, tokenizer, questions, template, cfg)
+    for name in TASK_METRICS if samples else ():
+        items[name] = [(s[name], 1) for s in samples]
+        metrics[name] = round(sum(s[name] for s in samples) / len(samples), 4)
     pairs = [r for rows in by_source.values() for r in rows if is_pair(r.get("rejected_input_ids"))]
     if pairs:  # preference pairs (a DPO dataset): how often the chosen answer is the more likely one
         preference = score_pairs(model, pairs, tokenizer.pad_token_id, cfg["batch_size"])
         metrics |= {k: v for k, v in preference.items() if k != "pairs"}
     gaps = pair_gaps(model, tokenizer, bias_pairs, cfg["batch_size"]) if bias_pairs else []
-    return {"metrics": metrics, "samples": samples, "bias": gaps}
+    return {"metrics": metrics, "samples": samples, "bias": gaps, "items": items}
+
+
+def answer_questions(model, tokenizer, questions: list[dict], template: dict, cfg: dict) -> list[dict]:
+    """Greedy answers with the dataset's template and stop strings, each scored by every task metric."""
+    samples = []
+    for i in range(0, len(questions), cfg["batch_size"]):
+        batch = questions[i: i + cfg["batch_size"]]
+        prompts = [render_chat(tokenizer, [{"role": "user", "content": q["prompt"]}], template) for q in batch]
+        completions = generate(model, tokenizer, prompts, cfg["max_new_tokens"], stop=template.get("stop"))
+        samples += [{**q, "answer": c.text} | {name: fn(c.text, q["response"]) for name, fn in TASK_METRICS.items()}
+                    for q, c in zip(batch, completions)]
+    return samples
 
 
 @torch.no_grad()
-def mean_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> float:
-    total, count = 0.0, 0
+def row_loss_items(model, rows: list[dict], pad_id: int, batch_size: int) -> list[tuple[float, int]]:
+    """(summed token loss, labelled tokens) per row: the source's mean loss is Σ sums / Σ tokens."""
+    items = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i: i + batch_size]
         inputs = collate({"input_ids": [r["input_ids"] for r in chunk], "labels": [r["labels"] for r in chunk]},
                          pad_id, model.device)
-        for s, n in row_losses(model, inputs):
-            total, count = total + s, count + n
-    return total / max(count, 1)
+        items += row_losses(model, inputs)
+    return items
 
 
 def normalize_answer(text: str) -> str:
@@ -191,3 +208,6 @@ def lcs_length(a: list[str], b: list[str]) -> int:
         for j, y in enumerate(b, 1):
             diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
     return row[-1]
+
+
+TASK_METRICS = {"exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l}

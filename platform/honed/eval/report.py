@@ -20,7 +20,7 @@ def write_report(result: dict, out: Path) -> list[Path]:
     """Write eval.md and the plots; returns the plot paths."""
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    written = [plot_task_metrics(result["scores"], plots / "task_metrics.png"),
+    written = [plot_task_metrics(result["scores"], plots / "task_metrics.png", result.get("intervals")),
                plot_perplexity(result["scores"], plots / "perplexity.png")]
     if result.get("bias"):
         written.append(plot_bias(result["bias"], plots / "bias_probe.png"))
@@ -28,13 +28,18 @@ def write_report(result: dict, out: Path) -> list[Path]:
     return [p for p in written if p]
 
 
-def comparison_table(scores: dict[str, dict]) -> str:
+def comparison_table(scores: dict[str, dict], intervals: dict | None = None) -> str:
     """Markdown table: one row per metric, one column per model, and with two models the absolute and relative
-    change (`—` where the base is 0)."""
+    change (`—` where the base is 0). With `intervals` (honed.eval.intervals) each model's confidence interval
+    and the paired interval of the change follow (`—` for a metric without items, e.g. preference accuracy)."""
     names = list(scores)
     pair = len(names) == 2
+    ci = f"{intervals['level']:.0%} CI" if intervals else ""
     header = "| metric | " + " | ".join(names) + (" | change | relative |" if pair else " |")
-    lines = [header, "|---" + "|---:" * (len(names) + 2 * pair) + "|"]
+    if intervals:
+        header += "".join(f" {n} {ci} |" for n in names) + (f" change {ci} |" if pair else "")
+    columns = len(names) + 2 * pair + (len(names) + pair if intervals else 0)
+    lines = [header, "|---" + "|---:" * columns + "|"]
     for metric in scores[names[0]]:
         values = [scores[n].get(metric) for n in names]
         row = f"| {metric} | " + " | ".join("—" if v is None else f"{v:.4f}" for v in values)
@@ -43,8 +48,19 @@ def comparison_table(scores: dict[str, dict]) -> str:
             row += f" | {change:+.4f} | " + (f"{change / abs(values[0]):+.2%}" if values[0] else "—")
         elif pair:
             row += " | — | —"
+        if intervals:
+            row += "".join(" | " + span(intervals["models"].get(n, {}).get(metric)) for n in names)
+            row += " | " + span(intervals["change"].get(metric, {}).get("absolute"), signed=True) if pair else ""
         lines.append(row + " |")
     return "\n".join(lines)
+
+
+def span(interval: list[float] | None, signed: bool = False, percent: bool = False) -> str:
+    """`[0.2100, 0.3400]` (signed: `[-0.0500, +0.0300]`; percent: `[+1.20%, +4.50%]`), `—` when unmeasured."""
+    if interval is None:
+        return "—"
+    fmt = "{:+.2%}" if percent else "{:+.4f}" if signed else "{:.4f}"
+    return "[" + ", ".join(fmt.format(v) for v in interval) + "]"
 
 
 def render(result: dict, plots: list[Path]) -> str:
@@ -55,7 +71,8 @@ def render(result: dict, plots: list[Path]) -> str:
              f"Base `{result['model']}`" + (f" vs tuned ({what} `{name}`)" if tuned else " only") +
              f"; domain sources: {', '.join(result['domain_sources']) or 'none'}; general-text probes: "
              f"{', '.join(result['probe_sources']) or 'none'}.", "",
-             "## Before / after", "", comparison_table(result["scores"]), ""]
+             "## Before / after", "", comparison_table(result["scores"], result.get("intervals")), "",
+             *render_interval_note(result.get("intervals"))]
     lines += [f"![{p.stem}]({p.as_posix()})" for p in plots if p.stem != "bias_probe"]
     if result.get("gate"):
         lines += ["", *render_gate(result["gate"])]
@@ -67,17 +84,31 @@ def render(result: dict, plots: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_interval_note(intervals: dict | None) -> list[str]:
+    if not intervals or not intervals["items"]:
+        return []
+    items = ", ".join(f"{metric} {n}" for metric, n in intervals["items"].items())
+    return [f"Confidence intervals: {intervals['level']:.0%} percentile bootstrap over items ({intervals['resamples']} "
+            f"draws, seed {intervals['seed']}); changes are paired (the same items drawn for both models). Items: "
+            f"{items}.", ""]
+
+
 def render_gate(gate: dict) -> list[str]:
+    require = gate.get("require_interval")
     lines = [f"## Forgetting gate: {'PASSED' if gate['passed'] else 'FAILED'}", "",
-             "| check | metric | base | tuned | change | limit | result |", "|---|---|---:|---:|---:|---:|---|"]
+             ("Each change and its whole confidence interval must clear the limit." if require else
+              "Each change must clear the limit (its interval is shown, not required)."), "",
+             "| check | metric | base | tuned | change | CI of change | limit | result |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for c in gate["checks"]:
         if c["change"] is None:
-            lines.append(f"| {c['name']} | {c['metric']} | — | — | — | {OPS[c['op']]} {c['limit']:+.4f} | "
+            lines.append(f"| {c['name']} | {c['metric']} | — | — | — | — | {OPS[c['op']]} {c['limit']:+.4f} | "
                          f"fail: {c['note']} |")
             continue
         fmt = (lambda v: f"{v:+.2%}") if c["relative"] else (lambda v: f"{v:+.4f}")
         lines.append(f"| {c['name']} | {c['metric']} | {c['base']:.4f} | {c['tuned']:.4f} | {fmt(c['change'])} | "
-                     f"{OPS[c['op']]} {fmt(c['limit'])} | {'pass' if c['passed'] else 'FAIL'} |")
+                     f"{span(c.get('interval'), signed=True, percent=c['relative'])} | {OPS[c['op']]} "
+                     f"{fmt(c['limit'])} | {'pass' if c['passed'] else 'FAIL'} |")
     failed = [describe(c) for c in gate["checks"] if not c["passed"]]
     if gate.get("registry"):
         r = gate["registry"]
@@ -135,8 +166,9 @@ def _cell(text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- plots
 def grouped_bars(groups: list[str], series: dict[str, list[float]], path: Path, title: str, ylabel: str,
-                 log: bool = False) -> Path:
-    """One group of bars per entry of `groups`, one bar per series (base, tuned), each labelled with its value."""
+                 log: bool = False, errors: dict[str, list] | None = None) -> Path:
+    """One group of bars per entry of `groups`, one bar per series (base, tuned), each labelled with its value;
+    `errors`: per series, a `[low, high]` interval (or None) per group, drawn as an error bar."""
     from honed.report import pyplot
 
     plt = pyplot()
@@ -144,7 +176,8 @@ def grouped_bars(groups: list[str], series: dict[str, list[float]], path: Path, 
     width = 0.8 / max(len(series), 1)
     for k, (label, values) in enumerate(series.items()):
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        bars = ax.bar(xs, values, width=width, label=label)
+        bars = ax.bar(xs, values, width=width, label=label, yerr=error_bars(values, (errors or {}).get(label)),
+                      capsize=3)
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
@@ -158,12 +191,22 @@ def grouped_bars(groups: list[str], series: dict[str, list[float]], path: Path, 
     return path
 
 
-def plot_task_metrics(scores: dict[str, dict], path: Path) -> Path | None:
+def error_bars(values: list[float], intervals: list | None):
+    """matplotlib's `yerr` (distances below and above each bar) from intervals; None without any."""
+    if not intervals or any(i is None for i in intervals):
+        return None
+    return [[max(v - lo, 0) for v, (lo, _) in zip(values, intervals)],
+            [max(hi - v, 0) for v, (_, hi) in zip(values, intervals)]]
+
+
+def plot_task_metrics(scores: dict[str, dict], path: Path, intervals: dict | None = None) -> Path | None:
     metrics = [m for m in TASK_METRICS if m in scores["base"]]
     if not metrics:
         return None
+    errors = {m: [(intervals or {}).get("models", {}).get(m, {}).get(k) for k in metrics] for m in scores}
     return grouped_bars(metrics, {m: [s.get(k, 0.0) for k in metrics] for m, s in scores.items()}, path,
-                        "Task metrics on generated answers", "score (higher is better)")
+                        "Task metrics on generated answers" + (f" ({intervals['level']:.0%} CI)" if intervals else ""),
+                        "score (higher is better)", errors=errors)
 
 
 def plot_perplexity(scores: dict[str, dict], path: Path) -> Path:
