@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -62,20 +63,50 @@ def artifact_name(method: MethodConfig) -> str:
     return "model" if method.name == "full" else "adapter"
 
 
+def prepare_module(model, device: torch.device):
+    """The module the loop runs forwards through. In a Ray Train worker: Ray's `prepare_model` (the worker's
+    device, DDP over the worker group). Anywhere else (a plain process, torchrun, benchmarks/gpu/gpu_checks.py):
+    the same by hand, the model on `device` and in DDP only when a torch.distributed group of more than one rank
+    is up. Rotary buffers are constants: skipping DDP's per-step buffer broadcast saves a collective per forward."""
+    if in_ray_train_worker():
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    import torch.distributed as dist
+
+    model = model.to(device)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def in_ray_train_worker() -> bool:
+    """Whether this process runs a Ray Train training function. A Train worker has imported ray.train long before
+    it builds a backend; a process that never imported it (the GPU check script, where Ray is not installed) is
+    not one, and Ray is not imported to find that out."""
+    if "ray.train" not in sys.modules:
+        return False
+    import ray.train
+
+    try:
+        ray.train.get_context()
+    except RuntimeError:  # "cannot be used outside of a Ray Train training function"
+        return False
+    return True
+
+
 class TorchBackend:
     """One process or DDP: gradient accumulation without all-reduce until the boundary, clipping, autocast to
     the compute dtype when it is not fp32, and loss scaling for fp16."""
 
     def __init__(self, model, cfg: TrainConfig, total_steps: int, device: torch.device):
-        import ray.train.torch
-
         self.model, self.cfg, self.device = model, cfg, device
         self.optimizer = make_optimizer(cfg.optim, param_groups(model, cfg.method, cfg.optim))
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, total_steps)
         self.dtype = compute_dtype(cfg.model.dtype, device)
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
-        # Rotary buffers are constants: skipping their per-step broadcast saves a collective per forward.
-        self.module = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+        self.module = prepare_module(model, device)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
