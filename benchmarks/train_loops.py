@@ -153,8 +153,15 @@ def bare_main(spec: dict) -> dict:
     peak = measure_peak_flops(device, compute_dtype(device)) if spec.get("measure_peak") else None
     # honed's batches (length-grouped like its loop) or, for the plain loop, shard order
     needed = steps + extra + (1 if spec.get("tensor_memory") else 0)
-    rows = batched_rows(Path(spec["data_dir"]), spec["batch_size"], needed,
-                        1 if plain else spec.get("group_by_length", GROUP_BY_LENGTH))
+    if spec.get("synthetic_length"):  # long text: every position labelled, as a text source's windows are
+        rows = synthetic_rows(spec["synthetic_length"], spec["batch_size"] * needed, pad_id)
+    else:
+        rows = batched_rows(Path(spec["data_dir"]), spec["batch_size"], needed,
+                            1 if plain else spec.get("group_by_length", GROUP_BY_LENGTH))
+    if spec.get("logit_budget"):  # the loss's chunking threshold (honed.train.losses.LOGIT_BUDGET)
+        import honed.train.losses
+
+        honed.train.losses.LOGIT_BUDGET = spec["logit_budget"]
     flat = not plain and spec.get("padding_free", True)  # honed's loop: optim.padding_free (on for lora/full)
     if flat:
         use_varlen(model)
@@ -162,6 +169,15 @@ def bare_main(spec: dict) -> dict:
     model.train()
     result = bare_summary([step(s) for s in range(steps)], model, optimizer, device, peak)
     return result | step_diagnostics(spec, step, steps, extra, device)
+
+
+def synthetic_rows(length: int, n: int, pad_id: int) -> list[dict]:
+    """`n` rows of `length` random tokens (seeded), every position labelled."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(pad_id + 1 if pad_id < 100 else 100, 40000, size=length).tolist() for _ in range(n)]
+    return [{"input_ids": x, "labels": x} for x in ids]
 
 
 def step_diagnostics(spec: dict, step, steps: int, extra: int, device) -> dict:

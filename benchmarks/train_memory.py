@@ -39,13 +39,23 @@ VARIANTS = {  # name: (method, activation checkpointing, optimizer)
 }
 
 
+LONG = (1024, 4096)  # tokens per example of the long-text case, every position labelled
+UNCHUNKED = 1 << 62  # a logit budget no batch reaches: the whole-vocabulary projection at once, as before
+
+
 def options(parser) -> None:
     add_run_options(parser, steps=3, steps_help="steps before the measured one")
     parser.add_argument("--no-honed", action="store_true", help="skip honed's Ray Train runs (process RSS)")
+    parser.add_argument("--long-only", action="store_true", help="only the long-text case (chunked loss)")
 
 
 def measure(args) -> Measured:
     data = prepared_dataset()
+    long = long_text(data, args)
+    if args.long_only:
+        return Measured("peak tensor memory of a LoRA step on long text examples (every position labelled), the LM "
+                        "loss scored whole vs in chunks (honed.train.losses.LOGIT_BUDGET)", {"long_text": long},
+                        long_goals(long))
     tensors = {variant: tensor_peak(variant, data, args) for variant in VARIANTS}
     process_rss = None if args.no_honed else honed_rss(data, args)
 
@@ -69,10 +79,39 @@ def measure(args) -> Measured:
         "goal": f"qlora / lora-fp32 <= {GOAL} (same settings)", "met": goal["met"],
     }
     log("peak tensor MB: " + ", ".join(f"{k} {v['peak_mb']:.0f}" for k, v in tensors.items()) + f"; ratios {ratios}")
+    figures["long_text"] = long
     return Measured("peak tensor memory of a training step (parameters + buffers + optimizer state + the step's "
                     "peak allocations; CUDA max allocated on GPU) for full / lora / qlora on SmolLM2-135M-Instruct, "
                     f"batch {args.batch_size}, each in a fresh process with honed's model builder, optimizer and loss",
-                    figures, [goal])
+                    figures, [goal, *long_goals(long)])
+
+
+def long_text(data, args) -> dict:
+    """LoRA, batch 1, examples of 1,024 and 4,096 tokens all labelled: the step's peak tensor memory with the loss
+    over the whole vocabulary at once (before) and in chunks of positions (honed's default, after)."""
+    out = {}
+    for length in LONG:
+        for name, budget in (("whole", UNCHUNKED), ("chunked", None)):
+            log(f"long text {length} tokens, loss {name}: {args.steps} steps + 1 measured ...")
+            b = public(run_loop("bare", f"memory-long-{length}-{name}", data, args, method="lora", lr=2e-3,
+                                kernels="honed", batch_size=1, synthetic_length=length, tensor_memory=True,
+                                **({"logit_budget": budget} if budget else {})))
+            t = b["tensor_memory"]
+            out[f"{length}/{name}"] = {"peak_mb": t["peak_mb"], "step_peak_mb": t.get("step_peak_mb"),
+                                       "held_mb": t["held_mb"], "step_time_s": b["step_time_s"],
+                                       "process_max_rss_mb": b["peak_memory_mb"]}
+            log(f"  peak {t['peak_mb']:.0f} MB (step {t.get('step_peak_mb', 0):.0f} MB)")
+    return out
+
+
+def long_goals(long: dict) -> list[dict]:
+    """Chunking keeps a 4x longer example's step peak (above the model and optimizer it holds) growing at most
+    linearly, and never above the whole-vocabulary loss."""
+    after = {n: long[f"{n}/chunked"]["peak_mb"] - long[f"{n}/chunked"]["held_mb"] for n in LONG}
+    return [at_most("4,096-token / 1,024-token step peak with the chunked loss", round(after[4096] / after[1024], 3),
+                    4.0),
+            at_most("4,096-token step peak, chunked / whole-vocabulary loss",
+                    round(long["4096/chunked"]["peak_mb"] / long["4096/whole"]["peak_mb"], 3), 1.0)]
 
 
 def tensor_peak(variant: str, data, args) -> dict:

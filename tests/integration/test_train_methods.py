@@ -63,6 +63,8 @@ CASES: dict[str, tuple[dict, dict, float, bool]] = {
     "lora_rslora": ({"name": "lora", "lora": {"use_rslora": True, "lr": 1e-2}}, {"lr": 1e-3}, 1.0, True),
     "lora_dora": ({"name": "lora", "lora": {"use_dora": True}}, {"lr": 1e-2}, 1.0, False),
     "lora_zero2": ({"name": "lora", "deepspeed": {"zero_stage": 2}}, {"lr": 1e-2}, 1.0, False),
+    # ZeRO-3 under a frozen base: the checkpoint holds the adapter and its optimizer state only
+    "lora_zero3": ({"name": "lora", "deepspeed": {"zero_stage": 3}}, {"lr": 1e-2}, 1.0, False),
     "qlora": ({"name": "qlora", "quant": {"quant_type": "nf4", "double_quant": True}}, {"lr": 1e-2}, 1.0, False),
     # optim.compile: the decoder compiled by inductor in each worker, under DDP
     "full_compiled": ({"name": "full"}, {"lr": 3e-3, "compile": True}, 1.0, False),
@@ -291,7 +293,7 @@ def wait_for_free_cpus(ray, want: float, timeout: float = 120) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["lora_rslora", "full_zero2_offload"])
+@pytest.mark.parametrize("case", ["lora_rslora", "full_zero2_offload", "lora_zero3"])
 def test_rerun_resumes_on_the_uninterrupted_curve(case, runs, ray_local, tiny_model, prepared, tmp_path):
     """A run killed after its step-6 checkpoint (the driver process gets SIGTERM) and rerun with the identical
     config continues from that checkpoint: the same loss, lr and grad norm per step as a run never stopped,

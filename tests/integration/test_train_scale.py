@@ -136,11 +136,12 @@ def test_lora_under_zero3_checkpoints_the_adapter_and_its_optimizer_only(ray_loc
     checkpoint = Path(json.loads((out / "adapter" / "honed.json").read_text())["checkpoint"])
     adapter = (out / "adapter" / "adapter_model.safetensors").stat().st_size
     base = sum(f.stat().st_size for f in Path(tiny_model).glob("*.safetensors"))
-    held = dir_bytes(checkpoint / "adapter") + dir_bytes(checkpoint / "deepspeed")  # the model and optimizer state
+    # the model and optimizer state: adapter/ and DeepSpeed's files (less the recovery scripts it copies beside them,
+    # zero_to_fp32.py: 41 KB whatever the model). Measured: optimizer partitions 57 KB (2.9x the adapter: master
+    # copy + 2 moments), per-rank model-state metadata 59 KB, adapter 27 KB; the base is 429 KB.
+    held = dir_bytes(checkpoint / "adapter") + sum(f.stat().st_size for f in (checkpoint / "deepspeed").rglob("*")
+                                                   if f.is_file() and f.suffix != ".py")
     print(f"checkpoint state {held} B (all files {dir_bytes(checkpoint)} B), adapter {adapter} B, base {base} B")
-    for f in sorted(checkpoint.rglob("*")):
-        if f.is_file():
-            print(f"  {f.relative_to(checkpoint)} {f.stat().st_size}")
     assert held <= 2 * (adapter + 3 * adapter), (held, adapter)  # adapter + master copy + 2 Adam moments
     assert held < 0.5 * base, (held, base)
     assert final["export_check"]["max_abs_diff"] <= 1e-5

@@ -10,6 +10,7 @@ the same three calls): collate a micro-batch, its loss with the weight it carrie
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -38,12 +39,21 @@ def scored_token_losses(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.T
     targets = labels[:, 1:][keep[:, :-1]]
     with hidden_states_out(model) as head:  # the decoder's output at the kept positions, the head applied below
         hidden = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs.get("position_ids"),
-                       use_cache=False, logits_to_keep=keep, **boundaries).logits
+                       use_cache=False, logits_to_keep=keep if boolean_logits_to_keep() else 0, **boundaries).logits
     if hidden.dim() == 3:  # a model without boolean logits_to_keep returned every position
         hidden = hidden[keep]
     if head is None:  # the model post-processes its logits (soft-capping, scaling): they came whole
         return torch.nn.functional.cross_entropy(hidden.float(), targets, reduction="none"), keep.nonzero()[:, 0]
     return chunked_cross_entropy(head, hidden, targets), keep.nonzero()[:, 0]
+
+
+@functools.cache
+def boolean_logits_to_keep() -> bool:
+    """Whether this transformers takes a boolean [batch, positions] `logits_to_keep` (older versions, e.g. 5.17,
+    take only an int: then every position comes back and is selected here)."""
+    import transformers.modeling_utils
+
+    return hasattr(transformers.modeling_utils, "slice_logits_to_keep")
 
 
 LOGIT_BUDGET = 1 << 26

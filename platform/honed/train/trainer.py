@@ -115,7 +115,7 @@ def export_result(result, cfg: TrainConfig, manifest: dict, plan: RunPlan) -> di
     honed.json, and check that it reloads to the logits the trained model gave."""
     if result.error:
         raise result.error
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).resolve()  # the export check is a Ray task: it may run in another directory
     out.mkdir(parents=True, exist_ok=True)
     name = artifact_name(cfg.method)
     artifact = out / name
