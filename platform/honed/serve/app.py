@@ -9,8 +9,11 @@ base (`base_name`), an adapter (from `adapters`, or `name` / `name@N` from the `
 requests routed to replicas holding theirs) and answer with the system prompt, template and stop strings they
 were trained with (their honed.json). Concurrent requests are decoded as one batch whatever adapter each names.
 
-This module holds the deployments only: what goes over the wire is honed.serve.protocol, which adapters sit on
-a replica's model and when they leave is honed.serve.residency, the decode loop honed.serve.batcher.
+`engine: vllm` puts vLLM (Ray Serve LLM) behind the same router instead of ModelServer: honed.serve.vllm_engine.
+
+This module holds the deployments only: what goes over the wire is honed.serve.protocol, what a request decodes
+honed.serve.prompting, which adapters sit on a replica's model and when they leave honed.serve.residency, the
+decode loop honed.serve.batcher.
 """
 
 
@@ -29,10 +32,11 @@ from ray.exceptions import RayTaskError
 
 from honed.artifacts import read_adapter_meta, read_meta
 from honed.config import ServeConfig
-from honed.generation import BASE, BatchDecoder, Completion, DecodeJob, render_chat
+from honed.generation import BatchDecoder, Completion, DecodeJob, RowFailed
 from honed.models import load_model, resolve_model, weights_hash
 from honed.registry import Registry, RegistryError
 from honed.serve.batcher import ContinuousBatcher
+from honed.serve.prompting import decode_job, last_done
 from honed.serve.protocol import (APIError, ChatRequest, CompletionRequest, SamplingFields, check_api_key,
                                   completion_body, error_response, hash_key, stream_events)
 from honed.serve.residency import AdapterResidency, AdapterStore, LoadedAdapter
@@ -80,10 +84,7 @@ class ModelServer:
     # ---- requests
     async def complete(self, request: dict) -> dict:
         """`request`: {"messages" | "prompt", sampling fields}; the multiplexed id names the model or adapter."""
-        done = None
-        async for event in self.stream(request):
-            done = event.get("done", done)
-        return done
+        return await last_done(self.stream(request))
 
     async def stream(self, request: dict):
         """{"ready"} once the request's checks pass, then {"text"} pieces, then {"done"}: the finished
@@ -96,6 +97,8 @@ class ModelServer:
                     yield {"text": event["text"]}
                 if "done" in event:
                     yield {"done": event["done"].__dict__}
+        except RowFailed as err:  # this request's row alone: the batch it decoded in goes on
+            raise APIError(500, f"decoding failed: {err}", None, "decode_failed") from None
         finally:
             if adapter is not None:
                 self.adapters.release(adapter)
@@ -113,28 +116,13 @@ class ModelServer:
             adapter, meta = loaded.name, loaded.meta
             self.adapters.acquire(adapter)
         try:
-            return self._job(request, meta.get("template"), adapter), adapter
+            job = decode_job(self.tokenizer, request, meta.get("template"), adapter, self.context_len,
+                             self.cfg.max_tokens)
+            return job, adapter
         except BaseException:
             if adapter is not None:
                 self.adapters.release(adapter)
             raise
-
-    def _job(self, request: dict, template: dict | None, adapter: str | None) -> DecodeJob:
-        prompt = (render_chat(self.tokenizer, request["messages"], template)
-                  if "messages" in request else request["prompt"])
-        stops = list(request.get("stops") or [])
-        if template and "messages" in request:  # the end-of-turn strings of the training template stop a turn
-            stops = list(dict.fromkeys(stops + list(template.get("stop", []))))
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if len(ids) >= self.context_len:
-            raise APIError(400, f"prompt ({len(ids)} tokens) does not fit the context length {self.context_len}",
-                           "messages", "context_length_exceeded")
-        max_tokens = request.get("max_tokens") or min(self.cfg.max_tokens, self.context_len - len(ids))
-        if len(ids) + max_tokens > self.context_len:
-            raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context "
-                                f"length {self.context_len}", "messages", "context_length_exceeded")
-        return DecodeJob(ids, max_tokens, request.get("temperature", 1.0), request.get("top_p", 1.0), stops,
-                         request.get("seed"), adapter=adapter or BASE)
 
 
 # -------------------------------------------------------------------------------------------- the router
@@ -231,7 +219,7 @@ class OpenAIRouter:
         if body.stream:
             items = handle.options(stream=True).stream.remote(payload)
             await self._call(items.__anext__())  # the replica's checks: a refusal is still a plain 4xx here
-            return StreamingResponse(stream_events(body.model, items, chat, body.include_usage()),
+            return StreamingResponse(stream_events(body.model, self._stream_items(items), chat, body.include_usage()),
                                      media_type="text/event-stream")
         return completion_body(body.model, Completion(**await self._call(handle.complete.remote(payload))), chat)
 
@@ -241,6 +229,14 @@ class OpenAIRouter:
                            "max_tokens", "max_tokens_too_large")
         return prompt | {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
                          "stops": body.stops(), "seed": body.seed}
+
+    async def _stream_items(self, items):
+        """A replica's stream items; its refusal mid-stream (a row that failed) arrives as that APIError."""
+        while True:
+            try:
+                yield await self._call(items.__anext__())
+            except StopAsyncIteration:
+                return
 
     @staticmethod
     async def _call(pending) -> Any:
@@ -256,16 +252,21 @@ class OpenAIRouter:
 
 def build_app(args: dict) -> serve.Application:
     """Serve's `import_path` builder: validates the args as a `ServeConfig` and the adapter and merged-model
-    dirs before anything starts, then binds the base deployment, one per merged model, and the router."""
+    dirs before anything starts, then binds the base deployment, one per merged model (the own engine's
+    ModelServer, or for `engine: vllm` honed.serve.vllm_engine's front over Ray Serve LLM), and the router."""
     cfg = ServeConfig.model_validate(args)
     resolve_dirs(cfg)
-    cfg_dict = cfg.model_dump()
-    replicas = replica_options(cfg)
-    server = ModelServer.options(name="ModelServer", **replicas).bind(cfg_dict)
-    merged = {name: ModelServer.options(name=f"Merged-{name}", **replicas).bind(cfg_dict, path)
-              for name, path in cfg.merged.items()}
+    if cfg.engine == "vllm":
+        from honed.serve.vllm_engine import vllm_deployments
+
+        server, merged = vllm_deployments(cfg, scaling_options(cfg))
+    else:
+        replicas = replica_options(cfg)
+        server = ModelServer.options(name="ModelServer", **replicas).bind(cfg.model_dump())
+        merged = {name: ModelServer.options(name=f"Merged-{name}", **replicas).bind(cfg.model_dump(), path)
+                  for name, path in cfg.merged.items()}
     return OpenAIRouter.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind(
-        server, merged, cfg_dict, api_key_hashes(cfg))
+        server, merged, cfg.model_dump(), api_key_hashes(cfg))
 
 
 def resolve_dirs(cfg: ServeConfig) -> None:
@@ -289,14 +290,16 @@ def resolve_dirs(cfg: ServeConfig) -> None:
 
 def replica_options(cfg: ServeConfig) -> dict[str, Any]:
     """`.options()` of a model deployment: resources, request room, autoscaling or a fixed replica count."""
-    replicas: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-                                # room for one batch decoding and the next one waiting
-                                "max_ongoing_requests": cfg.max_ongoing_requests or 2 * cfg.max_batch_size}
+    return scaling_options(cfg) | {"ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+                                   # room for one batch decoding and the next one waiting
+                                   "max_ongoing_requests": cfg.max_ongoing_requests or 2 * cfg.max_batch_size}
+
+
+def scaling_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Autoscaling or a fixed replica count, for the model deployments of either engine."""
     if cfg.autoscaling:
-        replicas["autoscaling_config"] = cfg.autoscaling.model_dump()
-    else:
-        replicas["num_replicas"] = cfg.num_replicas
-    return replicas
+        return {"autoscaling_config": cfg.autoscaling.model_dump()}
+    return {"num_replicas": cfg.num_replicas}
 
 
 def api_key_hashes(cfg: ServeConfig) -> list[str]:

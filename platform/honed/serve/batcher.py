@@ -5,7 +5,8 @@ the opposite of what a replica holding many LoRA adapters wants: one forward for
 static: a batch decodes to its last row while new requests wait. `ContinuousBatcher` keeps one running batch
 (a decoder: `add(jobs, keys)`, `step()`, `drop(keys)`, `len()`, `can_join`, as honed.generation.BatchDecoder):
 requests that arrive join it between two steps, up to `max_batch_size` rows; finished rows leave at once; a
-client that goes away frees its row. Decoding runs off the event loop, so streams flow while it works.
+client that goes away frees its row; a row that fails alone (`{"error": exc}`) fails its request only.
+Decoding runs off the event loop, so streams flow while it works.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class ContinuousBatcher:
                 out.put_nowait(_END)
             return False
         for out, event in events:
-            out.put_nowait(event)
-            if "done" in event:
+            out.put_nowait(event.get("error", event))  # a row that failed alone: its request gets the error
+            if "done" in event or "error" in event:
                 out.put_nowait(_END)
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 
 from honed.config import ServeConfig
@@ -21,18 +22,25 @@ def start(cfg: ServeConfig) -> str:
 
 
 def serve_forever(cfg: ServeConfig, detach: bool = False) -> None:
+    """Deploy, then block until Ctrl-C or SIGTERM (how Kubernetes stops a pod) and shut Serve down cleanly."""
     from ray import serve
 
-    url = start(cfg)
-    print(f"[honed.serve] OpenAI-compatible endpoint at {url} — models: "
-          f"{', '.join([cfg.base_name, *cfg.adapters])}", flush=True)
-    if detach:
-        return
+    # After ray.init: Ray's own SIGTERM handler dumps a native stack trace and aborts (exit -6).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        while True:
+        url = start(cfg)
+        print(f"[honed.serve] OpenAI-compatible endpoint at {url} — models: "
+              f"{', '.join([cfg.base_name, *cfg.adapters])}", flush=True)
+        while not detach:
             time.sleep(3600)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        print("[honed.serve] stopping: draining requests and shutting Serve down", flush=True)
         serve.shutdown()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def stop() -> None:

@@ -6,8 +6,8 @@ largest; slot 0 is the base: zeros). A forward reads the slot of each row from t
   - all rows on the base: the base layer alone;
   - all rows on one adapter: y = W·x + B·(A·x), two small matmuls;
   - rows on different adapters, decoding (one token a row): x times every slot's A at once ([slots·r, in],
-    a view), a one-hot block mask keeps each row's own slot, times every slot's B ([out, slots·r]): two
-    matmuls and a multiply, no copies of the factors;
+    a view), a block mask keeps each row's own slot (a select, not a multiply: another slot's overflow must
+    not reach this row as inf·0 = NaN), times every slot's B ([out, slots·r]): two matmuls, no copies;
   - rows on different adapters, prefill: A and B gathered per row and applied with batched matmuls (the
     BGMV idea of Punica / S-LoRA).
 So one forward serves a batch whatever adapters its rows name.
@@ -49,10 +49,10 @@ class SlotRows:
         else:
             self.uniform, self.rows = None, torch.tensor(slots, device=device)
 
-    def mask(self, n_slots: int, rank: int, like: torch.Tensor) -> torch.Tensor:
-        """[rows, 1, n_slots·rank]: ones on each row's own slot block (built once per forward and shape)."""
+    def mask(self, n_slots: int, rank: int) -> torch.Tensor:
+        """[rows, 1, n_slots·rank]: True on each row's own slot block (built once per forward and shape)."""
         if (n_slots, rank) not in self.masks:
-            onehot = torch.nn.functional.one_hot(self.rows, n_slots).to(like.dtype)
+            onehot = torch.nn.functional.one_hot(self.rows, n_slots).bool()
             self.masks[n_slots, rank] = onehot.repeat_interleave(rank, dim=1)[:, None, :]
         return self.masks[n_slots, rank]
 
@@ -104,7 +104,7 @@ class MultiLoraLinear(nn.Module):
             return y + (x @ self.lora_a[uniform].T) @ self.lora_b[:, uniform].T
         n_slots, r, d_in = self.lora_a.shape
         if x.shape[1] == 1:  # decoding: one token a row; every slot's A at once, each row keeps its own block
-            xa = (x @ self.lora_a.view(n_slots * r, d_in).T) * self.slot_rows.mask(n_slots, r, x)
+            xa = torch.where(self.slot_rows.mask(n_slots, r), x @ self.lora_a.view(n_slots * r, d_in).T, 0.0)
             return y + xa @ self.lora_b.view(-1, n_slots * r).T
         rows = self.slot_rows.rows  # prefill: many tokens a row; gather each row's own factors
         a, b = self.lora_a[rows], self.lora_b[:, rows].transpose(0, 1)  # [rows, r, in], [rows, out, r]
@@ -172,6 +172,9 @@ class MultiLora:
                 raise AdapterNotServable(f"adapter layer '{module_name}' does not exist in the served base") from None
             base = base.base if isinstance(base, MultiLoraLinear) else base
             a, b = ab["A"], ab["B"]
+            if not (a.isfinite().all() and b.isfinite().all()):  # would turn every row of a mixed batch to NaN
+                raise ValueError(f"adapter layer '{module_name}' has NaN or infinite weights (its training "
+                                 "diverged): register a version trained with a lower learning rate")
             if not isinstance(base, nn.Linear) or a.shape[1] != base.in_features or b.shape[0] != base.out_features:
                 raise AdapterNotServable(f"adapter layer '{module_name}' (A {tuple(a.shape)}, B {tuple(b.shape)}) "
                                          f"does not fit the served base's layer {base}")

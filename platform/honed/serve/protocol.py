@@ -71,10 +71,13 @@ class APIError(Exception):
         return APIError, (self.status, self.message, self.param, self.code)
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(status, message, param, code))
 
 
 def hash_key(key: str) -> str:
@@ -126,12 +129,22 @@ async def stream_events(model: str, items: AsyncIterator[dict], chat: bool, incl
 
     if chat:
         yield event({"delta": {"role": "assistant", "content": ""}})
-    async for item in items:
-        if "text" in item:
-            yield event({"delta": {"content": item["text"]}} if chat else {"text": item["text"]})
-        else:
-            done = Completion(**item["done"])
-            yield event({"delta": {}} if chat else {"text": ""}, done.finish_reason)
-            if include_usage:
-                yield event(None, usage=usage_of(done))
+    try:
+        async for item in items:
+            if "text" in item:
+                yield event({"delta": {"content": item["text"]}} if chat else {"text": item["text"]})
+            else:
+                done = Completion(**item["done"])
+                yield event({"delta": {}} if chat else {"text": ""}, done.finish_reason)
+                if include_usage:
+                    yield event(None, usage=usage_of(done))
+    except Exception as err:  # noqa: BLE001 — the status line is sent: the error travels as OpenAI's error event
+        yield error_event(err if isinstance(err, APIError) else
+                          APIError(500, f"the model replica failed: {type(err).__name__}", None, "server_error"))
+        return
     yield "data: [DONE]\n\n"
+
+
+def error_event(err: APIError) -> str:
+    """A failure after a stream began, as OpenAI sends it (its clients raise it): `data: {"error": {...}}`."""
+    return f"data: {json.dumps(error_body(err.status, err.message, err.param, err.code))}\n\n"

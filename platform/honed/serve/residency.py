@@ -121,10 +121,7 @@ class AdapterResidency:
             raise
         except Exception as err:  # noqa: BLE001 — any unreadable adapter is this request's error, not the replica's
             raise load_failed(model_id, err) from None
-        expected = meta.get("base_weights_sha256")
-        if expected and expected != self.base_sha256:
-            raise APIError(400, f"adapter '{model_id}' was trained on other base weights ({expected[:12]}…) than "
-                                f"the served base ({self.base_sha256[:12]}…)", "model", "base_mismatch")
+        refuse_other_base(model_id, meta, self.base_sha256)
         return path, meta
 
     def evict(self, name: str) -> None:
@@ -167,6 +164,14 @@ class AdapterResidency:
             if name not in self.held and not self.in_use[name]:
                 self.lora.unload(name)
                 self.adapter_meta.pop(name, None)
+
+
+def refuse_other_base(model_id: str, meta: dict, base_sha256: str) -> None:
+    """400 when the adapter's honed.json records other base weights than the served base's."""
+    expected = meta.get("base_weights_sha256")
+    if expected and expected != base_sha256:
+        raise APIError(400, f"adapter '{model_id}' was trained on other base weights ({expected[:12]}…) than "
+                            f"the served base ({base_sha256[:12]}…)", "model", "base_mismatch")
 
 
 def load_failed(model_id: str, err: Exception) -> APIError:
