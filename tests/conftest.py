@@ -107,14 +107,15 @@ def corpus_with_bad_records(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared(ray_local, tiny_model, corpus_with_bad_records, tmp_path_factory) -> dict:
-    from honed.config import PrepareConfig
+    from honed.config import DEMO_SYSTEM_PROMPT, PrepareConfig
     from honed.data.pipeline import prepare
 
     out = tmp_path_factory.mktemp("prepared") / "data"
     cfg = PrepareConfig.model_validate({
         "model": {"name_or_path": tiny_model},
         "output_dir": str(out),
-        "data": {"max_seq_len": 160, "sources": [
+        # the ICD-10 demo's prompt, as the tests of served adapters expect a training system prompt to apply
+        "data": {"max_seq_len": 160, "system_prompt": DEMO_SYSTEM_PROMPT, "sources": [
             {"name": "icd10", "kind": "icd10", "chapters": ["4"], "max_records": 700},
             {"name": "kjv", "kind": "kjv", "max_records": 40, "eval_only": True},
             {"name": "extra", "kind": "jsonl", "path": str(corpus_with_bad_records)},
