@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from honed import jobs, registry
+from honed.artifacts import MANIFEST
 from honed.config import CONFIGS, ConfigError, dump_config, load_config
 
 COMMANDS = {
@@ -202,9 +203,9 @@ def missing_inputs(command: str, cfg) -> str | None:
             return str(err)
     needs = []
     if command in ("train", "eval"):
-        needs.append((Path(cfg.data_dir) / "manifest.json", "prepared dataset", "honed prepare"))
+        needs.append((Path(cfg.data_dir) / MANIFEST, "prepared dataset", "honed prepare"))
     if command == "tune":
-        needs.append((Path(cfg.train.data_dir) / "manifest.json", "prepared dataset", "honed prepare"))
+        needs.append((Path(cfg.train.data_dir) / MANIFEST, "prepared dataset", "honed prepare"))
     if command in ("eval", "merge") and cfg.adapter and not getattr(cfg, "registry", None):
         needs.append((Path(cfg.adapter) / "adapter_config.json", "adapter", "honed train"))
     if command == "eval" and cfg.merged:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from honed.artifacts import META
 from honed.config import TrainConfig, TuneConfig, dump_config
 from honed.report import PLOTS_DIR, plot_panels
 
@@ -272,7 +273,7 @@ def trial_rows(grid, cfg: TuneConfig, statuses: dict[str, str]) -> list[dict]:
             points = frame[["step", cfg.metric]].dropna()
             curve = (points["step"].tolist(), points[cfg.metric].tolist())
         out = Path(cfg.output_dir) / TRIALS_DIR / name
-        exported = any((out / artifact / "honed.json").is_file() for artifact in ("adapter", "model"))
+        exported = any((out / artifact / META).is_file() for artifact in ("adapter", "model"))
         status = statuses.get(name)
         status = ERROR if result.error or status == "ERROR" else COMPLETED if exported else \
             STOPPED if status == "TERMINATED" else UNFINISHED

@@ -276,12 +276,3 @@ def count_params(model) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
-
-
-def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    """What a peft method trains (the adapter), or every weight for full fine-tuning."""
-    if hasattr(model, "peft_config"):
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(model)
-    return model.state_dict()
