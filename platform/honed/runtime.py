@@ -33,8 +33,13 @@ def run_task(fn, *args, num_cpus: float = 1, num_gpus: float = 0, **kwargs):
     """Run `fn` as a Ray task (on the cluster when connected to one, on a GPU node with `num_gpus`) and wait for
     its result."""
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    return ray.get(ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn).remote(*args, **kwargs))
+    # Never inside the caller's placement group: a Tune trial captures its child tasks into its own group, whose
+    # bundles hold only the trial driver's share (the export check after a trial's fit could never be placed).
+    outside = PlacementGroupSchedulingStrategy(placement_group=None)
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=outside)(fn)
+    return ray.get(task.remote(*args, **kwargs))
 
 
 def task_device(use_gpu: bool):
