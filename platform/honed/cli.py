@@ -46,6 +46,7 @@ REGISTRY_ACTIONS = {
     "list": "list every version: base model, hashes, promotable, eval figures",
     "show": "print a version's honed.json (REF: name, name@N or name@latest)",
     "remove": "delete one version (name@N) or every version of a name",
+    "publish": "copy a version to ROOT/<name@N>/, the flat layout vLLM loads adapters from; prints that id",
 }
 
 
@@ -126,10 +127,13 @@ def add_registry_commands(subs) -> None:
             action.add_argument("name", help="adapter name: a-z 0-9 . _ -, at most 64 characters")
             action.add_argument("adapter_dir", help="adapter directory exported by `honed train` (output_dir/adapter)")
             action.add_argument("--eval", metavar="FILE", help="eval.json written by `honed eval`, kept under `eval`")
-        elif name in ("show", "remove"):
+        elif name in ("show", "remove", "publish"):
             action.add_argument("ref", help="name, name@N or name@latest")
         elif name == "list":
             action.add_argument("--json", action="store_true", help="print the rows as JSON")
+        if name == "publish":
+            action.add_argument("--to", metavar="URI", help="where vLLM reads adapters (`vllm.adapter_root`; "
+                                "default: <registry>/_vllm, where `engine: vllm` publishes on first use)")
         action.add_argument("--registry", metavar="URI", default=default,
                             help=f"registry directory or URI (default: HONED_REGISTRY, else {fallback})")
 
@@ -351,6 +355,9 @@ def registry_action(adapters: registry.Registry, args: argparse.Namespace) -> st
         return json.dumps(adapters.show(args.ref), indent=2)
     if args.action == "remove":
         return "\n".join(f"removed {ref}" for ref in adapters.remove(args.ref))
+    if args.action == "publish":
+        root = args.to or args.registry.rstrip("/") + "/_vllm"
+        return adapters.publish(args.ref, root if "://" in root else str(Path(root).resolve()))
     rows = adapters.list()
     return json.dumps(rows, indent=2) if args.json else registry.list_table(rows)
 

@@ -256,6 +256,21 @@ def test_cli_add_list_show_remove(tmp_path, own_output, adapter_dir, monkeypatch
     assert honed(own_output, "registry", "remove", "icd10-lora@1") == (0, "removed icd10-lora@1\n", "")
 
 
+def test_cli_publish_writes_the_flat_layout_vllm_reads(tmp_path, own_output, adapter_dir):
+    uri = str(tmp_path / "reg")
+    honed(own_output, "registry", "add", "icd10-lora", str(adapter_dir), "--registry", uri)
+    assert honed(own_output, "registry", "publish", "icd10-lora", "--registry", uri) == (0, "icd10-lora@1\n", "")
+    flat = tmp_path / "reg" / "_vllm" / "icd10-lora@1"  # the default root: where engine: vllm publishes
+    assert {p.name for p in flat.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "honed.json"}
+    assert json.loads((flat / "honed.json").read_text())["version"] == 1
+    assert honed(own_output, "registry", "list", "--registry", uri)[1].count("icd10-lora") == 1  # _vllm not listed
+    code, out, _ = honed(own_output, "registry", "publish", "icd10-lora@1", "--to", str(tmp_path / "elsewhere"),
+                         "--registry", uri)
+    assert (code, out) == (0, "icd10-lora@1\n") and (tmp_path / "elsewhere" / "icd10-lora@1" / "honed.json").is_file()
+    code, _, err = honed(own_output, "registry", "publish", "nope", "--registry", uri)
+    assert code == 2 and "no adapter named 'nope'" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["show", "../etc"], "not allowed"),
     (["show", "nope"], "no adapter named 'nope'"),
