@@ -214,7 +214,7 @@ def train_method(s: Setup, method: dict, lr: float, out: Path):
     """Build, train and export one method with honed's per-worker pieces; (figures, its TrainConfig)."""
     from honed.config import TrainConfig
     from honed.train.attention import use_varlen
-    from honed.train.backends import make_backend, run_deepspeed_config
+    from honed.train.backends import make_backend, model_hidden_size, run_deepspeed_config
     from honed.train.checkpointing import seed_everything
     from honed.train.methods import build_model, count_params, sharded_loading
 
@@ -223,7 +223,8 @@ def train_method(s: Setup, method: dict, lr: float, out: Path):
                              "warmup_steps": min(3, s.args.steps - 1), "padding_free": True})
     release_memory(s.device)
     seed_everything(cfg.seed)  # as a worker does: the same initial LoRA matrices every run
-    ds_config = run_deepspeed_config(cfg, s.device) if cfg.method.deepspeed.enabled else None
+    ds_config = run_deepspeed_config(cfg, s.device, model_hidden_size(s.model_path)) \
+        if cfg.method.deepspeed.enabled else None
     zero3 = sharded_loading(ds_config)  # ZeRO-3: the model is created partitioned, as in a training worker
     started = time.perf_counter()
     model = build_model(cfg.method, s.model_path, cfg.model.dtype, s.device, cfg.model.attn_implementation)

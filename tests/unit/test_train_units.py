@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from honed.config import ConfigError, EarlyStopping, MethodConfig, OptimConfig, TrainConfig, load_config
-from honed.train.backends import deep_merge, deepspeed_config
+from honed.train.backends import deep_merge, deepspeed_config, model_hidden_size, zero_buckets
 from honed.train.batching import length_grouped
 from honed.train.collate import collate, rank_rows
 from honed.train.losses import causal_lm_loss
@@ -374,6 +374,22 @@ def test_deepspeed_config_offload_blocks_and_cpu_adam(use_gpu):
     on_device = deepspeed_config(ds_method(zero_stage=3), optim(), torch.float32, 1, use_gpu)
     assert on_device["optimizer"]["params"]["torch_adam"] is True
     assert "offload_optimizer" not in on_device["zero_optimization"]
+
+
+def test_deepspeed_buckets_are_sized_to_the_model(tmp_path):
+    # DeepSpeed's own 5e8-element buckets are 2 GB apiece in fp32, whatever the model: sized from hidden_size
+    zero3 = deepspeed_config(ds_method(zero_stage=3), optim(), torch.float32, 2, False, hidden_size=1024)
+    assert zero3["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1024 ** 2,
+                                          "stage3_prefetch_bucket_size": int(0.9 * 1024 ** 2),
+                                          "stage3_param_persistence_threshold": 10240,
+                                          "stage3_gather_16bit_weights_on_model_save": True}
+    assert zero_buckets(2, 64) == {"reduce_bucket_size": 4096, "allgather_bucket_size": 4096}
+    assert zero_buckets(2, None) == {}  # no model at hand: DeepSpeed's defaults
+    raw = ds_method(zero_stage=3, config={"zero_optimization": {"reduce_bucket_size": 5e7}})
+    assert deepspeed_config(raw, optim(), torch.float32, 1, False, 1024)["zero_optimization"][
+        "reduce_bucket_size"] == 5e7  # the user's value wins
+    (tmp_path / "config.json").write_text('{"text_config": {"hidden_size": 96}}')
+    assert model_hidden_size(str(tmp_path)) == 96
 
 
 def test_deepspeed_raw_config_merges_recursively_over_the_generated_one():

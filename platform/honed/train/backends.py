@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -44,19 +45,21 @@ def make_backend(model, cfg: TrainConfig, total_steps: int, device: torch.device
     """DeepSpeed when the method asks for it (`ds_config`: the config the model was loaded under, see
     `run_deepspeed_config`), else plain PyTorch / DDP."""
     if cfg.method.deepspeed.enabled:
-        return DeepSpeedBackend(model, cfg, total_steps, device, ds_config or run_deepspeed_config(cfg, device))
+        return DeepSpeedBackend(model, cfg, total_steps, device,
+                                ds_config or run_deepspeed_config(cfg, device, model.config.hidden_size))
     return TorchBackend(model, cfg, total_steps, device)
 
 
-def run_deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict:
-    """The DeepSpeed config of this run in this worker group (None-safe to call only with DeepSpeed enabled).
+def run_deepspeed_config(cfg: TrainConfig, device: torch.device, hidden_size: int | None = None) -> dict:
+    """The DeepSpeed config of this run in this worker group (None-safe to call only with DeepSpeed enabled);
+    `hidden_size` (the model config's) sizes ZeRO's communication buckets to the model.
     Sets DeepSpeed's accelerator first: it is read once, when deepspeed is first imported."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     return deepspeed_config(cfg.method, cfg.optim, compute_dtype(cfg.model.dtype, device), world,
-                            device.type == "cuda")
+                            device.type == "cuda", hidden_size)
 
 
 def artifact_name(method: MethodConfig) -> str:
@@ -184,14 +187,15 @@ class TorchBackend:
 
 
 def deepspeed_config(method: MethodConfig, optim: OptimConfig, dtype: torch.dtype, world_size: int,
-                     use_gpu: bool) -> dict:
+                     use_gpu: bool, hidden_size: int | None = None) -> dict:
     """The DeepSpeed config generated from honed's method + optim sections, with `deepspeed.config` merged over.
 
     The optimizer is DeepSpeed's AdamW: torch's implementation when states stay on the device, DeepSpeed's
-    CPU Adam (a compiled, vectorised kernel) when they are offloaded."""
+    CPU Adam (a compiled, vectorised kernel) when they are offloaded. With `hidden_size`, ZeRO's buckets are
+    sized to the model (`zero_buckets`)."""
     ds = method.deepspeed
     stage = ds.zero_stage
-    zero: dict = {"stage": stage}
+    zero: dict = {"stage": stage, **zero_buckets(stage, hidden_size)}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_params:
@@ -213,6 +217,26 @@ def deepspeed_config(method: MethodConfig, optim: OptimConfig, dtype: torch.dtyp
         "wall_clock_breakdown": False,
     }
     return deep_merge(generated, ds.config)
+
+
+def model_hidden_size(model_path: str) -> int | None:
+    """The hidden size in a model directory's config.json (a multimodal config keeps it under text_config)."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
+
+
+def zero_buckets(stage: int, hidden_size: int | None) -> dict:
+    """Communication buckets sized to the model, as transformers' `auto` values size them. DeepSpeed's defaults
+    are 5e8 elements per reduce and all-gather bucket, up to a 2 GB buffer each in fp32 whatever the model or the
+    world size, which on a small or mid-sized model can outweigh the partition ZeRO saves. `deepspeed.config`
+    may still set any of them."""
+    if not hidden_size:
+        return {}
+    square = hidden_size * hidden_size
+    if stage == 3:
+        return {"reduce_bucket_size": square, "stage3_prefetch_bucket_size": int(0.9 * square),
+                "stage3_param_persistence_threshold": 10 * hidden_size}
+    return {"reduce_bucket_size": square, "allgather_bucket_size": square}
 
 
 def deep_merge(base: dict, over: dict) -> dict:

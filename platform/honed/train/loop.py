@@ -27,7 +27,7 @@ import torch
 from honed.config import TrainConfig
 from honed.models import load_tokenizer
 from honed.train.attention import use_varlen
-from honed.train.backends import make_backend, run_deepspeed_config
+from honed.train.backends import make_backend, model_hidden_size, run_deepspeed_config
 from honed.train.batching import length_grouped
 from honed.train.checkpointing import RunState, restore, save_checkpoint, seed_everything
 from honed.train.collate import rank_rows
@@ -59,6 +59,7 @@ class Worker:
     load: dict = dataclasses.field(default_factory=dict)  # memory and parameters held while the model loaded
     zero3: object = None  # transformers' HfDeepSpeedConfig under ZeRO-3: alive as long as the model
     probe_rows: dict | None = None  # two validation rows, kept for the export check
+    val_batches: list | None = None  # the capped validation set, read once (honed.train.validation)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -121,7 +122,8 @@ def setup(cfg: TrainConfig, plan: RunPlan) -> Worker:
 
     seed_everything(cfg.seed)  # identical initial weights (LoRA matrices, prefixes) on every rank
     tokenizer = load_tokenizer(plan.model_path)
-    ds_config = run_deepspeed_config(cfg, device) if cfg.method.deepspeed.enabled else None
+    ds_config = run_deepspeed_config(cfg, device, model_hidden_size(plan.model_path)) \
+        if cfg.method.deepspeed.enabled else None
     zero3 = sharded_loading(ds_config)  # ZeRO-3: each rank builds only its partition of the model
     with AnonPeak() as loading:
         model = build_model(cfg.method, plan.model_path, cfg.model.dtype, device, cfg.model.attn_implementation)

@@ -26,9 +26,10 @@ def validate(worker) -> dict:
     backend = worker.backend
     backend.train(False)
     sums: dict[str, dict[str, float]] = {}
-    batches = ray.train.get_dataset_shard("val").iter_batches(
-        batch_size=worker.plan.val_batch_size * worker.world, batch_format="numpy")
-    for global_batch in batches:
+    if worker.val_batches is None:  # the capped set is small: read once, not one Ray Data execution per call
+        worker.val_batches = list(ray.train.get_dataset_shard("val").iter_batches(
+            batch_size=worker.plan.val_batch_size * worker.world, batch_format="numpy"))
+    for global_batch in worker.val_batches:
         if worker.probe_rows is None:  # the export check reuses two rows instead of reading the set again
             worker.probe_rows = {k: v[:2] for k, v in global_batch.items()}
         rows = rank_rows(global_batch, worker.rank, worker.world)
