@@ -8,7 +8,7 @@ import torch
 from honed.config import ConfigError, MethodConfig, TrainConfig, load_config
 from honed.train.efficiency import (
     FLOPS_CONVENTIONS, MatmulParams, Meter, datasheet_peak_flops, device_peak_flops, efficiency_report,
-    flops_per_token, format_report, matmul_params, measure_peak_flops,
+    flops_per_token, format_report, matmul_params, measure_peak_flops, tensor_mb,
 )
 from honed.train.methods import build_model, count_params
 
@@ -193,3 +193,16 @@ def test_efficiency_config_section_and_the_top_level_peak_flops():
         load_config(TrainConfig, None, ["efficiency.peak_flops=-1"])
     with pytest.raises(ConfigError, match=r"efficiency.peak: unknown key; allowed here: peak_flops"):
         load_config(TrainConfig, None, ["efficiency.peak=1"])
+
+
+def test_tensor_memory_counts_each_storage_once_and_adam_doubles_the_parameters():
+    before = tensor_mb()
+    weight = torch.nn.Parameter(torch.zeros(512, 1024))  # 2 MB
+    views = [weight.data[:10], weight.detach()]  # share its storage: not counted again
+    assert tensor_mb() - before == pytest.approx(2.0, abs=0.01)
+    weight.grad = torch.ones_like(weight)
+    optimizer = torch.optim.AdamW([weight])
+    optimizer.step()  # two moments as large as the parameter, and the gradient
+    assert tensor_mb() - before == pytest.approx(8.0, abs=0.01)
+    assert tensor_mb("meta") == 0
+    del views, optimizer

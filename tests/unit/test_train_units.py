@@ -644,3 +644,18 @@ def test_should_stop_reads_only_its_metric_and_is_off_without_config():
 
 def test_should_stop_on_exactly_flat_metric_with_zero_min_delta():
     assert should_stop(hist(1.0, 1.0, 1.0), EarlyStopping(metric="val_loss", patience=2, min_delta=0.0)) is True
+
+
+def test_big_allocations_go_back_to_the_os_when_freed_while_a_model_loads():
+    from honed.train.efficiency import rss_anon_mb
+    from honed.train.methods import big_allocations_mapped
+
+    with big_allocations_mapped():
+        before = rss_anon_mb()
+        layers = [torch.ones(1 << 20) for _ in range(64)]  # 64 x 4 MB, as ZeRO-3 gathers layer after layer
+        grown = rss_anon_mb() - before
+        del layers
+        left = rss_anon_mb() - before
+    assert grown > 200 and left < 32, (grown, left)  # each freed buffer was unmapped, not kept in the heap
+    with big_allocations_mapped(enabled=False):
+        pass  # a no-op, as on a C library without mallopt

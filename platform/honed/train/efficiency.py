@@ -216,6 +216,28 @@ class Meter:
         vars(self).update(state)
 
 
+def tensor_mb(device_type: str = "cpu") -> float:
+    """MB of tensor storage alive in this process on `device_type`, each storage counted once (views and
+    parameters share theirs): between two steps, the model state as the backend holds it — parameters (under
+    ZeRO-3 this rank's partition), gradients, optimizer moments, fp32 master copies and the backend's flat
+    buffers. Only tensors Python can reach are seen: DDP's gradient buckets, held in C++, are not."""
+    import gc
+    import warnings
+
+    seen, total = set(), 0
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated module objects warns
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for t in tensors:
+        if t.device.type != device_type or t.layout != torch.strided:  # sparse tensors have no one storage
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total / 2**20
+
+
 def rss_anon_mb() -> float:
     """This process's anonymous resident memory (RssAnon, Linux): heap and tensors, not the file-backed pages of
     memory-mapped safetensors, which the kernel can drop. NaN where /proc is not there."""

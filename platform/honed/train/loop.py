@@ -33,10 +33,12 @@ from honed.train.checkpointing import RunState, restore, save_checkpoint, seed_e
 from honed.train.collate import rank_rows
 from honed.train.efficiency import (
     AnonPeak, device_peak_flops, efficiency_report, format_report, held_params, matmul_params, peak_memory_mb,
-    rss_anon_mb,
+    rss_anon_mb, tensor_mb,
 )
 from honed.train.losses import LMObjective
-from honed.train.methods import build_model, compile_decoder, compute_dtype, count_params, sharded_loading
+from honed.train.methods import (
+    big_allocations_mapped, build_model, compile_decoder, compute_dtype, count_params, sharded_loading,
+)
 from honed.train.plan import RunPlan
 from honed.train.validation import all_reduce_sum, should_stop, validate
 
@@ -125,7 +127,7 @@ def setup(cfg: TrainConfig, plan: RunPlan) -> Worker:
     ds_config = run_deepspeed_config(cfg, device, model_hidden_size(plan.model_path)) \
         if cfg.method.deepspeed.enabled else None
     zero3 = sharded_loading(ds_config)  # ZeRO-3: each rank builds only its partition of the model
-    with AnonPeak() as loading:
+    with AnonPeak() as loading, big_allocations_mapped(enabled=zero3 is not None):
         model = build_model(cfg.method, plan.model_path, cfg.model.dtype, device, cfg.model.attn_implementation)
     trainable, total = count_params(model)
     load = {"baseline_anon_mb": round(loading.baseline_mb, 1), "peak_anon_mb": round(loading.peak_mb, 1),
@@ -259,7 +261,8 @@ def run_efficiency(worker: Worker, state: RunState) -> dict:
     memory, kind = peak_memory_mb(worker.device)
     mine = {"meter": state.meter.state(), "memory": memory, "rank": worker.rank,
             "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-            "load": worker.load | {"anon_mb_after_training": round(rss_anon_mb(), 1)}}
+            "load": worker.load | {"anon_mb_after_training": round(rss_anon_mb(), 1),
+                                   "tensor_mb_after_training": round(tensor_mb(worker.device.type), 1)}}
     gathered = [mine]
     if dist.is_initialized() and worker.world > 1:
         gathered = [None] * worker.world

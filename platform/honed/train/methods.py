@@ -14,6 +14,8 @@ weights in fp32 (peft casts adapters up), `qlora` stores the base in 4 bits and 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from honed.config import MethodConfig, OptimConfig, QuantSettings
@@ -207,6 +209,31 @@ def sharded_loading(ds_config: dict | None):
 
     deepspeed.init_distributed()  # adopts the process group Ray Train made: zero.Init partitions over its ranks
     return HfDeepSpeedConfig(ds_config)
+
+
+# glibc's mallopt parameter and its ceiling for the dynamic mmap threshold on 64-bit systems
+M_MMAP_THRESHOLD, DYNAMIC_MMAP_CEILING = -3, 32 << 20
+
+
+@contextlib.contextmanager
+def big_allocations_mapped(enabled: bool = True, threshold: int = 1 << 20):
+    """While the block runs, glibc serves allocations of `threshold` bytes or more with their own mmap, so each
+    one freed goes back to the OS at once. Under ZeRO-3 every layer is gathered whole, filled and partitioned
+    again while the model loads; with glibc's default rule (a threshold that rises to the size of what was
+    freed) those buffers stay in its heap, and on the 400 M model at 2 CPU ranks each process grew by 1,300 MB
+    of a 1,538 MB fp32 model instead of 892 MB (its 769 MB partition and a layer). Afterwards the threshold
+    stays at glibc's ceiling for the dynamic rule. A no-op where the C library has no mallopt."""
+    import ctypes
+    import ctypes.util
+
+    mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None) if enabled else None
+    if mallopt:
+        mallopt(M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        if mallopt:
+            mallopt(M_MMAP_THRESHOLD, DYNAMIC_MMAP_CEILING)
 
 
 def peft_config(method: MethodConfig):
