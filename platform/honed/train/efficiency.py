@@ -216,6 +216,13 @@ class Meter:
         vars(self).update(state)
 
 
+def _is_tensor(obj) -> bool:
+    try:
+        return isinstance(obj, torch.Tensor)
+    except ReferenceError:  # a weakref.proxy whose referent is gone: isinstance reads its __class__
+        return False
+
+
 def tensor_mb(device_type: str = "cpu") -> float:
     """MB of tensor storage alive in this process on `device_type`, each storage counted once (views and
     parameters share theirs): between two steps, the model state as the backend holds it — parameters (under
@@ -227,7 +234,7 @@ def tensor_mb(device_type: str = "cpu") -> float:
     seen, total = set(), 0
     with warnings.catch_warnings():  # isinstance on some of torch's deprecated module objects warns
         warnings.simplefilter("ignore")
-        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+        tensors = [obj for obj in gc.get_objects() if _is_tensor(obj)]
     for t in tensors:
         if t.device.type != device_type or t.layout != torch.strided:  # sparse tensors have no one storage
             continue
