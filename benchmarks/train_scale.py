@@ -104,12 +104,14 @@ def setup_child(spec: dict) -> dict:
 
 def train_child(spec: dict) -> dict:
     import json
+    import shutil
 
     from honed.config import TrainConfig
     from honed.runtime import init_ray
     from honed.train.trainer import train
 
     out = WORK / "runs" / spec["tag"]
+    shutil.rmtree(out, ignore_errors=True)  # a run left by an earlier invocation would resume, measuring nothing
     stage = BACKENDS[spec["backend"]]
     init_ray()
     train(TrainConfig.model_validate({

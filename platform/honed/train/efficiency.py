@@ -232,16 +232,20 @@ def tensor_mb(device_type: str = "cpu") -> float:
     import warnings
 
     seen, total = set(), 0
-    with warnings.catch_warnings():  # isinstance on some of torch's deprecated module objects warns
+    with warnings.catch_warnings():  # isinstance on some deprecated objects and data_ptr on fake tensors warn
         warnings.simplefilter("ignore")
         tensors = [obj for obj in gc.get_objects() if _is_tensor(obj)]
-    for t in tensors:
-        if t.device.type != device_type or t.layout != torch.strided:  # sparse tensors have no one storage
-            continue
-        storage = t.untyped_storage()
-        if storage.data_ptr() and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
+        for t in tensors:
+            try:
+                if t.device.type != device_type or t.layout != torch.strided:  # sparse tensors have no one storage
+                    continue
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+            except (RuntimeError, NotImplementedError):  # fake and functional tensors (torch.compile's) hold no data
+                continue
+            if ptr and ptr not in seen:
+                seen.add(ptr)
+                total += storage.nbytes()
     return total / 2**20
 
 
