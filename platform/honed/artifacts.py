@@ -4,7 +4,7 @@
     meta = read_meta("runs/train/adapter")             # honed.json: honed train / merge → registry / serve / eval
     rows = read_metrics("runs/train")                  # metrics.jsonl: honed train → report / tune / demo
 
-A dataset dir holds `manifest.json` (counts that reconcile per source, template, tokenizer and model hashes,
+Each path may be a local directory or an object-storage URI (honed.storage). A dataset dir holds `manifest.json` (counts that reconcile per source, template, tokenizer and model hashes,
 shard geometry); an adapter or model dir holds `honed.json` (base model and its weights hash, method, template
 with stop strings, data manifest hash, final metrics, export check); a run dir holds `metrics.jsonl` (one line
 per logged step), `efficiency.json`, `progress.jsonl` (the live log) and `train.yaml`. Inside a Ray Train
@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+
+from honed.storage import is_file, join, read_bytes, read_text, write_text
 
 MANIFEST = "manifest.json"
 META = "honed.json"
@@ -31,64 +33,64 @@ RNG_DIR = "rng"
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    """The manifest of a prepared dataset; FileNotFoundError naming the dir when it was never prepared."""
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
+    """The manifest of a prepared dataset (a local dir or a URI); FileNotFoundError naming the dir when it was
+    never prepared."""
+    path = join(data_dir, MANIFEST)
+    if not is_file(path):
         raise FileNotFoundError(f"no prepared dataset at '{data_dir}' (manifest.json missing): run `honed prepare`")
-    return json.loads(path.read_text())
+    return json.loads(read_text(path))
 
 
-def write_manifest(data_dir: str | Path, manifest: dict) -> Path:
-    path = Path(data_dir) / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2))
+def write_manifest(data_dir: str | Path, manifest: dict) -> str:
+    path = join(data_dir, MANIFEST)
+    write_text(path, json.dumps(manifest, indent=2))
     return path
 
 
 def manifest_sha256(data_dir: str | Path) -> str:
     """The digest an adapter's honed.json records as `data_manifest_sha256`."""
-    return hashlib.sha256((Path(data_dir) / MANIFEST).read_bytes()).hexdigest()
+    return hashlib.sha256(read_bytes(join(data_dir, MANIFEST))).hexdigest()
 
 
 def read_meta(artifact_dir: str | Path) -> dict:
     """The honed.json of an adapter or model dir ({} when it has none, e.g. a model honed did not write)."""
-    path = Path(artifact_dir) / META
-    return json.loads(path.read_text()) if path.is_file() else {}
+    path = join(artifact_dir, META)
+    return json.loads(read_text(path)) if is_file(path) else {}
 
 
-def write_meta(artifact_dir: str | Path, meta: dict) -> Path:
-    path = Path(artifact_dir) / META
-    path.write_text(json.dumps(meta, indent=2))
+def write_meta(artifact_dir: str | Path, meta: dict) -> str:
+    path = join(artifact_dir, META)
+    write_text(path, json.dumps(meta, indent=2))
     return path
 
 
 def read_adapter_meta(adapter_dir: str | Path) -> dict:
     """honed.json of a PEFT adapter dir; FileNotFoundError when the dir holds no adapter."""
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+    if not is_file(join(adapter_dir, "adapter_config.json")):
         raise FileNotFoundError(f"'{adapter_dir}' is not an adapter directory (adapter_config.json missing)")
     return read_meta(adapter_dir)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Every JSON line of a file ([] when it does not exist)."""
-    path = Path(path)
-    if not path.is_file():
+    if not is_file(path):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The logged steps of an exported run (metrics.jsonl), oldest first."""
-    return read_jsonl(Path(run_dir) / METRICS_FILE)
+    return read_jsonl(join(run_dir, METRICS_FILE))
 
 
 def read_efficiency(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / EFFICIENCY_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    path = join(run_dir, EFFICIENCY_FILE)
+    return json.loads(read_text(path)) if is_file(path) else None
 
 
 def write_metrics(directory: str | Path, history: list[dict]) -> None:
-    Path(directory, METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in history))
+    write_text(join(directory, METRICS_FILE), "".join(json.dumps(m) + "\n" for m in history))
 
 
 def write_efficiency(directory: str | Path, efficiency: dict) -> None:
-    Path(directory, EFFICIENCY_FILE).write_text(json.dumps(efficiency, indent=2))
+    write_text(join(directory, EFFICIENCY_FILE), json.dumps(efficiency, indent=2))

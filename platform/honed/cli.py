@@ -34,6 +34,7 @@ COMMANDS = {
     "merge": "merge an adapter into its base and verify the logits",
     "serve": "serve base + adapters behind an OpenAI-compatible endpoint (Ray Serve)",
     "demo": "prepare → train → eval → merge → serve on the embedded default model",
+    "index": "build a retrieval index (BM25) over a domain corpus with Ray Data, for serve and eval `retrieval`",
 }
 JOB_ACTIONS = {
     "list": "list the cluster's jobs, oldest first",
@@ -195,25 +196,31 @@ def main(argv: list[str] | None = None) -> int:
 def missing_inputs(command: str, cfg) -> str | None:
     """The artifact an earlier stage should have written, checked before Ray starts."""
     if command == "prepare":
-        from honed.config import SourceConfig
+        from honed.config import FILE_KINDS, SourceConfig
         from honed.data.sources import list_files
 
-        inputs = [s for s in cfg.data.sources if s.path] + [
+        inputs = [s for s in cfg.data.sources if s.kind in FILE_KINDS] + [
             SourceConfig(name="decontaminate", kind="jsonl", path=p) for p in cfg.data.decontaminate.paths]
         try:
             for source in inputs:
                 list_files(source)
         except (FileNotFoundError, PermissionError) as err:
             return str(err)
+    if command in ("index", "eval", "serve"):
+        from honed.retrieval.index import missing_retrieval_inputs
+
+        missing = missing_retrieval_inputs(command, cfg)
+        if missing:
+            return missing
     needs = []
     if command in ("train", "eval"):
-        needs.append((Path(cfg.data_dir) / MANIFEST, "prepared dataset", "honed prepare"))
+        needs.append((cfg.data_dir, MANIFEST, "prepared dataset", "honed prepare"))
     if command == "tune":
-        needs.append((Path(cfg.train.data_dir) / MANIFEST, "prepared dataset", "honed prepare"))
+        needs.append((cfg.train.data_dir, MANIFEST, "prepared dataset", "honed prepare"))
     if command in ("eval", "merge") and cfg.adapter and not getattr(cfg, "registry", None):
-        needs.append((Path(cfg.adapter) / "adapter_config.json", "adapter", "honed train"))
+        needs.append((cfg.adapter, "adapter_config.json", "adapter", "honed train"))
     if command == "eval" and cfg.merged:
-        needs.append((Path(cfg.merged) / "config.json", "merged model", "honed merge"))
+        needs.append((cfg.merged, "config.json", "merged model", "honed merge"))
     if command == "eval" and cfg.registry:
         from honed.registry import Registry
 
@@ -221,9 +228,11 @@ def missing_inputs(command: str, cfg) -> str | None:
             Registry(cfg.registry).resolve(cfg.adapter)
         except (ValueError, OSError) as err:
             return str(err)
-    for path, kind, producer in needs:
-        if not path.is_file():
-            return f"no {kind} at {path.parent} ({path.name} not found; `{producer}` writes one)"
+    from honed.storage import is_file, join
+
+    for directory, name, kind, producer in needs:  # a local dir or an object-storage URI
+        if not is_file(join(directory, name)):
+            return f"no {kind} at {directory} ({name} not found; `{producer}` writes one)"
     return None
 
 
@@ -236,11 +245,10 @@ def preflight(args: argparse.Namespace, cfg) -> tuple[str | None, object]:
         return tune_preflight(cfg, resume=args.resume, restart=args.restart), None
     if args.command != "train":
         return None, None
-    from honed.models import resolve_model
     from honed.train.plan import plan_run, run_checkpoints, run_dir
 
     try:
-        plan = plan_run(cfg, resolve_model(cfg.model.name_or_path))
+        plan = plan_run(cfg)  # checks the model exists; workers resolve it on their own nodes
     except (FileNotFoundError, ValueError) as err:
         return str(err), None
     checkpoints = run_checkpoints(cfg)
@@ -298,6 +306,12 @@ def run(command: str, cfg, detach: bool = False, plan=None) -> int | None:
         from honed.demo import run_demo
 
         run_demo(cfg)
+    elif command == "index":
+        from honed.retrieval.index import build_index
+
+        meta = build_index(cfg)
+        print(f"[honed.index] {meta['counts']['kept_records']} records → {meta['chunks']} chunks → "
+              f"{cfg.output_dir}", flush=True)
 
 
 def run_job_command(args: argparse.Namespace) -> int:

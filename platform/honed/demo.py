@@ -81,7 +81,7 @@ def run_dpo_stages(cfg: DemoConfig, run: Path, sft_adapter: str, stage) -> dict:
     """Pairs → DPO from the SFT adapter → preference accuracy of base / SFT / DPO on held-out pairs → register."""
     from honed.data.pipeline import prepare
     from honed.eval.preference import held_out_pairs, preference_scores
-    from honed.models import resolve_model
+    from honed.models import model_dir
     from honed.train.trainer import train
 
     # The domain sources again, as derived pairs under the same names: the split hashes (source, code), so the
@@ -97,7 +97,7 @@ def run_dpo_stages(cfg: DemoConfig, run: Path, sft_adapter: str, stage) -> dict:
     final = stage("dpo", train, dpo_cfg)
     dpo_adapter = str(run / "dpo" / "adapter")
     pairs = held_out_pairs(str(run / "pairs"), cfg.dpo.eval_pairs)
-    scores = stage("preference eval", preference_scores, resolve_model(cfg.model.name_or_path), cfg.model.dtype,
+    scores = stage("preference eval", preference_scores, model_dir(cfg.model), cfg.model.dtype,
                    pairs, {"sft": sft_adapter, "dpo": dpo_adapter})
     result = {"final_train_metrics": final, "preference": scores, "eval_pairs": len(pairs)}
     (run / "dpo" / "preference.json").write_text(json.dumps(scores, indent=2))

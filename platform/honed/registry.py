@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 from honed.artifacts import META, read_meta
 from honed.config.names import VERSION, check_adapter_name
 from honed.config.names import parse_ref as parse_adapter_ref
+from honed.storage import cache_home
 
 DEFAULT_REGISTRY = "runs/registry"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
@@ -96,8 +97,8 @@ class Registry:
             self.fs, root = pafs.LocalFileSystem(), str(Path(uri).resolve())
         self.root = root.rstrip("/")
         self.local_fs = isinstance(self.fs, pafs.LocalFileSystem)  # where symlinks could lead reads astray
-        cache_home = Path(os.environ.get("HONED_CACHE", Path.home() / ".cache" / "honed")) / "registry"
-        self.cache_dir = Path(cache_dir) if cache_dir else cache_home / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        default = cache_home() / "registry" / hashlib.sha256(uri.encode()).hexdigest()[:16]  # this node's copies
+        self.cache_dir = Path(cache_dir) if cache_dir else default
 
     # ------------------------------------------------------------------------------------------- the API
     def add(self, name: str, adapter_dir: str, eval_results: dict | None = None,

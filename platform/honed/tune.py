@@ -29,6 +29,7 @@ from ray.tune import Callback
 from honed.artifacts import META
 from honed.config import TrainConfig, TuneConfig, dump_config
 from honed.report import PLOTS_DIR, plot_panels
+from honed.storage import absolute
 
 TRIALS_DIR = "trials"
 PG_FILE = "placement_group_id"
@@ -66,7 +67,7 @@ def preflight(cfg: TuneConfig, resume: bool = False, restart: bool = False) -> s
 
     try:
         plan_run(cfg.trial_config({}))
-    except ValueError as err:
+    except (FileNotFoundError, ValueError) as err:  # a missing model or data, or a plan that does not fit
         return str(err)
     if cfg.tracking.mlflow_uri and missing_tracking():
         return missing_tracking()
@@ -172,8 +173,8 @@ def with_absolute_paths(cfg: TuneConfig) -> TuneConfig:
     model = train.model
     if Path(model.name_or_path).exists():
         model = model.model_copy(update={"name_or_path": str(Path(model.name_or_path).resolve())})
-    train = train.model_copy(update={"data_dir": str(Path(train.data_dir).resolve()), "model": model})
-    update = {"train": train, "output_dir": str(Path(cfg.output_dir).resolve())}
+    train = train.model_copy(update={"data_dir": absolute(train.data_dir), "model": model})
+    update = {"train": train, "output_dir": absolute(cfg.output_dir)}  # URIs stay as they are
     if cfg.register and "://" not in cfg.register.registry:
         update["register"] = cfg.register.model_copy(update={"registry": str(Path(cfg.register.registry).resolve())})
     return cfg.model_copy(update=update)

@@ -659,3 +659,15 @@ def test_big_allocations_go_back_to_the_os_when_freed_while_a_model_loads():
     assert grown > 200 and left < 32, (grown, left)  # each freed buffer was unmapped, not kept in the heap
     with big_allocations_mapped(enabled=False):
         pass  # a no-op, as on a C library without mallopt
+
+
+def test_a_dataset_without_validation_rows_is_refused_before_training(tmp_path):
+    from honed.artifacts import write_manifest
+    from honed.config import TrainConfig
+    from honed.train.plan import plan_run
+
+    write_manifest(tmp_path, {"counts": {"total": {"train": 64, "val": 0}, "by_source": {"a": {"train": 64, "val": 0}}},
+                              "shards": {"train_rows": 64, "val_rows": 0, "packed": True}})
+    cfg = TrainConfig.model_validate({"data_dir": str(tmp_path), "output_dir": str(tmp_path / "run")})
+    with pytest.raises(ValueError, match="has no validation rows.*data.val_fraction"):
+        plan_run(cfg)

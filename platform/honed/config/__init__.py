@@ -42,6 +42,7 @@ from honed.config.method import (
 from honed.config.data import ChunkConfig
 from honed.config.demo import DEMO_SYSTEM_PROMPT
 from honed.config.eval import BootstrapSettings
+from honed.config.index import DEFAULT_RETRIEVAL_TEMPLATE, IndexConfig, RetrievalSettings
 from honed.config.model import DEFAULT_MODEL, ModelConfig
 from honed.config.names import ADAPTER_NAME, check_adapter_name, parse_ref
 from honed.config.serve import AutoscalingSettings, ServeConfig
@@ -76,10 +77,12 @@ CONFIGS: dict[str, type[Section]] = {
     "merge": MergeConfig,
     "serve": ServeConfig,
     "demo": DemoConfig,
+    "index": IndexConfig,
 }
 
 __all__ = [
     "BootstrapSettings", "ChunkConfig", "DEMO_SYSTEM_PROMPT",
+    "DEFAULT_RETRIEVAL_TEMPLATE", "IndexConfig", "RetrievalSettings",
     "ADAPTER_NAME", "AutoscalingSettings", "BiasSettings", "CONFIGS", "ConfigError", "DEFAULT_MODEL",
     "DEFAULT_SYSTEM_PROMPT", "DPOSettings", "DataConfig", "DecontamConfig", "DedupConfig", "DeepSpeedSettings",
     "DemoConfig", "DemoDPOOptim", "DemoDPOSettings", "DemoData", "DemoOptim", "EarlyStopping", "EfficiencySettings",

@@ -13,8 +13,9 @@ DEFAULT_SYSTEM_PROMPT: str | None = None
 """No system prompt unless a config gives one: the model's chat template decides (its own default, if any)."""
 
 
-SOURCE_KINDS = ("icd10", "icd10_pairs", "kjv", "jsonl", "parquet", "csv", "text")
+SOURCE_KINDS = ("icd10", "icd10_pairs", "kjv", "jsonl", "parquet", "csv", "text", "feedback")
 FILE_KINDS = ("jsonl", "parquet", "csv", "text")
+PATH_KINDS = FILE_KINDS + ("feedback",)
 ICD10_KINDS = ("icd10", "icd10_pairs")
 
 
@@ -37,11 +38,13 @@ class FieldMap(Section):
 class SourceConfig(Section):
     name: str = Field(pattern=r"^[a-z0-9_-]+$")
     """Name of the source; per-source validation sets and counts are keyed by it."""
-    kind: Literal["icd10", "icd10_pairs", "kjv", "jsonl", "parquet", "csv", "text"]
+    kind: Literal["icd10", "icd10_pairs", "kjv", "jsonl", "parquet", "csv", "text", "feedback"]
     """`icd10`: instruction pairs built from ICD-10-CM; `icd10_pairs`: preference pairs derived from ICD-10-CM
     (chosen: the code's own description or category, rejected: a sibling code's); `kjv`: King James Bible
     verses (general text);
-    `jsonl` / `parquet` / `csv`: records with the fields in `fields`; `text`: plain-text files."""
+    `jsonl` / `parquet` / `csv`: records with the fields in `fields`; `text`: plain-text files; `feedback`:
+    preference pairs from the judgements in a serve feedback store (`path`: serve's `feedback.store`; the pair
+    rule: honed.data.feedback_source)."""
     path: str | None = None
     """For file kinds: a file, directory or glob; local or a pyarrow filesystem URI (`s3://`, `gs://`)."""
     format: Literal["auto", "text", "instruction", "chat", "preference"] = "auto"
@@ -64,11 +67,12 @@ class SourceConfig(Section):
 
     @model_validator(mode="after")
     def _check_kind(self) -> "SourceConfig":
-        if self.kind in FILE_KINDS and not self.path:
-            raise ValueError(f"source '{self.name}': kind '{self.kind}' needs `path` (a file, directory, glob or URI)")
-        if self.kind not in FILE_KINDS and self.path:
+        if self.kind in PATH_KINDS and not self.path:
+            raise ValueError(f"source '{self.name}': kind '{self.kind}' needs `path` (a file, directory, glob or URI; "
+                             "for feedback the store's dir or URI)")
+        if self.kind not in PATH_KINDS and self.path:
             raise ValueError(f"source '{self.name}': kind '{self.kind}' is bundled and takes no `path`; "
-                             f"file kinds are {', '.join(FILE_KINDS)}")
+                             f"kinds with a path are {', '.join(PATH_KINDS)}")
         if self.kind in ICD10_KINDS and not self.chapters:
             raise ValueError(f"source '{self.name}': kind '{self.kind}' needs `chapters`, ICD-10-CM chapter numbers "
                              "1-22 (the demo uses [\"4\", \"9\", \"10\"])")
@@ -182,6 +186,66 @@ class ChunkConfig(Section):
     the document is trained on once. The last window ends at the document's end (it may repeat more)."""
 
 
+AUGMENT_FIELDS = ("question", "answer")
+
+
+class AugmentConfig(Section):
+    """Paraphrase augmentation of instruction records (`honed.data.augment`): a model rewrites each kept
+    training record's question (and optionally its answer) `variants` times in Ray Data batch inference; the
+    variants go through the same cleaning, filters, decontamination and corpus dedup as read records, a variant
+    equal or near (dedup's Jaccard threshold) to its own source is dropped, and each keeps its source's group, so
+    it lands in training with it. Validation records are never paraphrased: validation holds originals only."""
+
+    enabled: bool = False
+    model: str | None = None
+    """The paraphrasing model (builtin name or HF directory); default: the prepare model (`model.name_or_path`)."""
+    adapter: str | None = None
+    """Optional PEFT adapter on that model: a directory, or with `registry` a ref (`name`, `name@N`)."""
+    registry: str | None = None
+    """Adapter registry (dir or URI) that `adapter` names a version of."""
+    sources: list[str] | None = None
+    """Names of the sources to augment; default: every source that is not `eval_only`."""
+    variants: int = Field(default=2, ge=1, le=32)
+    """Paraphrases generated per record (each with its own seed); duplicates among them are dropped by dedup."""
+    fields: list[Literal["question", "answer"]] = ["question"]
+    """What is rewritten: the question only (the answer is kept word for word), or question and answer."""
+    question_prompt: str = ("Rewrite this question in other words. Keep its meaning and every code, name and "
+                            "number. Reply with the rewritten question only.\n\n{text}")
+    """The user message asking for a paraphrase of a question; `{text}` is replaced by the question."""
+    answer_prompt: str = ("Rewrite this answer in other words. Keep its meaning and every code, name and number. "
+                          "Reply with the rewritten answer only.\n\n{text}")
+    """The same for an answer (with `fields: [question, answer]`)."""
+    temperature: float = Field(default=0.8, ge=0.0)
+    """Sampling temperature; 0 (greedy) gives one paraphrase only, so it needs `variants: 1`."""
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=64, ge=1)
+    """Longest paraphrase in tokens; only its first non-empty line is kept."""
+    require_numbers: bool = True
+    """Drop a paraphrase missing a word with a digit (a code, number, date) of its source (`lost_numbers`)."""
+    require_question: bool = True
+    """Drop a paraphrase of a question that is not a question (`not_a_question`): small models answer instead."""
+    batch_size: int = Field(default=16, ge=1)
+    """Sequences decoded together by one actor (records × variants × fields are cut into such batches)."""
+    concurrency: int = Field(default=1, ge=1)
+    """Generation actors (each loads the model once); scale it with the cluster's CPUs or GPUs."""
+    num_gpus: float = Field(default=0, ge=0)
+    """GPUs per actor (0: CPU, fp32); on a GPU cluster 1 (or a fraction to share one GPU between actors)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentConfig":
+        if "question" not in self.fields:
+            raise ValueError(f"augment.fields = {self.fields}: must include 'question' (allowed: question, answer)")
+        if self.temperature == 0 and self.variants > 1:
+            raise ValueError(f"augment.temperature = 0 (greedy) gives the same paraphrase every time; use "
+                             f"variants: 1 or a temperature > 0 (variants = {self.variants})")
+        for key in ("question_prompt", "answer_prompt"):
+            if "{text}" not in getattr(self, key):
+                raise ValueError(f"augment.{key} must contain '{{text}}' (where the text to rewrite goes)")
+        if self.registry and not self.adapter:
+            raise ValueError("augment.registry needs augment.adapter set to a ref in it (name, name@N or name@latest)")
+        return self
+
+
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(min_length=1)
     """Inputs, each with a name and a kind; honed ships no default corpus (`honed demo` brings its own)."""
@@ -205,6 +269,8 @@ class DataConfig(Section):
     template: TemplateConfig = TemplateConfig()
     pack: PackConfig = PackConfig()
     chunk: ChunkConfig = ChunkConfig()
+    augment: AugmentConfig = AugmentConfig()
+    """Paraphrase augmentation of the kept training instruction records (off by default)."""
     max_record_bytes: int = Field(default=1_000_000, gt=0)
     """Records larger than this are quarantined (`too_large`) before parsing."""
     num_workers: int | None = Field(default=None, gt=0)
@@ -227,7 +293,24 @@ class DataConfig(Section):
         if self.pack.seq_len and self.pack.seq_len < self.max_seq_len:
             raise ValueError(f"pack.seq_len = {self.pack.seq_len} is below max_seq_len = {self.max_seq_len}; "
                              "an example must fit in one packed row")
+        if self.augment.enabled:
+            self._check_augment()
         return self
+
+    def _check_augment(self) -> None:
+        """Augmented sources exist and can hold instruction records; variant ids need fewer than 128 sources."""
+        eligible = [s.name for s in self.sources if not s.eval_only and s.kind not in ("kjv", "icd10_pairs", "text", "feedback")
+                    and s.format in ("auto", "instruction")]
+        for name in self.augment.sources or []:
+            if name not in eligible:
+                raise ValueError(f"augment.sources: '{name}' is not a source that can hold instruction records; "
+                                 f"those are: {', '.join(eligible) or 'none'}")
+        if not eligible:
+            raise ValueError("augment.enabled: no source can hold instruction records (augmented: sources not "
+                             "eval_only, of kind icd10, jsonl, parquet or csv, format auto or instruction)")
+        if len(self.sources) >= 128:
+            raise ValueError(f"augment.enabled takes at most 127 sources, got {len(self.sources)} (paraphrase "
+                             "ids sort after every read record's)")
 
 
 class PrepareConfig(Section):

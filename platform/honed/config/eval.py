@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from honed.config.base import Section
+from honed.config.index import RetrievalSettings
 from honed.config.model import ModelConfig
 from honed.config.names import parse_ref
 
@@ -89,6 +90,9 @@ class EvalConfig(Section):
     """Report word n-gram overlap of the eval sets with the training shards (streams them once)."""
     use_gpu: bool = False
     """Score each model in a Ray task on a GPU (in `model.dtype`, auto = bf16 there), as training ran."""
+    retrieval: RetrievalSettings | None = None
+    """`{index, top_k, template}`: the generated questions are also answered with the index's top passages in the
+    prompt (as `honed serve` puts them), scored as `retrieval/<metric>` beside the plain metrics of each model."""
 
     @model_validator(mode="after")
     def _check_tuned(self) -> "EvalConfig":

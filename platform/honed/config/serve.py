@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from honed.config.base import Section
+from honed.config.index import RetrievalSettings
 from honed.config.model import ModelConfig
 from honed.config.names import check_adapter_name
 
@@ -78,6 +79,17 @@ class VLLMSettings(Section):
         return kwargs
 
 
+class FeedbackSettings(Section):
+    """The completion log and `POST /v1/feedback` (honed.serve.feedback): every answer is logged with its prompt,
+    model / adapter version and sampling settings before it is returned; judgements of it are appended beside."""
+
+    store: str
+    """Where both logs go: a local dir or an object-storage URI (`s3://bucket/feedback`); append-only, one object
+    per record. `honed prepare` reads it back as a source `{kind: feedback, path: <the same>}`."""
+    max_rating: int = Field(default=5, ge=2)
+    """Ratings are integers 1 (worst) .. max_rating."""
+
+
 class ServeConfig(Section):
     """Arguments of the Serve app `honed.serve.app:build_app` (`honed serve` and `serve run`)."""
 
@@ -122,6 +134,22 @@ class ServeConfig(Section):
     api_keys_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """Name of an environment variable holding comma-separated API keys (read where the app is built);
     when set, every request needs `Authorization: Bearer <key>` or gets 401. Keys never enter the config."""
+    feedback: FeedbackSettings | None = None
+    """Log completions and take feedback on them (`POST /v1/feedback`); unset: nothing is logged and the route
+    answers 404."""
+    retrieval: dict[str, RetrievalSettings] = {}
+    """Served model name (base_name, an adapter, a merged model, or a registry name: its `name@N` too) →
+    `{index, top_k, template}`: the router searches the index with the user's last message, puts the top passages
+    into it by the template and returns them as `sources: [{id, title, score}]` beside `choices`."""
+
+    @model_validator(mode="after")
+    def _check_retrieval(self) -> "ServeConfig":
+        served = {self.base_name, *self.adapters, *self.merged}
+        for name in set(self.retrieval) - served:
+            if not self.registry:
+                raise ValueError(f"retrieval: '{name}' is not a served model; served: {', '.join(sorted(served))}")
+            check_adapter_name(name.partition("@")[0])  # a registry adapter: `name`, or one version `name@N`
+        return self
 
     @model_validator(mode="after")
     def _check_names(self) -> "ServeConfig":

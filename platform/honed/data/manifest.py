@@ -227,6 +227,8 @@ def render_report(m: dict) -> str:
               f"{d['threshold']}{', %s bands × %s rows' % (d['bands'], d['rows']) if 'bands' in d else ''}); "
               f"{d['clusters']} clusters, the largest of {d['largest_cluster']} records."]
     lines += [f"- `{e['duplicate']}` duplicates `{e['kept']}`" for e in d["examples"]]
+    if m.get("augment", {}).get("enabled"):
+        lines += augment_lines(m["augment"])
     lines += ["", "## PII redacted", "", ", ".join(f"{k}: {v}" for k, v in m["pii"].items())]
     if m["mix"]:
         lines += ["", "## Mix", "", "| source | weight | share | available | rate |", "|---|---:|---:|---:|---:|"]
@@ -251,6 +253,19 @@ def render_report(m: dict) -> str:
     lines += ["", f"Template `{tm['name']}`: system prompt {tm['system_prompt']!r}, loss on {tm['loss_on']}, "
                   f"stop {tm['stop']}, EOS {tm['eos_token']!r}."]
     return "\n".join(lines) + "\n"
+
+
+def augment_lines(a: dict) -> list[str]:
+    """The report's augmentation section (`honed.data.augment.augment_stats`): counts per source and examples."""
+    lines = ["", "## Augmentation", "",
+             f"{a['variants']} paraphrase(s) of {' and '.join(a['fields'])} per training record by `{a['model']}`"
+             f"{' + ' + a['adapter'] if a['adapter'] else ''} (temperature {a['temperature']}); not in the counts "
+             "above, which are of records as read. Validation holds no paraphrases.", "",
+             "| source | records | generated | kept | dropped | quarantined | records keeping 0, 1, … |",
+             "|---|---:|---:|---:|---|---|---|"]
+    lines += [f"| {name} | {c['records']} | {c['generated']} | {c['kept']} | {_reasons(c['dropped'])} | "
+              f"{_reasons(c['quarantined'])} | {_reasons(c['kept_per_record'])} |" for name, c in a["by_source"].items()]
+    return lines + [f"- {e['source']!r} → {e['variant']!r}" for e in a["examples"]]
 
 
 def _reasons(counter: dict) -> str:

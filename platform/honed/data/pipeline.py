@@ -1,5 +1,6 @@
 """`honed prepare` on Ray Data: read → parse → normalise → filter → redact → decontaminate → template +
-tokenize → deduplicate → mix → split → cut long text documents into windows → shuffle → pack → write.
+tokenize → deduplicate → [paraphrase, `data.augment`] → mix → split → cut long text documents into windows →
+shuffle → pack → write.
 
     honed prepare jobs/prepare_icd10.yaml output_dir=runs/data
 
@@ -15,19 +16,24 @@ Writes `output_dir/`:
   manifest.json            counts that reconcile (read = kept + dropped + quarantined) per source and per
                            stage, filter/PII/dedup/token/packing statistics, source hashes, template, tokenizer
   report.md, token_lengths.png
+
+`output_dir` may be an object-storage URI (s3://bucket/runs/data): shards and quarantine are written there by
+Ray Data's tasks, the rest is staged locally and uploaded at the end. The model's tokenizer is resolved on each
+node that needs it (honed.models.resolve_model), so nodes share no disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import shutil
 import time
 from pathlib import Path
 
 from honed import __version__
 from honed.artifacts import write_manifest
-from honed.config import PrepareConfig, SourceConfig, dump_config
+from honed.config import FILE_KINDS, PrepareConfig, SourceConfig, dump_config
+from honed.data.augment import augment_records, augment_stats, read_records
 from honed.data.corpus_dedup import duplicate_table, find_duplicates, mark_duplicates
 from honed.data.dedup import NgramIndex, lsh_params
 from honed.data.manifest import (
@@ -41,25 +47,25 @@ from honed.data.shards import (
 )
 from honed.data.sources import FileReader, builtin_rows, list_files
 from honed.data.templates import resolve_template
-from honed.models import load_tokenizer, resolve_model, tokenizer_hash, weights_hash
+from honed.models import load_tokenizer, model_dir, resolve_model, tokenizer_hash, weights_hash
+from honed.storage import absolute, delete_dir, join, staged
 
 # Ray Data coalesces a reader's output into blocks of up to 128 MB and hands a block to one actor: small
 # blocks let every cleaning actor work, also on a single large file.
 BLOCK_BYTES = 4 << 20
 # Shard rows: an example, or one window of a long text document (`window` counts from 0 within the document)
-ROW_COLUMNS = SHARD_COLUMNS + ["window"]
+ROW_COLUMNS = SHARD_COLUMNS + ["window", "augmented_from"]  # a paraphrase's source id; -1: a record as read
 
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the pipeline on the connected Ray cluster; returns the manifest."""
     started = time.time()
     files = source_files(cfg)  # fails up front on a missing or unreadable input
-    out = Path(cfg.output_dir)
     for sub in ("shards", "quarantine"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    with data_context(preserve_order=True, target_max_block_size=BLOCK_BYTES):  # same input + seed → same bytes
-        return run_pipeline(cfg, files, out, started)
+        delete_dir(join(cfg.output_dir, sub))
+    with staged(cfg.output_dir) as out:  # output_dir itself, or a local dir uploaded to its URI at the end
+        with data_context(preserve_order=True, target_max_block_size=BLOCK_BYTES):  # same input + seed → same bytes
+            return run_pipeline(cfg, files, out, started)
 
 
 def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, started: float) -> dict:
@@ -69,18 +75,19 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
     from ray.data.expressions import col
 
     phases = Phases()
-    model_path = resolve_model(cfg.model.name_or_path)
+    model_path = model_dir(cfg.model)
+    model_ref = (cfg.model.name_or_path, cfg.model.revision)  # actors resolve it on their own node
     tokenizer = load_tokenizer(model_path)
     template = resolve_template(cfg.data.template.name, tokenizer)
     dedup_params = lsh_settings(cfg)
     decontam = decontamination_index(cfg)
     settings = processor_settings(cfg, template, dedup_params)
     workers = cfg.data.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    print(f"[honed.prepare] sources {', '.join(s.name for s in cfg.data.sources)} → {out} "
+    print(f"[honed.prepare] sources {', '.join(s.name for s in cfg.data.sources)} → {cfg.output_dir} "
           f"({workers} processing actors)", flush=True)
     processed = read_rows(cfg, files).map_batches(
-        ExampleProcessor, fn_constructor_kwargs={"model_path": model_path, "settings": settings,
-                                                 "decontam": decontam},
+        NodeExampleProcessor, fn_constructor_kwargs={"model_ref": model_ref, "settings": settings,
+                                                     "decontam": decontam},
         batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
     ).materialize()
     phases.done("read_clean_tokenize", f"{processed.count()} records read, cleaned and tokenized")
@@ -89,6 +96,9 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
     phases.done("dedup", f"{len(duplicates)} duplicates in {dedup_stats['clusters']} clusters")
     dup_ref = ray.put(duplicate_table(duplicates))
     marked = processed.map_batches(mark_duplicates, fn_kwargs={"table": dup_ref}, batch_format="pyarrow")
+    if cfg.data.augment.enabled:
+        marked, generated = augment_records(marked, cfg, settings, decontam, dedup_params)
+        phases.done("augment", f"{generated} paraphrases generated, cleaned and deduplicated")
     rates = mix_rates(cfg, marked)
     final = marked.map_batches(apply_mix, fn_kwargs={"rates": rates, "seed": cfg.data.seed},
                                batch_format="pyarrow").materialize()
@@ -96,8 +106,8 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
 
     kept = final.filter(expr=col("status") == KEPT)
     chunk = cfg.data.chunk
-    rows = kept.map_batches(split_windows, fn_kwargs={"size": cfg.data.max_seq_len, "overlap": chunk.overlap,
-                                                      "model_path": model_path}, batch_format="pyarrow")
+    rows = kept.map_batches(split_windows_on_node, fn_kwargs={"size": cfg.data.max_seq_len, "overlap": chunk.overlap,
+                                                              "model_ref": model_ref}, batch_format="pyarrow")
     train = rows.filter(expr=col("split") == "train").select_columns(ROW_COLUMNS)
     val = rows.filter(expr=col("split") == "val").select_columns(ROW_COLUMNS)
     tokens = token_stats(rows, cfg.data.max_seq_len)
@@ -108,9 +118,10 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
         train = train.map_batches(pack_examples, fn_kwargs={"seq_len": seq_len, "pad_id": tokenizer.pad_token_id},
                                   batch_size=4096, batch_format="numpy").materialize()
         packing |= packing_stats(train, seq_len, tokens["train"]["examples"])
-    train_rows = write_shards(train, out / "shards" / "train", "train")
-    val_rows = write_shards(val, out / "shards" / "val", "val")
-    write_quarantine(final, out / "quarantine")
+    shards = join(absolute(cfg.output_dir), "shards")  # written by Ray Data tasks on any node: path or URI
+    train_rows = write_shards(train, join(shards, "train"), "train")
+    val_rows = write_shards(val, join(shards, "val"), "val")
+    write_quarantine(final, join(absolute(cfg.output_dir), "quarantine"))
     phases.done("shuffle_pack_write", f"{train_rows} training rows, {val_rows} validation rows written")
 
     manifest = {
@@ -118,7 +129,8 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - started, 1),
         "phase_seconds": phases.seconds,  # the same dict: the statistics phase below lands in it too
-        **record_statistics(final, kept),  # counts (of documents), kinds, stages, pii
+        **record_statistics(read_records(final, cfg), kept),  # counts (of documents read), kinds, stages, pii
+        "augment": augment_stats(final, cfg),  # paraphrases: generated, kept, dropped per source
         "chunk": chunk_stats(kept, cfg.data.max_seq_len, chunk.overlap, chunk.enabled),
         "dedup": dedup_stats,
         "mix": rates,
@@ -146,6 +158,23 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
     plot_histogram(manifest["tokens"], out / "token_lengths.png")
     (out / "report.md").write_text(render_report(manifest))
     return manifest
+
+
+class NodeExampleProcessor(ExampleProcessor):
+    """The per-record actor with its tokenizer from the model resolved on the actor's own node."""
+
+    def __init__(self, model_ref: tuple[str, str | None], settings: dict, decontam=None):
+        super().__init__(node_model(*model_ref), settings, decontam)
+
+
+def split_windows_on_node(batch, size: int, overlap: int, model_ref: tuple[str, str | None]):
+    """`split_windows` with the tokenizer of the model resolved on this node."""
+    return split_windows(batch, size, overlap, node_model(*model_ref))
+
+
+@functools.cache  # once per worker process (a Hub lookup may cost a request)
+def node_model(name_or_path: str, revision: str | None) -> str:
+    return resolve_model(name_or_path, revision)
 
 
 def shuffle_windows(train, seed: int):
@@ -194,7 +223,7 @@ def data_context(preserve_order: bool, target_max_block_size: int):
 # ----------------------------------------------------------------------------------------------- read
 def source_files(cfg: PrepareConfig) -> dict[str, list[str]]:
     """Every file source's files, listed up front: a missing or unreadable path fails before Ray work."""
-    return {s.name: list_files(s) for s in cfg.data.sources if s.path}
+    return {s.name: list_files(s) for s in cfg.data.sources if s.kind in FILE_KINDS}  # feedback: read as pairs
 
 
 def read_rows(cfg: PrepareConfig, files: dict[str, list[str]]):
@@ -259,7 +288,7 @@ def decontamination_index(cfg: PrepareConfig):
     eval_sources = [s for s in cfg.data.sources if s.name in dc.sources]
     eval_sources += [SourceConfig(name=f"eval-{i}", kind="jsonl", path=p) for i, p in enumerate(dc.paths)]
     for index, source in enumerate(eval_sources):
-        if source.path:
+        if source.kind in FILE_KINDS:
             reader = FileReader(source, index, cfg.data.max_record_bytes)
             raws = [raw for path in list_files(source) for _, _, raw, error in reader.records(path) if not error]
         else:

@@ -207,6 +207,7 @@ EMPTY = {
     "num_tokens": 0, "chosen": "", "rejected": "", "rejected_input_ids": [], "rejected_labels": [],
     "exact_key": 0, "signature": [],
     **{f"pii_{t}": 0 for t in PII_TYPES},
+    "augmented_from": -1,  # a paraphrase's source record id (`honed.data.augment`); -1: a record as read
 }
 OUTPUT_KEYS = list(EMPTY)
 
@@ -214,7 +215,7 @@ OUTPUT_KEYS = list(EMPTY)
 def _output_types() -> dict:
     import pyarrow as pa
 
-    ints = {"id": pa.int64(), "num_tokens": pa.int32(), "exact_key": pa.int64(),
+    ints = {"id": pa.int64(), "num_tokens": pa.int32(), "exact_key": pa.int64(), "augmented_from": pa.int64(),
             "input_ids": pa.list_(pa.int32()), "labels": pa.list_(pa.int32()), "signature": pa.list_(pa.int64()),
             "rejected_input_ids": pa.list_(pa.int32()), "rejected_labels": pa.list_(pa.int32()),
             **{f"pii_{t}": pa.int32() for t in PII_TYPES}}

@@ -22,6 +22,7 @@ import numpy as np
 from honed.config import PrepareConfig
 from honed.data.batch_columns import column_values, replace_columns
 from honed.data.records import DROPPED, KEPT, QUARANTINED, unit_hash
+from honed.storage import absolute, is_uri
 
 # Preference pairs keep the chosen conversation in input_ids/labels (so any method can train on them) and the
 # rejected one beside it; other rows leave the rejected columns empty.
@@ -127,8 +128,9 @@ def packing_stats(packed, seq_len: int, n_examples: int) -> dict:
             "efficiency": round(used / max(rows * seq_len, 1), 4)}
 
 
-def write_shards(ds, path: Path, prefix: str, rows_per_shard: int = 50_000) -> int:
-    """Write deterministic Parquet shards (`prefix-00000.parquet`, ...) and return the row count."""
+def write_shards(ds, path: str | Path, prefix: str, rows_per_shard: int = 50_000) -> int:
+    """Write deterministic Parquet shards (`prefix-00000.parquet`, ...) under `path` (a local dir or a URI) and
+    return the row count."""
     import ray.data
     from ray.data.datasource import FilenameProvider
 
@@ -137,17 +139,18 @@ def write_shards(ds, path: Path, prefix: str, rows_per_shard: int = 50_000) -> i
             return f"{prefix}-{task_index:05d}.parquet"
 
     n = ds.count()
-    path.mkdir(parents=True, exist_ok=True)
+    if not is_uri(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
     if n:
         ds.repartition(max(1, -(-n // rows_per_shard))).write_parquet(
-            str(path.resolve()), filename_provider=Names(), mode=ray.data.SaveMode.OVERWRITE)
+            absolute(path), filename_provider=Names(), mode=ray.data.SaveMode.OVERWRITE)
     return n
 
 
-def write_quarantine(final, path: Path) -> None:
+def write_quarantine(final, path: str | Path) -> None:
     """The quarantined rows as JSON lines ({source, origin, reason, detail, raw}); no files when there are none."""
     from ray.data.expressions import col
 
     quarantined = final.filter(expr=col("status") == QUARANTINED).select_columns(QUARANTINE_COLUMNS)
     if quarantined.count():
-        quarantined.write_json(str(path.resolve()))
+        quarantined.write_json(absolute(path))

@@ -87,7 +87,8 @@ def _code_questions(cm, code: str, chapter_answer: str) -> list[dict]:
 DERIVED = {"icd10_pairs": (
     "preference pairs derived from ICD-10-CM, not judged by people: for 'What does code X mean?' chosen is X's "
     "description and rejected the description of a sibling code (same parent); for 'Which category does code X "
-    "belong to?' chosen is X's category and rejected a sibling category (same block)")}
+    "belong to?' chosen is X's category and rejected a sibling category (same block)"),
+    "feedback": "preference pairs from people's judgements of served answers (the rule: honed.data.feedback_source)"}
 
 
 def icd10_pair_records(chapters: list[str], max_records: int | None = None, seed: int = 0) -> list[dict]:
@@ -143,7 +144,13 @@ def _subsample(records: list[dict], max_records: int | None, seed: int) -> list[
 
 
 def builtin_rows(source: SourceConfig, source_index: int, seed: int) -> list[dict]:
-    """Rows for a bundled source, in the common row shape."""
+    """Rows for a bundled source (or the pairs of a `feedback` store), in the common row shape."""
+    if source.kind == "feedback":
+        from honed.data.feedback_source import feedback_records
+
+        found = _subsample(feedback_records(source.path), source.max_records, seed)
+        return [{"source": source.name, "id": record_id(source_index, 0, i), "origin": origin, "raw": raw,
+                 "error": error} for i, (origin, raw, error) in enumerate(found)]
     if source.kind == "icd10":
         records = icd10_records(source.chapters, source.max_records, seed)
     elif source.kind == "icd10_pairs":

@@ -12,15 +12,19 @@ interval by bootstrap over its items, per model and paired for the change (`hone
 forgetting gate (`honed.eval.gate`, on the changes and their intervals),
 the bias probe (`honed.eval.bias`) and the decontamination check (`honed.eval.contamination`). Writes
 `output_dir/eval.json`, `eval.md` and `plots/*.png`; a gate result on a registry version sets its `promotable`.
+
+`data_dir`, `output_dir`, `adapter`, `merged` and the registry may be object-storage URIs: the driver reads the
+held-out rows from a local copy of the dataset, and each scoring task resolves the model and fetches the adapter
+on its own node (no shared disk).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 from collections import Counter
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
@@ -30,12 +34,14 @@ from honed.artifacts import read_manifest
 from honed.eval.bias import load_probes, pair_gaps, summarize
 from honed.eval.contamination import contamination_check, eval_file_items, row_text
 from honed.eval.gate import failure_reason, gate_checks
-from honed.eval.intervals import metric_intervals
+from honed.eval.intervals import metric_intervals, paired_interval
 from honed.eval.preference import score_pairs
 from honed.eval.report import comparison_table, write_report
 from honed.eval.samples import pick_questions, spread, validation_rows
 from honed.generation import generate, render_chat
-from honed.models import load_model, load_tokenizer, resolve_model
+from honed.models import load_model, load_tokenizer, model_dir, resolve_model
+from honed.retrieval.search import with_passages
+from honed.storage import absolute, is_uri, join, local_copy, staged
 from honed.runtime import task_device
 from honed.train.dpo import is_pair
 from honed.train.collate import collate
@@ -46,13 +52,15 @@ __all__ = ["comparison_table", "evaluate", "exact_match", "rouge_l", "spread", "
 
 def evaluate(cfg: EvalConfig) -> dict:
     manifest = read_manifest(cfg.data_dir)
-    model_path = resolve_model(cfg.model.name_or_path)
+    model_path = cfg.model.name_or_path  # resolved by each scoring task on its node
     tuned = resolve_tuned(cfg)
-    rows = validation_rows(cfg.data_dir)
+    with local_copy(cfg.data_dir) as data_dir:
+        rows = validation_rows(str(data_dir))
     by_source = {source: spread(source_rows, cfg.max_examples) for source, source_rows in rows.items()}
     probes = {s["name"] for s in manifest["sources"] if s["eval_only"]}
     questions = pick_questions(rows, probes, cfg.generate_examples)
     pairs = load_probes(cfg.bias.path) if cfg.bias.enabled else []
+    rag = with_passages(questions, cfg.retrieval) if cfg.retrieval else []
     args = (cfg.model.dtype, by_source, questions, manifest["template"], cfg.model_dump(), pairs)
     models = {"base": (model_path, None)}
     if tuned:
@@ -62,8 +70,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     import ray
 
     score = ray.remote(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)(score_model)
-    refs = [score.remote(path, *args, adapter=adapter) for path, adapter in models.values()]
-    decontamination = check_contamination(cfg, manifest, model_path) if cfg.decontamination else None
+    refs = [score.remote(path, *args, adapter=adapter, rag_questions=rag,
+                         revision=cfg.model.revision if path == model_path else None)
+            for path, adapter in models.values()]
+    decontamination = check_contamination(cfg, manifest) if cfg.decontamination else None
     scores = dict(zip(models, ray.get(refs)))
     probe_sources = sorted(probes & set(by_source))
     intervals = metric_intervals({k: v["items"] for k, v in scores.items()}, cfg.bootstrap)
@@ -73,15 +83,16 @@ def evaluate(cfg: EvalConfig) -> dict:
               "adapter": cfg.adapter, "model": cfg.model.name_or_path, "tuned": tuned,
               "bias": summarize(pairs, {k: v["bias"] for k, v in scores.items()}, cfg.bias.max_shift) if pairs else None,
               "decontamination": decontamination}
+    if cfg.retrieval:
+        result["retrieval"] = retrieval_result(cfg, scores)
     if cfg.gate.enabled:
         result["gate"] = gate_checks(result["scores"], result["domain_sources"], probe_sources, cfg.gate,
                                      intervals["change"])
         if tuned.get("ref"):
             result["gate"]["registry"] = {"ref": tuned["ref"], "promotable": result["gate"]["passed"]}
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
-    write_report(result, out)
+    with staged(cfg.output_dir) as out:  # output_dir itself, or a local dir uploaded to its URI at the end
+        (out / "eval.json").write_text(json.dumps(result, indent=2))
+        write_report(result, out)
     print(comparison_table(result["scores"], intervals), flush=True)
     if cfg.gate.enabled and tuned.get("ref"):
         from honed.registry import Registry
@@ -91,42 +102,66 @@ def evaluate(cfg: EvalConfig) -> dict:
     return result
 
 
+def retrieval_result(cfg: EvalConfig, scores: dict) -> dict:
+    """Per model, each task metric without and with retrieval and the paired interval of the gain (the same
+    questions answered both ways), and the answers given with passages (each with its `sources`)."""
+    b, models = cfg.bootstrap, {}
+    for model, score in scores.items():
+        plain, rag, metrics = score["samples"], score["retrieval_samples"], score["metrics"]
+        models[model] = {name: {"without": metrics.get(name), "with": metrics.get(f"retrieval/{name}"),
+                                "gain_interval": paired_interval([s[name] for s in plain], [s[name] for s in rag],
+                                                                 b.resamples, b.level, b.seed)}
+                         for name in TASK_METRICS if plain}
+    return {**cfg.retrieval.model_dump(), "models": models,
+            "samples": {model: score["retrieval_samples"] for model, score in scores.items()}}
+
+
 def resolve_tuned(cfg: EvalConfig) -> dict | None:
     """The tuned model: `{kind: adapter | merged, path, ref}`; a registry ref becomes its canonical `name@N` and a
     local directory holding that version (downloaded when the registry is remote)."""
     if cfg.merged:
-        return {"kind": "merged", "path": str(Path(cfg.merged).resolve()), "ref": None}
+        return {"kind": "merged", "path": absolute(cfg.merged), "ref": None}
     if not cfg.adapter:
         return None
     if not cfg.registry:
-        return {"kind": "adapter", "path": str(Path(cfg.adapter).resolve()), "ref": None}
+        return {"kind": "adapter", "path": absolute(cfg.adapter), "ref": None}
     from honed.registry import Registry
 
     registry = Registry(cfg.registry)
     ref = registry.resolve(cfg.adapter)
+    if is_uri(cfg.registry):  # the scoring task fetches the version on its own node
+        return {"kind": "adapter", "path": join(cfg.registry, *ref.split("@")), "ref": ref}
     return {"kind": "adapter", "path": registry.local_dir(ref), "ref": ref}
 
 
-def check_contamination(cfg: EvalConfig, manifest: dict, model_path: str) -> dict:
-    """Every validation row and the dataset's extra eval files against the training shards, at the dataset's n."""
-    rows = pq.read_table(Path(cfg.data_dir) / "shards" / "val", columns=["source", "text", "prompt", "response",
-                                                                         "messages"]).to_pylist()
+def check_contamination(cfg: EvalConfig, manifest: dict) -> dict:
+    """Every validation row and the dataset's extra eval files against the training shards, at the dataset's n
+    (packed shards are decoded with the model's tokenizer, resolved here)."""
+    shards = join(absolute(cfg.data_dir), "shards")  # pyarrow reads a local path or a URI
+    rows = pq.read_table(join(shards, "val"), columns=["source", "text", "prompt", "response",
+                                                       "messages"]).to_pylist()
     items = [{"source": r["source"], "text": row_text(r)} for r in rows]
     paths = manifest.get("config", {}).get("data", {}).get("decontaminate", {}).get("paths", [])
     extra, missing = eval_file_items(paths)
     packed = manifest.get("shards", {}).get("packed", False)
-    report = contamination_check(items + extra, Path(cfg.data_dir) / "shards" / "train",
+    report = contamination_check(items + extra, join(shards, "train"),
                                  manifest.get("decontamination", {}).get("ngram", 13),
-                                 tokenizer=load_tokenizer(model_path) if packed else None)
+                                 tokenizer=load_tokenizer(model_dir(cfg.model)) if packed else None)
     return report | {"missing_files": missing}
 
 
 def score_model(model_path: str, dtype: str, by_source: dict, questions: list[dict], template: dict, cfg: dict,
-                bias_pairs: list[dict], adapter: str | None = None) -> dict:
+                bias_pairs: list[dict], adapter: str | None = None, rag_questions: list[dict] = (),
+                revision: str | None = None) -> dict:
     """Runs as a Ray task (on a GPU with `use_gpu`): loss/perplexity per source, generation metrics and bias
-    probe gaps for one model, and each figure's items `(sum, count)` for its confidence interval."""
+    probe gaps for one model, and each figure's items `(sum, count)` for its confidence interval.
+    `model_path`: any model reference (honed.models.resolve_model, with `revision`), resolved on this node;
+    `adapter`: a local dir or a URI (fetched here).
+    `rag_questions` (the same questions with retrieved passages in the prompt) are scored as `retrieval/<metric>`."""
     torch.set_num_threads(1)
-    model, tokenizer = load_model(model_path, dtype, device=task_device(cfg["use_gpu"]), adapter=adapter)
+    with local_copy(adapter) if adapter else contextlib.nullcontext() as adapter_dir:
+        model, tokenizer = load_model(resolve_model(model_path, revision), dtype, device=task_device(cfg["use_gpu"]),
+                                      adapter=str(adapter_dir) if adapter else None)
     model.eval()
     metrics, items = {}, {}
     for source, rows in by_source.items():
@@ -135,15 +170,17 @@ def score_model(model_path: str, dtype: str, by_source: dict, questions: list[di
         metrics[f"loss/{source}"] = round(loss, 4)
         metrics[f"ppl/{source}"] = round(math.exp(min(loss, 50)), 3)
     samples = answer_questions(model, tokenizer, questions, template, cfg)
-    for name in TASK_METRICS if samples else ():
-        items[name] = [(s[name], 1) for s in samples]
-        metrics[name] = round(sum(s[name] for s in samples) / len(samples), 4)
+    rag_samples = answer_questions(model, tokenizer, list(rag_questions), template, cfg)
+    for prefix, scored in (("", samples), ("retrieval/", rag_samples)):
+        for name in TASK_METRICS if scored else ():
+            items[prefix + name] = [(s[name], 1) for s in scored]
+            metrics[prefix + name] = round(sum(s[name] for s in scored) / len(scored), 4)
     pairs = [r for rows in by_source.values() for r in rows if is_pair(r.get("rejected_input_ids"))]
     if pairs:  # preference pairs (a DPO dataset): how often the chosen answer is the more likely one
         preference = score_pairs(model, pairs, tokenizer.pad_token_id, cfg["batch_size"])
         metrics |= {k: v for k, v in preference.items() if k != "pairs"}
     gaps = pair_gaps(model, tokenizer, bias_pairs, cfg["batch_size"]) if bias_pairs else []
-    return {"metrics": metrics, "samples": samples, "bias": gaps, "items": items}
+    return {"metrics": metrics, "samples": samples, "bias": gaps, "items": items, "retrieval_samples": rag_samples}
 
 
 def answer_questions(model, tokenizer, questions: list[dict], template: dict, cfg: dict) -> list[dict]:

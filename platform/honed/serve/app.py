@@ -3,7 +3,8 @@
     serve run serving/icd10.yaml           # Ray Serve's own CLI, through `build_app`
     honed serve serving/icd10.yaml adapters.icd10=runs/demo/train/adapter
 
-Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions. The request's `model` picks the
+Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, and with `feedback` set POST /v1/feedback
+(answers logged, judgements of them taken: honed.serve.feedback). The request's `model` picks the
 base (`base_name`), an adapter (from `adapters`, or `name` / `name@N` from the `registry`) or a merged model
 (`merged`: a deployment of its own). Adapters load on demand through `@serve.multiplexed` (LRU per replica,
 requests routed to replicas holding theirs) and answer with the system prompt, template and stop strings they
@@ -18,6 +19,8 @@ decode loop honed.serve.batcher.
 
 
 import asyncio
+import functools
+import json
 import os
 import time
 from collections.abc import Callable
@@ -33,13 +36,16 @@ from ray.exceptions import RayTaskError
 from honed.artifacts import read_adapter_meta, read_meta
 from honed.config import ServeConfig
 from honed.generation import BatchDecoder, Completion, DecodeJob, RowFailed
-from honed.models import load_model, resolve_model, weights_hash
+from honed.models import check_model, load_model, model_dir, resolve_model, weights_hash
 from honed.registry import Registry, RegistryError
+from honed.retrieval.search import RetrievalIndex, resolve_index, with_sources
 from honed.serve.batcher import ContinuousBatcher
 from honed.serve.prompting import decode_job, last_done
 from honed.serve.protocol import (APIError, ChatRequest, CompletionRequest, SamplingFields, check_api_key,
                                   completion_body, error_response, hash_key, stream_events)
+from honed.serve.feedback import FeedbackRequest, FeedbackStore, completion_record, new_completion_id
 from honed.serve.residency import AdapterResidency, AdapterStore, LoadedAdapter
+from honed.storage import absolute, is_uri
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -55,7 +61,8 @@ class ModelServer:
 
         self.cfg = ServeConfig.model_validate(cfg)
         torch.set_num_threads(self.cfg.torch_threads)
-        path = model_path or resolve_model(self.cfg.model.name_or_path)
+        # resolved here, on the replica's node: the base, or a merged model (a local dir or a URI)
+        path = resolve_model(model_path) if model_path else model_dir(self.cfg.model)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU replica (num_gpus) decodes on it
         model, self.tokenizer = loader(path, self.cfg.model.dtype, device)
         model.eval()
@@ -141,6 +148,16 @@ async def _api_error(request: Request, err: APIError) -> JSONResponse:
     return error_response(err.status, err.message, err.param, err.code)
 
 
+# Above the router: `serve.ingress` pickles the class as it is defined, with the module globals present then.
+async def sources_first(sources: dict, events):
+    """A stream's events, led (for a model with `retrieval`) by one chunk without choices that carries `sources`,
+    as the usage chunk is one without choices: OpenAI clients pass it through."""
+    if sources:
+        yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], **sources})}\n\n"
+    async for event in events:
+        yield event
+
+
 @serve.deployment
 @serve.ingress(api)
 class OpenAIRouter:
@@ -151,6 +168,17 @@ class OpenAIRouter:
         self.cfg = ServeConfig.model_validate(cfg)
         self.registry = Registry(self.cfg.registry) if self.cfg.registry else None
         self.key_hashes = list(key_hashes)
+        self.feedback = FeedbackStore(self.cfg.feedback.store) if self.cfg.feedback else None
+        self.indexes = {name: (s, RetrievalIndex(s.index)) for name, s in self.cfg.retrieval.items()}
+
+    async def _retrieve(self, model: str, payload: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+        """The payload with its model's retrieved passages in the prompt, and `{"sources": [...]}` for the response;
+        unchanged and `{}` for a model without `retrieval` (`name@N` falls back to `name`'s)."""
+        attached = self.indexes.get(model) or self.indexes.get(model.partition("@")[0])
+        if attached is None:
+            return payload, {}
+        payload, sources = await asyncio.to_thread(with_sources, payload, *attached)
+        return payload, {"sources": sources}
 
     def authorize(self, request: Request) -> None:
         check_api_key(request.headers.get("authorization", ""), self.key_hashes)
@@ -216,27 +244,66 @@ class OpenAIRouter:
         payload = self._payload(body, prompt)
         server, adapter = await asyncio.to_thread(self.target, body.model)
         handle = server.options(multiplexed_model_id=adapter) if adapter else server
+        payload, sources = await self._retrieve(body.model, payload)
+        answer_id = new_completion_id(chat)
+        asked = {key: payload[key] for key in prompt}  # as the model saw it: with retrieved passages, if any
+        log = functools.partial(self._log, answer_id, body, asked, adapter or body.model, chat)
         if body.stream:
             items = handle.options(stream=True).stream.remote(payload)
             await self._call(items.__anext__())  # the replica's checks: a refusal is still a plain 4xx here
-            return StreamingResponse(stream_events(body.model, self._stream_items(items), chat, body.include_usage()),
-                                     media_type="text/event-stream")
-        return completion_body(body.model, Completion(**await self._call(handle.complete.remote(payload))), chat)
+            events = stream_events(body.model, self._stream_items(items, log), chat, body.include_usage(), answer_id)
+            return StreamingResponse(sources_first(sources, events), media_type="text/event-stream")
+        # n answers: each its own row in the replica's batch, each with its own seed
+        rows = [payload | {"seed": None if body.seed is None else body.seed + i} for i in range(body.n)]
+        dones = [Completion(**d) for d in await asyncio.gather(*(self._call(handle.complete.remote(r)) for r in rows))]
+        await log(dones)
+        return completion_body(body.model, dones, chat, answer_id) | sources
+
+    async def _log(self, answer_id: str, body: SamplingFields, prompt: dict[str, Any], served: str, chat: bool,
+                   dones: list[Completion]) -> None:
+        """Append the answer to the completion log (when `feedback` is set) before the client sees it, so a replica
+        lost after answering loses no record; an answer whose record cannot be written is refused (503)."""
+        if self.feedback is None:
+            return
+        sampling = {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+                    "stop": body.stops(), "seed": body.seed, "n": body.n}
+        base = self.cfg.merged.get(body.model, self.cfg.model.name_or_path)
+        record = completion_record(answer_id, chat, prompt, sampling, body.model, served, base, dones)
+        try:
+            await asyncio.to_thread(self.feedback.write_completion, record)
+        except OSError as err:
+            raise APIError(503, f"the completion log (feedback.store) could not be written, so the answer is not "
+                                f"returned: {err}", None, "feedback_store_unavailable") from None
+
+    @api.post("/v1/feedback")
+    async def post_feedback(self, body: FeedbackRequest, request: Request) -> dict:
+        """A judgement of a logged completion (honed.serve.feedback): 404 for an unknown id, 400 for a bad field."""
+        self.authorize(request)
+        if self.feedback is None:
+            raise APIError(404, "feedback is not enabled on this endpoint: set feedback.store in the serve config",
+                           None, "feedback_disabled")
+        return await asyncio.to_thread(self.feedback.record_feedback, body, self.cfg.feedback.max_rating)
 
     def _payload(self, body: SamplingFields, prompt: dict[str, Any]) -> dict[str, Any]:
         if body.max_tokens and body.max_tokens > self.cfg.max_tokens:
             raise APIError(400, f"max_tokens {body.max_tokens} exceeds this server's limit {self.cfg.max_tokens}",
                            "max_tokens", "max_tokens_too_large")
+        if body.stream and body.n > 1:
+            raise APIError(400, f"n = {body.n} is not streamed: ask with stream false, or n = 1", "n", "invalid_n")
         return prompt | {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
                          "stops": body.stops(), "seed": body.seed}
 
-    async def _stream_items(self, items):
-        """A replica's stream items; its refusal mid-stream (a row that failed) arrives as that APIError."""
+    async def _stream_items(self, items, log: Callable | None = None):
+        """A replica's stream items; its refusal mid-stream (a row that failed) arrives as that APIError. `log`
+        gets the finished Completion before the last item goes out."""
         while True:
             try:
-                yield await self._call(items.__anext__())
+                item = await self._call(items.__anext__())
             except StopAsyncIteration:
                 return
+            if log is not None and "done" in item:
+                await log([Completion(**item["done"])])
+            yield item
 
     @staticmethod
     async def _call(pending) -> Any:
@@ -256,6 +323,8 @@ def build_app(args: dict) -> serve.Application:
     ModelServer, or for `engine: vllm` honed.serve.vllm_engine's front over Ray Serve LLM), and the router."""
     cfg = ServeConfig.model_validate(args)
     resolve_dirs(cfg)
+    for settings in cfg.retrieval.values():  # a missing index fails here, naming how to build it
+        settings.index = resolve_index(settings.index)
     if cfg.engine == "vllm":
         from honed.serve.vllm_engine import vllm_deployments
 
@@ -275,10 +344,13 @@ def resolve_dirs(cfg: ServeConfig) -> None:
     for name, path in cfg.adapters.items():
         read_adapter_meta(path)
         cfg.adapters[name] = str(Path(path).resolve())
+    check_model(cfg.model.name_or_path, cfg.model.revision)  # replicas resolve it on their nodes: exists?
     for name, path in cfg.merged.items():
-        if not (Path(path) / "config.json").is_file():
+        if is_uri(path):  # a replica copies it to its node; here only its config.json is looked for
+            check_model(path)
+        elif not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"merged model '{name}': '{path}' is not a model directory (config.json missing)")
-        cfg.merged[name] = str(Path(path).resolve())
+        cfg.merged[name] = absolute(path)
     if cfg.registry:
         if "://" not in cfg.registry:
             if not Path(cfg.registry).is_dir():
@@ -286,6 +358,10 @@ def resolve_dirs(cfg: ServeConfig) -> None:
                                         "(`honed registry add NAME ADAPTER_DIR --registry ...`) or fix the path")
             cfg.registry = str(Path(cfg.registry).resolve())
         Registry(cfg.registry).list()  # an unreadable registry fails here
+    if cfg.feedback:
+        store = FeedbackStore(cfg.feedback.store)
+        store.check()
+        cfg.feedback.store = cfg.feedback.store if store.remote else store.base
 
 
 def replica_options(cfg: ServeConfig) -> dict[str, Any]:

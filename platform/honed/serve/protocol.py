@@ -42,7 +42,9 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     """`{"include_usage": true}` adds a final chunk with token counts."""
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=2)
+    """Answers to sample, each decoded as its own row (seed i + its index when `seed` is set); 2 lets a person
+    pick the better one (`POST /v1/feedback` with `choice`). Streaming answers one at a time: n = 1."""
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -105,21 +107,29 @@ def response_id(chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-def completion_body(model: str, done: Completion, chat: bool) -> dict:
-    """The whole answer: a `chat.completion` or a `text_completion`."""
-    choice = {"message": {"role": "assistant", "content": done.text}} if chat else {"text": done.text}
+def completion_body(model: str, done: Completion | list[Completion], chat: bool, body_id: str | None = None) -> dict:
+    """The whole answer: a `chat.completion` or a `text_completion`; a list of Completions gives one choice each
+    (`n`), the prompt counted once in `usage`. `body_id`: the response id (default: a fresh one)."""
+    dones = done if isinstance(done, list) else [done]
+
+    def choice(d: Completion) -> dict:
+        return {"message": {"role": "assistant", "content": d.text}} if chat else {"text": d.text}
+
+    prompt, answered = dones[0].prompt_tokens, sum(d.completion_tokens for d in dones)
     return {
-        "id": response_id(chat), "object": "chat.completion" if chat else "text_completion",
+        "id": body_id or response_id(chat), "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, **choice, "finish_reason": done.finish_reason, "logprobs": None}],
-        "usage": usage_of(done),
+        "choices": [{"index": i, **choice(d), "finish_reason": d.finish_reason, "logprobs": None}
+                    for i, d in enumerate(dones)],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": answered, "total_tokens": prompt + answered},
     }
 
 
-async def stream_events(model: str, items: AsyncIterator[dict], chat: bool, include_usage: bool) -> AsyncIterator[str]:
+async def stream_events(model: str, items: AsyncIterator[dict], chat: bool, include_usage: bool,
+                        body_id: str | None = None) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. `items`: a model replica's
-    `{"text": piece}` events, then `{"done": the Completion's fields}`."""
-    kind, chunk_id = "chat.completion.chunk" if chat else "text_completion", response_id(chat)
+    `{"text": piece}` events, then `{"done": the Completion's fields}`. `body_id`: the chunks' id (default: fresh)."""
+    kind, chunk_id = "chat.completion.chunk" if chat else "text_completion", body_id or response_id(chat)
 
     def event(choice: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
         choices = [] if choice is None else [{"index": 0, **choice, "finish_reason": finish, "logprobs": None}]

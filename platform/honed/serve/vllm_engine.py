@@ -33,7 +33,7 @@ from ray.exceptions import RayTaskError
 from honed.artifacts import read_adapter_meta, read_meta
 from honed.config import ServeConfig
 from honed.generation import stop_split
-from honed.models import device_dtype, load_tokenizer, resolve_model, weights_hash
+from honed.models import device_dtype, load_tokenizer, model_dir, weights_hash
 from honed.registry import AdapterNotFound, Registry, adapter_files, publish_adapter, safetensors_sha256
 from honed.serve.prompting import decode_job, last_done
 from honed.serve.protocol import APIError
@@ -60,7 +60,7 @@ def vllm_deployments(cfg: ServeConfig, scaling: dict[str, Any]) -> tuple[Any, di
         return VLLMFront.options(name=f"Front-{model_id}", ray_actor_options={"num_cpus": 0},
                                  max_ongoing_requests=1000, **scaling).bind(llm, cfg.model_dump(), model_id, path)
 
-    base = front(cfg.base_name, resolve_model(cfg.model.name_or_path), cfg.vllm_adapter_root())
+    base = front(cfg.base_name, model_dir(cfg.model), cfg.vllm_adapter_root())
     return base, {name: front(name, path, None) for name, path in cfg.merged.items()}
 
 

@@ -2,9 +2,11 @@
 
     plan = plan_run(cfg)                    # ValueError when config and dataset do not fit together
     TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": cfg, "plan": plan}, ...)
+    plan.model_path                         # in a worker: the base model's dir on this node (fetched once)
 
 The plan is frozen: the driver, every worker and the export read the same steps, batch geometry, sources and
-paths, and nothing re-derives them from the config.
+paths, and nothing re-derives them from the config. The base model travels as its reference (a builtin name, a
+local dir, a Hub ID or a URI) and becomes a local directory only where it loads: nodes share no disk.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from pathlib import Path
 
 from honed.artifacts import LIVE_LOG, read_manifest
 from honed.config import TrainConfig
+from honed.storage import is_uri, join
 
 
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
-    model_path: str  # the resolved base model dir ("" when planned without resolving it, e.g. a preflight)
+    model: str  # model.name_or_path, checked to exist (honed.models.check_model)
+    model_revision: str | None  # model.revision (Hub IDs)
     total_steps: int
     steps_per_epoch: int
     micro_batches_per_epoch: int  # per worker: steps_per_epoch x grad_accum_steps
@@ -28,16 +32,32 @@ class RunPlan:
     domain_sources: tuple[str, ...]  # trained-on sources: `val_loss` pools these
     packed: bool
     train_rows: int
-    live_log: str  # output_dir/progress.jsonl, appended to by rank 0
+    live_log: str  # output_dir/progress.jsonl, appended to by rank 0 ("" when output_dir is a URI)
     storage_path: str  # Ray Train's storage (checkpoints), local absolute path or a URI
 
+    @property
+    def model_path(self) -> str:
+        """The base model's local directory on the node that asks (a Ray worker): resolved there, fetched once
+        per node (honed.models.resolve_model)."""
+        from honed.models import resolve_model
 
-def plan_run(cfg: TrainConfig, model_path: str = "", manifest: dict | None = None) -> RunPlan:
-    """The plan for `cfg` on its prepared dataset; ValueError naming what does not fit."""
+        return resolve_model(self.model, self.model_revision)
+
+
+def plan_run(cfg: TrainConfig, manifest: dict | None = None) -> RunPlan:
+    """The plan for `cfg` on its prepared dataset; FileNotFoundError for a missing model, ValueError naming what
+    does not fit. The model is checked to exist (nothing is downloaded here)."""
+    from honed.models import check_model
+
     manifest = read_manifest(cfg.data_dir) if manifest is None else manifest
     packed = bool(manifest.get("shards", {}).get("packed"))
-    check_method_data(cfg, manifest, packed, model_path)
+    kind = check_model(cfg.model.name_or_path, cfg.model.revision)
+    check_method_data(cfg, manifest, packed, cfg.model.name_or_path if kind == "local" else "")
     n_train = manifest.get("shards", {}).get("train_rows", manifest["counts"]["total"]["train"])
+    if not manifest.get("shards", {}).get("val_rows", manifest["counts"]["total"].get("val", 1)):
+        raise ValueError(f"the dataset at '{cfg.data_dir}' has no validation rows; honed train validates on them and "
+                         "checks the export against two of them: prepare it again with a larger data.val_fraction "
+                         "(or the source's val_fraction) or more records")
     per_step = cfg.scaling.num_workers * cfg.optim.batch_size * cfg.optim.grad_accum_steps
     steps_per_epoch = n_train // per_step
     if steps_per_epoch == 0:
@@ -48,12 +68,13 @@ def plan_run(cfg: TrainConfig, model_path: str = "", manifest: dict | None = Non
     if cfg.optim.max_steps:
         total = min(total, cfg.optim.max_steps)
     return RunPlan(
-        model_path=model_path, total_steps=total, steps_per_epoch=steps_per_epoch,
+        model=cfg.model.name_or_path, model_revision=cfg.model.revision, total_steps=total, steps_per_epoch=steps_per_epoch,
         micro_batches_per_epoch=steps_per_epoch * cfg.optim.grad_accum_steps,
         global_micro_batch=cfg.optim.batch_size * cfg.scaling.num_workers, val_batch_size=cfg.optim.batch_size * 2,
         validate_at_checkpoints=cfg.validate_at_checkpoints or bool(cfg.checkpoint_metric) or bool(cfg.early_stopping),
         domain_sources=tuple(domain_sources(manifest)), packed=packed, train_rows=n_train,
-        live_log=str((Path(cfg.output_dir) / LIVE_LOG).resolve()), storage_path=storage_path(cfg))
+        live_log="" if is_uri(cfg.output_dir) else str((Path(cfg.output_dir) / LIVE_LOG).resolve()),
+        storage_path=storage_path(cfg))
 
 
 def check_method_data(cfg: TrainConfig, manifest: dict, packed: bool, model_path: str) -> None:
@@ -96,9 +117,9 @@ def domain_sources(manifest: dict) -> list[str]:
 
 
 def storage_path(cfg: TrainConfig) -> str:
-    if cfg.storage_path and "://" in cfg.storage_path:
-        return cfg.storage_path
-    return str(Path(cfg.storage_path or Path(cfg.output_dir) / "checkpoints").resolve())
+    """Ray Train's storage: `storage_path`, else `output_dir/checkpoints` (a URI when output_dir is one)."""
+    path = cfg.storage_path or join(cfg.output_dir, "checkpoints")
+    return path if is_uri(path) else str(Path(path).resolve())
 
 
 def run_dir(cfg: TrainConfig) -> str:

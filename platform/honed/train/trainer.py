@@ -8,6 +8,10 @@ train.yaml, report.md with plots/ and tensorboard/ (honed.report); Ray Train's c
 `storage_path` (default `output_dir/checkpoints`). Rerunning the same command with the same `name` and
 `storage_path` resumes from the latest checkpoint. With
 `register: {name: icd10-lora}` the adapter is also added to the adapter registry (honed.registry) as icd10-lora@N.
+
+`data_dir`, `output_dir`, `storage_path` and the registry may be object-storage URIs (s3://...) and the model
+any reference honed.models resolves: workers read the shards from storage and resolve the model on their own
+node, the driver exports into a local staging dir and uploads it (honed.storage.staged); no shared disk needed.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from honed.artifacts import (
     EFFICIENCY_FILE, METRICS_FILE, PROBE_FILE, RUN_CONFIG, manifest_sha256, read_efficiency, read_manifest, write_meta,
 )
 from honed.config import TrainConfig, dump_config
-from honed.models import resolve_model, weights_hash
+from honed.models import weights_hash
 from honed.report import write_train_report
 from honed.runtime import run_task, task_device
+from honed.storage import absolute, is_uri, join, staged, upload_dir
 from honed.train.backends import artifact_name
 from honed.train.loop import train_loop_per_worker
 from honed.train.methods import compute_dtype
@@ -45,7 +50,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, plan: RunPlan | None 
     from ray.train.torch import TorchTrainer
 
     manifest = read_manifest(cfg.data_dir)
-    plan = plan or plan_run(cfg, resolve_model(cfg.model.name_or_path), manifest)
+    plan = plan or plan_run(cfg, manifest)
     resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -67,26 +72,28 @@ def train(cfg: TrainConfig, callbacks: list | None = None, plan: RunPlan | None 
     print(f"[honed.train] {cfg.method.name}{deepspeed_label(cfg)}: {plan.total_steps} steps on "
           f"{cfg.scaling.num_workers} workers ({plan.steps_per_epoch} per epoch)", flush=True)
     result = trainer.fit()
-    metrics = export_result(result, cfg, manifest, plan)
-    metrics["report"] = str(write_train_report(cfg.output_dir))
-    if cfg.register:  # PEFT methods only (the config refuses `register` with method full)
-        metrics["registered"] = register_adapter(cfg)
+    with staged(cfg.output_dir) as out:  # output_dir itself, or a local dir uploaded to its URI at the end
+        metrics = export_result(result, cfg, manifest, plan, out)
+        metrics["report"] = join(cfg.output_dir, write_train_report(out).name)
+        if cfg.register:  # PEFT methods only (the config refuses `register` with method full)
+            metrics["registered"] = register_adapter(cfg, out / "adapter")
     return metrics
 
 
 def datasets(cfg: TrainConfig, manifest: dict) -> dict:
     import ray.data
 
-    shards = Path(cfg.data_dir).resolve() / "shards"
-    return {"train": ray.data.read_parquet(str(shards / "train"), ray_remote_args=READ_ARGS),
-            "val": validation_dataset(shards / "val", manifest, cfg.val_max_examples)}
+    shards = join(absolute(cfg.data_dir), "shards")  # read by Ray Data tasks on any node: local path or URI
+    return {"train": ray.data.read_parquet(join(shards, "train"), ray_remote_args=READ_ARGS),
+            "val": validation_dataset(join(shards, "val"), manifest, cfg.val_max_examples)}
 
 
-def register_adapter(cfg: TrainConfig) -> str:
-    """Add the exported adapter to `cfg.register.registry` as the next version of `cfg.register.name`."""
+def register_adapter(cfg: TrainConfig, adapter: Path) -> str:
+    """Add the exported adapter (its local copy `adapter`) to `cfg.register.registry` as the next version of
+    `cfg.register.name`."""
     from honed.registry import Registry
 
-    ref = Registry(cfg.register.registry).add(cfg.register.name, str(Path(cfg.output_dir) / "adapter"))
+    ref = Registry(cfg.register.registry).add(cfg.register.name, str(adapter))
     print(f"[honed.train] registered {ref} in {cfg.register.registry}", flush=True)
     return ref
 
@@ -99,7 +106,7 @@ def deepspeed_label(cfg: TrainConfig) -> str:
     return f" + DeepSpeed ZeRO-{ds.zero_stage}" + (f" (offload {', '.join(offload)})" if offload else "")
 
 
-def validation_dataset(path: Path, manifest: dict, per_source: int):
+def validation_dataset(path: str | Path, manifest: dict, per_source: int):
     """At most `per_source` rows of each source's validation set, so every source keeps its voice."""
     import ray.data
     from ray.data.expressions import col
@@ -110,13 +117,12 @@ def validation_dataset(path: Path, manifest: dict, per_source: int):
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def export_result(result, cfg: TrainConfig, manifest: dict, plan: RunPlan) -> dict:
-    """Copy the final artifact, metrics and efficiency report out of Ray Train storage, describe the artifact in
-    honed.json, and check that it reloads to the logits the trained model gave."""
+def export_result(result, cfg: TrainConfig, manifest: dict, plan: RunPlan, out: Path) -> dict:
+    """Copy the final artifact, metrics and efficiency report out of Ray Train storage into `out` (the local
+    output dir or its staging copy), describe the artifact in honed.json, and check (a Ray task, on a node that
+    holds the base model) that it reloads to the logits the trained model gave."""
     if result.error:
         raise result.error
-    out = Path(cfg.output_dir).resolve()  # the export check is a Ray task: it may run in another directory
-    out.mkdir(parents=True, exist_ok=True)
     name = artifact_name(cfg.method)
     artifact = out / name
     shutil.rmtree(artifact, ignore_errors=True)
@@ -126,15 +132,17 @@ def export_result(result, cfg: TrainConfig, manifest: dict, plan: RunPlan) -> di
             shutil.copy(Path(ckpt) / f, out / f)
         probe = torch.load(Path(ckpt) / PROBE_FILE, weights_only=False)
     if name == "model":  # a complete HF model directory: tokenizer and chat template travel with it
-        for f in TOKENIZER_FILES:
-            if (Path(plan.model_path) / f).is_file() and not (artifact / f).exists():
-                shutil.copy(Path(plan.model_path) / f, artifact / f)
-    check = run_task(verify_export, cfg, plan.model_path, str(artifact), probe,
-                     num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0)
+        for f, data in run_task(model_files, plan, TOKENIZER_FILES, num_cpus=0.1).items():
+            if not (artifact / f).exists():
+                (artifact / f).write_bytes(data)
+    # The check task may run on another node: it reads the artifact where that node can see it.
+    reachable = upload_dir(artifact, join(cfg.output_dir, name)) if is_uri(cfg.output_dir) else str(artifact)
+    check, base_sha = run_task(verify_export, cfg, plan, reachable, probe,
+                               num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0)
     metrics = dict(result.metrics or {}) | {"efficiency": read_efficiency(out), "export_check": check}
     write_meta(artifact, {
         "base_model": cfg.model.name_or_path,
-        "base_weights_sha256": weights_hash(plan.model_path),
+        "base_weights_sha256": base_sha,
         "method": cfg.method.model_dump(),
         "template": manifest["template"],
         "data_manifest_sha256": manifest_sha256(cfg.data_dir),
@@ -143,24 +151,34 @@ def export_result(result, cfg: TrainConfig, manifest: dict, plan: RunPlan) -> di
         "checkpoint": result.checkpoint.path,
     })
     (out / RUN_CONFIG).write_text(dump_config(cfg))
-    print(f"[honed.train] exported {artifact} (reloaded logits match the trained model within "
+    print(f"[honed.train] exported {join(cfg.output_dir, name)} (reloaded logits match the trained model within "
           f"{check['max_abs_diff']:.2e})", flush=True)
     return metrics
+
+
+def model_files(plan: RunPlan, names: tuple[str, ...]) -> dict[str, bytes]:
+    """A Ray task: the named files of the base model (those it has), read on a node that resolves it."""
+    base = Path(plan.model_path)
+    return {f: (base / f).read_bytes() for f in names if (base / f).is_file()}
 
 
 class ExportMismatch(RuntimeError):
     """The exported artifact, reloaded, computes other logits than the trained model did."""
 
 
-def verify_export(cfg: TrainConfig, model_path: str, artifact: str, probe: dict) -> dict:
-    """Runs as a Ray task on the training's accelerator: the exported artifact, loaded the way users load it in
-    the dtype it trained in, against the logits the trained model gave on the probe rows (same autocast as
-    training). Tolerance by dtype (honed.merge.tolerance_for: fp32 1e-3; bf16/fp16 a share of the logits)."""
+def verify_export(cfg: TrainConfig, plan: RunPlan, artifact: str, probe: dict) -> tuple[dict, str]:
+    """Runs as a Ray task on the training's accelerator: the exported artifact (a local dir or a URI), loaded the
+    way users load it in the dtype it trained in, against the logits the trained model gave on the probe rows
+    (same autocast as training). Tolerance by dtype (honed.merge.tolerance_for: fp32 1e-3; bf16/fp16 a share of
+    the logits). Returns the check and the base weights' sha256 (hashed here, where the base model is)."""
     from honed.merge import tolerance_for
+    from honed.storage import local_copy
 
     device = task_device(cfg.scaling.use_gpu)
     compute = compute_dtype(cfg.model.dtype, device)
-    model = load_artifact(cfg, model_path, Path(artifact), device).eval()
+    model_path = plan.model_path
+    with local_copy(artifact) as local:
+        model = load_artifact(cfg, model_path, local, device).eval()
     inputs = {k: v.to(device) for k, v in probe["inputs"].items()}
     with torch.no_grad(), torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
@@ -173,7 +191,7 @@ def verify_export(cfg: TrainConfig, model_path: str, artifact: str, probe: dict)
         raise ExportMismatch(f"the exported {artifact} reloads to logits {diff:.2e} away from the trained model's "
                              f"(tolerance {check['tolerance']:.1e} in {check['dtype']}): the export is not the "
                              "model that was trained")
-    return check
+    return check, weights_hash(model_path)
 
 
 def load_artifact(cfg: TrainConfig, model_path: str, artifact: Path, device: torch.device):
