@@ -29,19 +29,35 @@ class Holder:
 
 
 class NodeWatch:
-    """Alive nodes over time: a row each time the set changes."""
+    """Alive nodes over time, and with `roles` ({role: actor class name prefix}) the node of each alive actor of
+    those classes: a row each time either changes (cluster/autoscaling_honed.py watches train workers and
+    Serve replicas this way)."""
 
-    def __init__(self) -> None:
+    def __init__(self, roles: dict[str, str] | None = None) -> None:
         self.start = time.monotonic()
+        self.roles = roles or {}
         self.rows: list[dict] = []
+
+    def placed(self) -> dict[str, dict[str, str]]:
+        """{role: {actor id: node id}} of the alive actors of each role."""
+        found: dict[str, dict[str, str]] = {role: {} for role in self.roles}
+        if self.roles:
+            # straight from the GCS actor table: no dashboard round trip on every poll
+            for actor in ray._private.state.actors(actor_state_name="ALIVE").values():
+                for role, prefix in self.roles.items():
+                    if actor["ActorClassName"].startswith(prefix):
+                        found[role][actor["ActorID"]] = actor["Address"]["NodeID"]
+        return found
 
     def alive(self, event: str | None = None) -> set[str]:
         nodes = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
-        if event or not self.rows or set(nodes) != set(self.rows[-1]["nodes"]):
+        placed, last = self.placed(), self.rows[-1] if self.rows else None
+        if event or not last or set(nodes) != set(last["nodes"]) or any(placed[r] != last[r] for r in placed):
             row = {"t": round(time.monotonic() - self.start, 1), "nodes": sorted(nodes), "cpus": sum(nodes.values()),
-                   "event": event}
+                   "event": event, **placed}
             self.rows.append(row)
-            print(f"[autoscaling] {row['t']:6.1f}s  {len(nodes)} node(s), {row['cpus']:g} CPUs"
+            where = "".join(f", {role}s on {len(set(on.values()))} node(s): {len(on)}" for role, on in placed.items())
+            print(f"[autoscaling] {row['t']:6.1f}s  {len(nodes)} node(s), {row['cpus']:g} CPUs{where}"
                   + (f"  ← {event}" if event else ""), flush=True)
         return set(nodes)
 

@@ -15,6 +15,19 @@ def init_ray(address: str | None = None) -> None:
     # Local runs keep their logs quiet; worker prints (training progress) still reach the driver.
     ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
     _quiet_data_logs()
+    _data_stats_on_driver_node()
+
+
+def _data_stats_on_driver_node() -> None:
+    """Ray Data's stats actor is detached and pinned to the node of whoever creates it first. Left to Ray Train,
+    that is a worker's node, which an autoscaler may have added for the run and then can never remove (seen on
+    the fake multi-node cluster). Created here, it lives on the driver's node. Best effort: the function is
+    internal to Ray Data."""
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:
+        return
+    get_or_create_stats_actor()
 
 
 def _quiet_data_logs() -> None:
