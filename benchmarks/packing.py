@@ -1,7 +1,14 @@
-"""Useful (non-pad) tokens per second with packing vs padding, on the demo corpus, through honed.
+"""Useful (non-pad) tokens per second with packing vs padding, on the demo corpus or a mixed-length one, through
+honed.
 
     .venv/bin/python benchmarks/packing.py            # 10 steps x 2 repeats each + 16 interleaved (~20 min)
     .venv/bin/python benchmarks/packing.py --quick    # 4 steps x 1 repeat + 4 interleaved
+    .venv/bin/python benchmarks/packing.py --corpus mixed --steps 6 --repeats 1 --interleaved-steps 6   # ~15 min
+
+With `--corpus mixed` (`train_runs.mixed_corpus_config`: ICD-10 pairs and KJV text windows of ~20 to 1,024
+tokens in random order, data.max_seq_len 1024) the layouts are padded and padding_free (no packed prepare: the
+padding-free batches are honed's default) and the result goes to benchmarks/results/packing_mixed.json with the
+corpus's length distribution and padding fraction (`length_profile`), which bounds the gain.
 
 The demo corpus (jobs/prepare_icd10.yaml) is prepared twice (cached under /tmp/honed-bench-train):
   padded        data.pack off, optim.padding_free false: one example a row, each batch right-padded to its
@@ -34,10 +41,12 @@ from __future__ import annotations
 from harness import MODEL, Measured, alternating, at_least, best_steps, log, main, present, public, ratio, spread
 from train_runs import (
     LORA,
+    MIXED,
     WARMUP_STEPS_EXCLUDED,
     add_run_options,
     honed_step_rates,
     honed_wall_rate,
+    length_profile,
     model_path,
     prepared_dataset,
     run_honed,
@@ -46,12 +55,14 @@ from train_runs import (
 )
 
 GOAL = 2.0
-KINDS = ("padded", "packed", "padding_free")
+KINDS = {"demo": ("padded", "packed", "padding_free"), "mixed": ("padded", "padding_free")}  # by --corpus
 FLAT = {"padded": False, "packed": True, "padding_free": True}  # optim.padding_free of each layout
 
 
 def options(parser) -> None:
     add_run_options(parser, steps=10)
+    parser.add_argument("--corpus", choices=tuple(KINDS), default="demo", help="demo: ICD-10 pairs, ~66 tokens "
+                        "each; mixed: ICD-10 pairs and text windows, ~20-1,024 tokens")
     parser.add_argument("--seq-len", type=int, default=512, help="packed row length")
     parser.add_argument("--packed-batch-size", type=int, default=1, help="packed batch (rows of --seq-len)")
     parser.add_argument("--interleaved-steps", type=int, default=16, help="steps per layout, in one process")
@@ -61,11 +72,16 @@ def options(parser) -> None:
 def measure(args) -> Measured:
     from honed.artifacts import read_manifest
 
-    data = {"padded": prepared_dataset(), "packed": prepared_dataset(args.seq_len)}
+    kinds = KINDS[args.corpus]
+    subject = kinds[1]  # packed on the demo corpus, padding_free on the mixed one
+    data = {"padded": prepared_dataset(corpus=args.corpus)}
+    if "packed" in kinds:
+        data["packed"] = prepared_dataset(args.seq_len, corpus=args.corpus)
     manifests = {k: read_manifest(d) for k, d in data.items()}
     data["padding_free"] = data["padded"]
     batch = {"padded": args.batch_size, "packed": args.packed_batch_size, "padding_free": args.batch_size}
-    tokens = {k: step_token_counts(d, batch[k], args.steps, flat=FLAT[k]) for k, d in data.items()}
+    steps = max(args.steps, args.interleaved_steps)
+    tokens = {k: step_token_counts(data[k], batch[k], steps, flat=FLAT[k]) for k in kinds}
 
     def run(kind: str, r: int) -> dict:
         honed = run_honed(f"packing-{kind}-{r}", data[kind], args, batch_size=batch[kind], log_every=1,
@@ -75,34 +91,43 @@ def measure(args) -> Measured:
         return layout_figures(honed, tokens[kind])
 
     repeats = []
-    for order, runs in alternating(args.repeats, KINDS, run):
+    for order, runs in alternating(args.repeats, kinds, run):
         rep = compare(order, runs)
         repeats.append(rep)
-        log(f"  packed/padded {rep['ratio_packed_over_padded']} (per worker CPU-s {rep['ratio_per_worker_cpu_s']}); "
-            f"padding-free/padded {rep['ratio_padding_free_over_padded']}")
-    interleaved = interleaved_layouts(data, batch, args)
-    variants, what_if, per_variant_ratio = loss_variants(data, batch, args) if args.variant_repeats else (None, {}, {})
+        log(f"  packed/padded {rep.get('ratio_packed_over_padded')} (per worker CPU-s "
+            f"{rep['ratio_per_worker_cpu_s']}); padding-free/padded {rep['ratio_padding_free_over_padded']}")
+    interleaved = interleaved_layouts(data, batch, args, kinds)
+    variants, what_if, per_variant_ratio = (loss_variants(data, batch, args) if args.variant_repeats and
+                                            "packed" in kinds else (None, {}, {}))
 
-    ratios = [r["ratio_packed_over_padded"] for r in repeats]
-    median = spread(ratios)["median"]
-    padding = spread([r["padded"]["padding_fraction"] for r in repeats])["median"]
-    goal = at_least("packed / padded non-pad tokens/s, median over repeats", median, GOAL)
+    ratios = [r[f"ratio_{subject}_over_padded"] for r in repeats]
+    if repeats:
+        median, source = spread(ratios)["median"], "median over repeats"
+        padding = spread([r["padded"]["padding_fraction"] for r in repeats])["median"]
+    else:  # --repeats 0: the interleaved layouts alone (one process: no Ray, robust to other jobs' load)
+        median, source = interleaved.get(f"{subject}_over_padded"), "one process, layouts interleaved"
+        measured = tokens["padded"][WARMUP_STEPS_EXCLUDED:args.interleaved_steps]
+        padding = 1 - sum(t["nonpad"] for t in measured) / sum(t["fed"] for t in measured)
+    goal = at_least(f"{args.corpus} corpus: {subject} / padded non-pad tokens/s, {source}", median, GOAL)
     figures = {
         "config": {"model": MODEL, "method": "lora", "lora": LORA, "steps": args.steps,
                    "warmup_steps_excluded": WARMUP_STEPS_EXCLUDED, "batch_padded": args.batch_size,
                    "batch_packed": args.packed_batch_size, "seq_len": args.seq_len, "threads": args.threads,
                    "gpu": args.gpu, "repeats": args.repeats, "data": {k: str(d) for k, d in data.items()},
+                   "corpus": args.corpus, "layouts": kinds, "subject": subject,
                    "nonpad_tokens_per_step": {k: [t["nonpad"] for t in v] for k, v in tokens.items()},
                    "labelled_tokens_per_step": {k: [t["labelled"] for t in v] for k, v in tokens.items()}},
         "corpus": {"train_examples": manifests["padded"]["tokens"]["train"]["examples"],
                    "mean_tokens": manifests["padded"]["tokens"]["train"]["mean"],
                    "max_tokens": manifests["padded"]["tokens"]["train"]["max"],
-                   "packing": manifests["packed"]["packing"],
-                   "padded_batch_nonpad_fraction (measured)": round(1 - padding, 4)},
+                   "packing": manifests["packed"]["packing"] if "packed" in kinds else None,
+                   "padded_batch_nonpad_fraction (measured)": round(1 - padding, 4),
+                   "length_profile": length_profile(data["padded"], args.batch_size, args.steps),
+                   **({"mixed_corpus": MIXED} if args.corpus == "mixed" else {})},
         "repeats": repeats,
         "ratio": median, "ratio_spread": spread(ratios),
-        "best_steps": best_steps({k: [x for r in repeats for x in r[k]["step_rates"]] for k in KINDS},
-                                 "packed", "padded"),
+        "best_steps": best_steps({k: [x for r in repeats for x in r[k]["step_rates"]] for k in kinds},
+                                 subject, "padded"),
         "ratio_per_worker_cpu_s_spread": spread(present(repeats, "ratio_per_worker_cpu_s")),
         "upper_bound_from_padding_alone": round(1 / (1 - padding), 4),
         "padding_free": {"ratio_over_padded_spread": spread([r["ratio_padding_free_over_padded"] for r in repeats]),
@@ -113,12 +138,14 @@ def measure(args) -> Measured:
         "packed_over_padded_by_loss_variant": per_variant_ratio,
         "goal": goal["goal"], "met": goal["met"],
     }
-    log(f"packed/padded non-pad tokens/s: median {median} {ratios}; padding in the padded batches {padding:.1%} "
+    log(f"{subject}/padded non-pad tokens/s: median {median} {ratios}; padding in the padded batches {padding:.1%} "
         f"(bound from padding alone {figures['upper_bound_from_padding_alone']}); by loss variant (fwd+bwd) "
         f"{per_variant_ratio}")
-    return Measured("LoRA on SmolLM2-135M-Instruct through honed: non-pad tokens/s on the demo corpus packed into "
-                    f"{args.seq_len}-token rows (run padding-free) vs one example a row, right-padded per batch; and "
-                    "honed's padding-free batches (optim.padding_free) of the unpacked rows", figures, [goal])
+    what = (f"the demo corpus packed into {args.seq_len}-token rows (run padding-free) vs one example a row, "
+            "right-padded per batch; and honed's padding-free batches (optim.padding_free) of the unpacked rows"
+            if args.corpus == "demo" else "the mixed-length corpus (~20-1,024 tokens) in honed's padding-free "
+            "batches (optim.padding_free, its default) vs one example a row, right-padded per batch")
+    return Measured(f"LoRA on SmolLM2-135M-Instruct through honed: non-pad tokens/s on {what}", figures, [goal])
 
 
 def layout_figures(run: dict, tokens: list[dict]) -> dict:
@@ -132,20 +159,24 @@ def layout_figures(run: dict, tokens: list[dict]) -> dict:
 
 
 def compare(order: list[str], runs: dict) -> dict:
-    """One repeat: packed / padded and padding-free / padded, by wall-clock rate and per worker CPU-second."""
-    packed, padded = runs["packed"]["wall"] or {}, runs["padded"]["wall"] or {}
+    """One repeat: each layout / padded (packed, padding-free), by wall-clock rate, and the first of them
+    (`KINDS`' subject) / padded per worker CPU-second."""
+    subject = "packed" if "packed" in runs else "padding_free"
+    mine, padded = runs[subject]["wall"] or {}, runs["padded"]["wall"] or {}
     padded_rate = runs["padded"]["nonpad_tokens_per_s"]
     return {"order": order, **runs,
-            "ratio_packed_over_padded": ratio(runs["packed"]["nonpad_tokens_per_s"], padded_rate),
-            "ratio_padding_free_over_padded": ratio(runs["padding_free"]["nonpad_tokens_per_s"], padded_rate),
-            "ratio_per_worker_cpu_s": ratio(packed.get("nonpad_tokens_per_worker_cpu_s"),
+            **{f"ratio_{k}_over_padded": ratio(runs[k]["nonpad_tokens_per_s"], padded_rate)
+               for k in runs if k != "padded"},
+            "ratio_per_worker_cpu_s": ratio(mine.get("nonpad_tokens_per_worker_cpu_s"),
                                             padded.get("nonpad_tokens_per_worker_cpu_s"))}
 
 
-def interleaved_layouts(data: dict, batch: dict, args) -> dict:
-    """The three layouts trained step by step in turn in one process: same-machine-state ratios."""
-    log(f"the three layouts interleaved in one process ({args.interleaved_steps} steps each) ...")
-    arms = {k: {"data_dir": str(data[k]), "batch_size": batch[k], "flat": FLAT[k]} for k in KINDS}
+def interleaved_layouts(data: dict, batch: dict, args, kinds: tuple[str, ...]) -> dict:
+    """The layouts trained step by step in turn in one process: same-machine-state ratios."""
+    if not args.interleaved_steps:
+        return {}
+    log(f"the layouts interleaved in one process ({args.interleaved_steps} steps each) ...")
+    arms = {k: {"data_dir": str(data[k]), "batch_size": batch[k], "flat": FLAT[k]} for k in kinds}
     mixed = public(start("interleaved", {"model_path": model_path(), "threads": args.threads, "gpu": args.gpu,
                                          "steps": args.interleaved_steps, "arms": arms}, "packing-interleaved"))["arms"]
     out = {"what": "one process, one model; at step s each layout trains its own batch s, order rotating; "
@@ -153,11 +184,11 @@ def interleaved_layouts(data: dict, batch: dict, args) -> dict:
            "steps": args.interleaved_steps,
            **{k: {"nonpad_tokens_per_s": v["nonpad_tokens_per_s"], "step_rates": v["step_rates"]}
               for k, v in mixed.items()}}
-    for kind in ("packed", "padding_free"):
+    for kind in kinds[1:]:
         paired = [a / b for a, b in zip(mixed[kind]["step_rates"], mixed["padded"]["step_rates"])]
         out[f"{kind}_over_padded"] = ratio(mixed[kind]["nonpad_tokens_per_s"], mixed["padded"]["nonpad_tokens_per_s"])
         out[f"{kind}_over_padded_per_step"] = spread(paired)
-    log(f"  interleaved: packed/padded {out['packed_over_padded']}, "
+    log(f"  interleaved: packed/padded {out.get('packed_over_padded')}, "
         f"padding-free/padded {out['padding_free_over_padded']}")
     return out
 
@@ -178,4 +209,4 @@ def loss_variants(data: dict, batch: dict, args) -> tuple[dict, dict, dict]:
 
 if __name__ == "__main__":
     main("packing", __doc__, measure, options=options, quick={"steps": 4, "repeats": 1, "interleaved_steps": 4},
-         repeats=2, gpu="CUDA, bf16")
+         repeats=2, gpu="CUDA, bf16", file_name=lambda a: "packing" if a.corpus == "demo" else f"packing_{a.corpus}")

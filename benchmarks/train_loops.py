@@ -14,6 +14,7 @@
                         logits at every position), torch AdamW's default implementation
                then, as SPEC asks, a profile, the AdamW implementations or the tensor peak (`step_breakdown`)
   hf           `transformers.Trainer` + peft on the same rows: the HF comparison
+  trl          TRL's `SFTTrainer` + peft on the same rows (benchmark-only: pip install -e .[bench])
   interleaved  one LoRA model trained on several batch layouts step by step in turn in this one process: a
                same-machine-state A/B for effects smaller than the noise between processes
   variants     `step_breakdown.loss_variants` on the first batch of each of several datasets
@@ -37,10 +38,13 @@ from pathlib import Path
 from harness import WORK, child_main
 from train_runs import GROUP_BY_LENGTH, LORA, WARMUP_STEPS_EXCLUDED, batched_rows, train_rows
 
+PROCESS_START = time.time()  # the job's wall time counts from here: imports are part of every job
+
 
 # ------------------------------------------------------------------------------------------ honed itself
 def honed_main(spec: dict) -> dict:
-    """In a fresh driver process: local Ray, one `train(cfg)`, its efficiency report and live log."""
+    """In a fresh driver process: local Ray, one `train(cfg)`, its efficiency report, live log and where the
+    whole job's wall time went (`job_phases`)."""
     import ray
 
     from honed.artifacts import LIVE_LOG, read_jsonl, read_metrics
@@ -52,19 +56,35 @@ def honed_main(spec: dict) -> dict:
     shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a leftover run of the same name would be resumed
     Path(cfg.output_dir).mkdir(parents=True)
     gpu = cfg.scaling.use_gpu
+    marks = {"imported": time.time()}
     # address="local": a fresh Ray of our own, never another session's cluster on the same machine
     ray.init(address="local", num_cpus=spec.get("ray_cpus", os.cpu_count()), num_gpus=1 if gpu else 0,
              include_dashboard=False, logging_level="WARNING")
     _quiet_data_logs()
-    started = time.perf_counter()
+    marks["ray_ready"] = started = time.time()
     metrics = train(cfg)
-    seconds = time.perf_counter() - started
+    marks["trained"] = time.time()
     ray.shutdown()
-    live = read_jsonl(Path(cfg.output_dir) / LIVE_LOG)
-    return {"train_call_s": round(seconds, 1), "efficiency": metrics["efficiency"],
+    marks["shut_down"] = time.time()
+    live = [r for r in read_jsonl(Path(cfg.output_dir) / LIVE_LOG) if "step" in r and "loss" in r]
+    return {"train_call_s": round(marks["trained"] - started, 1), "efficiency": metrics["efficiency"],
             "final_loss": metrics.get("loss"), "history": read_metrics(cfg.output_dir),
-            "live_times": [{"step": r["step"], "time": r["time"], "loss": r.get("loss")} for r in live
-                           if "step" in r and "loss" in r]}
+            "live_times": [{"step": r["step"], "time": r["time"], "loss": r.get("loss")} for r in live],
+            "job_phases": job_phases(marks, [r["time"] for r in live])}
+
+
+def job_phases(marks: dict, step_times: list[float]) -> dict:
+    """The whole job's wall time in parts, from this process's start (`PROCESS_START`): Python imports, Ray's
+    start, `train()` up to the first logged step (Ray Train's workers, model load, data set-up, the steps up
+    to it), the steps between the first and the last logged one, the rest of `train()` (checkpoint copy,
+    export check, report; the final validation runs before the last step is logged), Ray's shutdown."""
+    first, last = (step_times[0], step_times[-1]) if step_times else (marks["trained"], marks["trained"])
+    parts = {"python_imports_s": marks["imported"] - PROCESS_START,
+             "ray_start_s": marks["ray_ready"] - marks["imported"],
+             "to_first_logged_step_s": first - marks["ray_ready"], "logged_steps_s": last - first,
+             "after_last_logged_step_s": marks["trained"] - last,
+             "ray_shutdown_s": marks["shut_down"] - marks["trained"]}
+    return {k: round(v, 2) for k, v in parts.items()} | {"job_s": round(marks["shut_down"] - PROCESS_START, 2)}
 
 
 def honed_model_and_optimizer(spec: dict, device):
@@ -314,22 +334,34 @@ def plain_model(spec: dict, device):
     return model
 
 
-# ------------------------------------------------------------------------------- the HF Trainer comparison
+# ------------------------------------------------------------------ the HF Trainer and TRL comparisons
+# TRL's SFTTrainer at its fastest on a CPU (benchmarks/train_vs_trl.py says why): fp32 as honed (bf16 autocast
+# is slower on CPUs without AMX), no gradient checkpointing (its default on; memory is no constraint here),
+# padded batches (padding_free on CPU runs SDPA with a block-diagonal mask: 163 vs 175 tok/s measured).
+TRL_SETTINGS = {"gradient_checkpointing": False, "max_length": None, "padding_free": False}
+
+
 def hf_main(spec: dict) -> dict:
-    """`transformers.Trainer` (sequential sampler: the same rows in the same order as honed) with
-    `DataCollatorForSeq2Seq` (right padding, labels padded with -100) over `plain_model`'s LoRA model, its own
-    loss; timed from the end of the warm-up steps to the end of the last with a callback; non-pad tokens
-    counted from each batch's attention mask. Then `loss_variants` on the first batch: where honed's lead
+    """`transformers.Trainer` with `DataCollatorForSeq2Seq` (right padding, labels padded with -100): see
+    `trainer_main`; then, with SPEC `variant_repeats`, `loss_variants` on the first batch: where honed's lead
     comes from."""
+    return trainer_main(spec, hf_trainer)
+
+
+def trl_main(spec: dict) -> dict:
+    """TRL's `SFTTrainer` (`TRL_SETTINGS`, SPEC `trl` overriding them) on the same pre-tokenized rows and labels,
+    its own collator: see `trainer_main`."""
+    return trainer_main(spec, trl_trainer)
+
+
+def trainer_main(spec: dict, make_trainer) -> dict:
+    """A Hugging Face-style trainer (`make_trainer`) over `plain_model`'s LoRA model and the first steps x batch
+    rows in shard order (sequential sampler: the same rows in the same order as honed), the model's own loss;
+    every step's end timed with a callback, its non-pad tokens counted from the batch and its loss recorded;
+    the adapter saved at the end, as honed exports its own. `job_phases` as honed's: where the job's wall
+    time went."""
     import torch
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-        set_seed,
-    )
+    from transformers import AutoTokenizer, TrainerCallback, set_seed
 
     device = set_up(spec)
     gpu = device.type == "cuda"
@@ -340,11 +372,10 @@ def hf_main(spec: dict) -> dict:
     tokenizer.padding_side = "right"
     model = plain_model({"method": "lora", **spec}, device)
     steps, bs = spec["steps"], spec["batch_size"]
-    dataset = [{"input_ids": r["input_ids"], "labels": r["labels"], "attention_mask": [1] * len(r["input_ids"])}
-               for r in train_rows(Path(spec["data_dir"]), steps * bs)]
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    rows = train_rows(Path(spec["data_dir"]), steps * bs)
     marks: list[tuple[float, float]] = []  # (perf_counter, process_time) at each step end
     tokens: list[int] = []
+    losses: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -352,25 +383,71 @@ def hf_main(spec: dict) -> dict:
                 torch.cuda.synchronize()
             marks.append((time.perf_counter(), time.process_time()))
 
-    class CountingTrainer(Trainer):
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            tokens.append(int(inputs["attention_mask"].sum()))
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
-    args = TrainingArguments(
-        output_dir=str(WORK / "runs" / "hf-trainer"), per_device_train_batch_size=bs, max_steps=steps,
-        learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=spec["warmup"], weight_decay=0.0,
-        max_grad_norm=1.0, optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.999, logging_steps=10**6,
-        save_strategy="no", eval_strategy="no", report_to="none", use_cpu=not gpu, bf16=gpu,
-        dataloader_num_workers=0, train_sampling_strategy="sequential", seed=spec["seed"], disable_tqdm=True)
-    trainer = CountingTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                              callbacks=[Timer()])
-    started = time.perf_counter()
+    args = dict(output_dir=str(WORK / "runs" / make_trainer.__name__), per_device_train_batch_size=bs,
+                max_steps=steps, learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=spec["warmup"],
+                weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.999,
+                logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=not gpu,
+                bf16=gpu, dataloader_num_workers=0, train_sampling_strategy="sequential", seed=spec["seed"],
+                disable_tqdm=True)
+    trainer, collator = make_trainer(spec, model, tokenizer, rows, args, counting(tokens, losses))
+    trainer.add_callback(Timer())
+    times = {"ready": time.time()}
     out = trainer.train()
-    result = hf_rates(marks, tokens) | {"train_s": round(time.perf_counter() - started, 2),
-                                        "train_loss": out.training_loss, "threads": torch.get_num_threads()}
-    result["where_time_goes"] = loss_variants(model, collator(dataset[:bs]), device, spec["variant_repeats"])
+    times["trained"] = time.time()
+    trainer.save_model(str(WORK / "runs" / make_trainer.__name__ / "adapter"))
+    times["saved"] = time.time()
+    result = hf_rates(marks, tokens) | {
+        "train_s": round(times["trained"] - times["ready"], 2), "train_loss": out.training_loss, "losses": losses,
+        "threads": torch.get_num_threads(),
+        "job_phases": {"to_train_start_s": round(times["ready"] - PROCESS_START, 2),
+                       "train_s": round(times["trained"] - times["ready"], 2),
+                       "save_adapter_s": round(times["saved"] - times["trained"], 2),
+                       "job_s": round(times["saved"] - PROCESS_START, 2)}}
+    if spec.get("variant_repeats") and collator:
+        result["where_time_goes"] = loss_variants(model, collator(rows_with_mask(rows[:bs])), device,
+                                                  spec["variant_repeats"])
     return result
+
+
+def counting(tokens: list[int], losses: list[float]):
+    """A mixin for a Trainer class: each training batch's non-pad tokens into `tokens`, its loss into `losses`."""
+    def mixin(base):
+        class Counting(base):
+            def compute_loss(self, model, inputs, *args, **kwargs):
+                mask = inputs.get("attention_mask")  # none in padding-free batches: every token is real
+                tokens.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
+                out = super().compute_loss(model, inputs, *args, **kwargs)
+                losses.append(round(float((out[0] if isinstance(out, tuple) else out).detach()), 5))
+                return out
+        return Counting
+    return mixin
+
+
+def rows_with_mask(rows: list[dict]) -> list[dict]:
+    return [{"input_ids": r["input_ids"], "labels": r["labels"], "attention_mask": [1] * len(r["input_ids"])}
+            for r in rows]
+
+
+def hf_trainer(spec: dict, model, tokenizer, rows: list[dict], args: dict, mixin):
+    """`transformers.Trainer` with `DataCollatorForSeq2Seq` (right padding to the longest row, labels padded
+    with -100); (trainer, collator)."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    trainer = mixin(Trainer)(model=model, args=TrainingArguments(**args), train_dataset=rows_with_mask(rows),
+                             data_collator=collator)
+    return trainer, collator
+
+
+def trl_trainer(spec: dict, model, tokenizer, rows: list[dict], args: dict, mixin):
+    """TRL's `SFTTrainer` on the rows as a pre-tokenized `datasets.Dataset` (input_ids and the prepared
+    labels, which TRL uses as they are), TRL's own collator; (trainer, None)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+    config = SFTConfig(**args, **(TRL_SETTINGS | spec.get("trl", {})))
+    return mixin(SFTTrainer)(model=model, args=config, train_dataset=dataset, processing_class=tokenizer), None
 
 
 def hf_rates(marks: list[tuple[float, float]], tokens: list[int]) -> dict:
@@ -491,7 +568,7 @@ def model_path_main(spec: dict) -> dict:
     return {"path": resolve_model(spec["name"])}
 
 
-ENTRIES = {"honed": honed_main, "bare": bare_main, "hf": hf_main, "interleaved": interleaved_main,
+ENTRIES = {"honed": honed_main, "bare": bare_main, "hf": hf_main, "trl": trl_main, "interleaved": interleaved_main,
            "variants": variants_main, "floor": floor_main, "prepare": prepare_main, "model_path": model_path_main}
 
 if __name__ == "__main__":

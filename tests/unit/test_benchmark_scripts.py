@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,12 +18,9 @@ TRAINING = ["train_overhead", "train_vs_hf_trainer", "train_mfu", "train_memory"
 @pytest.mark.parametrize("flags, expect", [([], {"quick": False, "gpu": False}),
                                            (["--quick", "--gpu"], {"quick": True, "gpu": True})])
 def test_training_benchmark_resolves_its_settings(name, flags, expect):
-    done = subprocess.run([sys.executable, f"benchmarks/{name}.py", *flags, "--dry-run"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    settings = json.loads(done.stdout.strip().splitlines()[-1])
+    settings, stderr = resolved(name, *flags)
     assert {k: settings[k] for k in expect} == expect
-    assert "torch" not in done.stderr  # the drivers import neither torch nor Ray themselves
+    assert "torch" not in stderr  # the drivers import neither torch nor Ray themselves
 
 
 def test_gpu_runner_lists_every_training_benchmark_with_gpu_flags():
@@ -46,8 +44,86 @@ def test_gpu_runner_refuses_unknown_arguments():
                                            (["--quick"], {"adapters": 4, "loads": [4], "repeats": 1}),
                                            (["--loads", "4,12"], {"loads": [4, 12]})])
 def test_serving_benchmark_resolves_its_settings(flags, expect):
-    done = subprocess.run([sys.executable, "benchmarks/serve_adapters.py", *flags, "--dry-run"], cwd=ROOT,
+    settings, _ = resolved("serve_adapters", *flags)
+    assert {k: settings[k] for k in expect} == expect
+
+
+@pytest.mark.parametrize("flags, expect", [([], {"short_steps": 24, "long_steps": 80, "mixed_steps": 8,
+                                                 "sides": "honed,trl,hf", "batch_size": 16, "threads": 2}),
+                                           (["--quick"], {"short_steps": 6, "long_steps": 0, "mixed_steps": 4,
+                                                          "sides": "honed,trl"})])
+def test_train_vs_trl_resolves_its_settings(flags, expect):
+    settings, stderr = resolved("train_vs_trl", *flags)
+    assert {k: settings[k] for k in expect} == expect
+    assert "torch" not in stderr
+
+
+def resolved(name: str, *flags: str) -> tuple[dict, str]:
+    """benchmarks/NAME.py FLAGS --dry-run: its resolved settings and its stderr."""
+    done = subprocess.run([sys.executable, f"benchmarks/{name}.py", *flags, "--dry-run"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    settings = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {k: settings[k] for k in expect} == expect
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@pytest.fixture()
+def benchmarks(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+
+
+def side(rate: float, wall: float, tokens: list[int]) -> dict:
+    return {"nonpad_tokens_per_s": rate, "process_wall_s": wall, "tokens_per_step": tokens, "losses": [1.0]}
+
+
+def test_train_vs_trl_states_the_issues_goals_from_its_jobs(benchmarks):
+    import train_vs_trl
+
+    tokens = [{"nonpad": n} for n in (10, 12)]
+    honed = side(300.0, 100.0, []) | {"_run": {"live_times": []}, "live_times": []}
+    short = train_vs_trl.job_figures({"honed": honed, "trl": side(150.0, 110.0, [10, 12])}, tokens)
+    assert short["ratios"] == {"steady_honed_over_trl": 2.0, "wall_trl_over_honed": 1.1}
+    assert short["sides"]["trl"]["same_batches_as_honed"]
+    failed = train_vs_trl.job_figures({"honed": honed, "trl": {"error": "killed for memory"}}, tokens)
+    assert failed["ratios"] == {} and failed["sides"]["trl"] == {"error": "killed for memory"}
+    long = train_vs_trl.job_figures({"honed": honed, "trl": side(250.0, 120.0, [10, 13])}, tokens)
+    assert not long["sides"]["trl"]["same_batches_as_honed"]
+    results = {"demo_24": short | {"corpus": "demo", "steps": 24}, "demo_80": long | {"corpus": "demo", "steps": 80}}
+    args = SimpleNamespace(short_steps=24, long_steps=80, mixed_steps=8)
+    goals = train_vs_trl.goals(results, args)
+    assert [(g["value"], g["met"]) for g in goals] == [(1.2, False), (None, False), (1.1, True), (1.2, False)]
+    assert all(g["name"] and g["goal"].startswith(">=") for g in goals)
+    assert "24-step" in goals[2]["name"] and "80-step" in goals[3]["name"]
+    only_long = train_vs_trl.goals({"demo_80": results["demo_80"]}, SimpleNamespace(short_steps=0, long_steps=80,
+                                                                                    mixed_steps=0))
+    assert [g["value"] for g in only_long] == [1.2, None, None, 1.2]  # the long job never stands in for the short
+
+
+def test_length_profile_reports_the_padding_of_padded_batches(benchmarks, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import train_runs
+
+    (tmp_path / "shards" / "train").mkdir(parents=True)
+    rows = [{"input_ids": list(range(n)), "labels": list(range(n))} for n in (2, 4, 4, 8)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "shards" / "train" / "0.parquet")
+    profile = train_runs.length_profile(tmp_path, batch_size=2, batches=2)
+    assert (profile["min"], profile["max"], profile["rows"]) == (2, 8, 4)
+    assert profile["padding_fraction"] == round(1 - 18 / (2 * 4 + 2 * 8), 4)
+
+
+def test_mixed_corpus_documents_vary_in_length_and_never_overlap(benchmarks, tmp_path, monkeypatch):
+    import train_runs
+
+    monkeypatch.setitem(train_runs.MIXED, "documents", 6)
+    train_runs.write_kjv_documents(tmp_path)
+    docs = [p.read_text() for p in sorted(tmp_path.glob("*.txt"))]
+    words = [len(d.split()) for d in docs]
+    assert len(docs) == 6 and len(set(words)) > 3 and min(words) >= train_runs.MIXED["min_words"]
+    assert len({d[:80] for d in docs}) == 6
+
+
+def test_packing_takes_the_mixed_corpus_and_refuses_others():
+    assert resolved("packing", "--corpus", "mixed")[0]["corpus"] == "mixed"
+    done = subprocess.run([sys.executable, "benchmarks/packing.py", "--corpus", "wiki", "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "invalid choice: 'wiki'" in done.stderr
