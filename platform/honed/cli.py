@@ -195,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def missing_inputs(command: str, cfg) -> str | None:
     """The artifact an earlier stage should have written, checked before Ray starts."""
+    model = getattr(cfg, "model", None) or getattr(getattr(cfg, "train", None), "model", None)
+    if model is not None and command in ("prepare", "eval", "merge", "serve", "tune"):  # train: in its plan
+        from honed.models import check_model
+
+        try:
+            check_model(model.name_or_path, model.revision)  # exists? (nothing downloaded: nodes fetch their own)
+        except (FileNotFoundError, ValueError) as err:
+            return str(err)
     if command == "prepare":
         from honed.config import FILE_KINDS, SourceConfig
         from honed.data.sources import list_files

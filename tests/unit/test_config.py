@@ -180,6 +180,11 @@ def test_cli_rejects_bad_config_before_ray_starts():
      "source 'notes': no csv file at '/no/notes/*.csv'"),
     (["prepare", SOURCES, "data.decontaminate.paths=[/no/eval.jsonl]"],
      "source 'decontaminate': no jsonl file at '/no/eval.jsonl'"),
+    (["eval", "model.name_or_path=/no/model"], "model '/no/model' is neither a builtin nor a model directory"),
+    (["merge", "model.name_or_path=/no/model", "adapter=/no/adapter"], "model '/no/model' is neither a builtin"),
+    (["serve", "model.name_or_path=/no/model"], "model '/no/model' is neither a builtin"),
+    (["eval", "model.name_or_path=smollm2-135m-instruct", "model.revision=v1"],
+     "model.revision 'v1' applies to Hugging Face Hub IDs only"),
 ])
 def test_cli_refuses_missing_inputs_before_ray_starts(argv, message, capsys):
     import sys as _sys
