@@ -56,7 +56,7 @@ RESUMABLE = {
     "train": ("the run `name` from its latest checkpoint",
               "delete the run's local checkpoints first and train from step 0"),
     "tune": ("the experiment `name` (Tuner.restore)",
-             "delete the local experiment and its trials first and search from scratch"),
+             "delete the experiment and its trials (local or object storage) first and search from scratch"),
 }
 
 

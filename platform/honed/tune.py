@@ -12,7 +12,9 @@ then removes the workers' placement group.
 Writes `output_dir/`: trials/<trial>/ (each trial's train output_dir: adapter, metrics.jsonl, report.md, ...),
 results.csv and results.md (one row per trial, sorted by `metric`), best_train.yaml (the best completed trial's
 config, ready for `honed train`), report.md with plots/trials.png. The Tune experiment (per-trial result logs,
-TensorBoard event files, the state `Tuner.restore` reads) lives at `storage_path/name`. Running the same config
+TensorBoard event files, the state `Tuner.restore` reads) lives at `storage_path/name`. `output_dir` and
+`storage_path` may be object-storage URIs (s3://...): trials on any node train into them, the tables and reports
+are written in a local staging dir and uploaded, so no node needs a shared disk. Running the same config
 again continues an interrupted experiment: finished trials are kept, unfinished and errored ones run again (each
 trial's own Ray Train run resuming from its latest checkpoint).
 """
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import math
-import shutil
 from pathlib import Path
 
 from ray.tune import Callback
@@ -29,7 +30,7 @@ from ray.tune import Callback
 from honed.artifacts import META
 from honed.config import TrainConfig, TuneConfig, dump_config
 from honed.report import PLOTS_DIR, plot_panels
-from honed.storage import absolute
+from honed.storage import absolute, delete_dir, is_file, join, local_copy, read_text, staged, write_text
 
 TRIALS_DIR = "trials"
 PG_FILE = "placement_group_id"
@@ -59,8 +60,8 @@ def tune(cfg: TuneConfig) -> dict:
 
 def preflight(cfg: TuneConfig, resume: bool = False, restart: bool = False) -> str | None:
     """What stops the search before Ray starts (None when nothing does): `train` not fitting its dataset, tracking
-    that cannot run here, `resume` without an experiment to continue. `restart` deletes the local experiment and
-    its trials."""
+    that cannot run here, `resume` without an experiment to continue. `restart` deletes the experiment and its
+    trials (local or in object storage)."""
     from ray import tune as rt
 
     from honed.train.plan import plan_run
@@ -75,10 +76,8 @@ def preflight(cfg: TuneConfig, resume: bool = False, restart: bool = False) -> s
     if resume and not rt.Tuner.can_restore(path):
         return f"--resume: no tune experiment at {path} to continue; drop --resume"
     if restart:
-        if "://" in path:
-            return "--restart deletes local experiments only; choose a new `name` for a cloud storage_path"
-        shutil.rmtree(path, ignore_errors=True)
-        shutil.rmtree(Path(cfg.output_dir) / TRIALS_DIR, ignore_errors=True)
+        delete_dir(path)
+        delete_dir(join(cfg.output_dir, TRIALS_DIR))
     return None
 
 
@@ -103,11 +102,11 @@ def run_trial(config: dict, settings: TuneConfig) -> None:
     from ray import tune as rt
 
     trial = rt.get_context().get_trial_name()
-    cfg = settings.trial_config(config, output_dir=str(Path(settings.output_dir) / TRIALS_DIR / trial), name=trial,
+    cfg = settings.trial_config(config, output_dir=join(settings.output_dir, TRIALS_DIR, trial), name=trial,
                                 validate_at_checkpoints=True)
     from honed.train.trainer import train
 
-    train(cfg, callbacks=[validation_report(settings.metric), record_placement_group(Path(cfg.output_dir))])
+    train(cfg, callbacks=[validation_report(settings.metric), record_placement_group(cfg.output_dir)])
 
 
 def validation_report(metric: str):
@@ -123,16 +122,15 @@ def validation_report(metric: str):
     return ValidationReport()
 
 
-def record_placement_group(trial_dir: Path):
+def record_placement_group(trial_dir: str):
     """A Ray Train worker-group callback (an internal hook Ray Train accepts in RunConfig callbacks) that writes the
-    id of the workers' placement group to trial_dir/PG_FILE, for ReleaseWorkers."""
+    id of the workers' placement group to trial_dir/PG_FILE (a local path or a URI), for ReleaseWorkers."""
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
     class RecordPlacementGroup(WorkerGroupCallback):
         def after_worker_group_start(self, worker_group) -> None:
             group = worker_group.get_worker_group_state().placement_group_handle.placement_group
-            trial_dir.mkdir(parents=True, exist_ok=True)
-            (trial_dir / PG_FILE).write_text(group.id.hex())
+            write_text(join(trial_dir, PG_FILE), group.id.hex())
 
     return RecordPlacementGroup()
 
@@ -147,20 +145,21 @@ class ReleaseWorkers(Callback):
         self.output_dir = output_dir
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        release_placement_group(Path(self.output_dir) / TRIALS_DIR / trial_name(trial))
+        release_placement_group(join(self.output_dir, TRIALS_DIR, trial_name(trial)))
 
     on_trial_error = on_trial_complete
 
 
-def release_placement_group(trial_dir: Path) -> bool:
-    """Remove the placement group recorded in trial_dir unless Ray Train removed it already; True if removed."""
+def release_placement_group(trial_dir: str) -> bool:
+    """Remove the placement group recorded in trial_dir (a local path or a URI) unless Ray Train removed it already;
+    True if removed."""
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-    record = trial_dir / PG_FILE
-    if not record.is_file():
+    record = join(trial_dir, PG_FILE)
+    if not is_file(record):
         return False
-    group = PlacementGroup(PlacementGroupID.from_hex(record.read_text().strip()))
+    group = PlacementGroup(PlacementGroupID.from_hex(read_text(record).strip()))
     if placement_group_table(group).get("state") in (None, "REMOVED"):
         return False
     remove_placement_group(group)
@@ -175,19 +174,18 @@ def with_absolute_paths(cfg: TuneConfig) -> TuneConfig:
         model = model.model_copy(update={"name_or_path": str(Path(model.name_or_path).resolve())})
     train = train.model_copy(update={"data_dir": absolute(train.data_dir), "model": model})
     update = {"train": train, "output_dir": absolute(cfg.output_dir)}  # URIs stay as they are
-    if cfg.register and "://" not in cfg.register.registry:
-        update["register"] = cfg.register.model_copy(update={"registry": str(Path(cfg.register.registry).resolve())})
+    if cfg.register:
+        update["register"] = cfg.register.model_copy(update={"registry": absolute(cfg.register.registry)})
     return cfg.model_copy(update=update)
 
 
 def experiment_storage(cfg: TuneConfig) -> str:
-    storage = cfg.storage_path or cfg.output_dir
-    return storage if "://" in storage else str(Path(storage).resolve())
+    """Where Ray Tune keeps experiments: `storage_path`, else `output_dir` (a URI goes to Tune as it is: pyarrow.fs)."""
+    return absolute(cfg.storage_path or cfg.output_dir)
 
 
 def experiment_dir(cfg: TuneConfig) -> str:
-    storage = experiment_storage(cfg)
-    return f"{storage.rstrip('/')}/{cfg.name}" if "://" in storage else str(Path(storage) / cfg.name)
+    return join(experiment_storage(cfg), cfg.name)
 
 
 def param_space(cfg: TuneConfig) -> dict:
@@ -273,8 +271,8 @@ def trial_rows(grid, cfg: TuneConfig, statuses: dict[str, str]) -> list[dict]:
         if frame is not None and cfg.metric in frame and "step" in frame:
             points = frame[["step", cfg.metric]].dropna()
             curve = (points["step"].tolist(), points[cfg.metric].tolist())
-        out = Path(cfg.output_dir) / TRIALS_DIR / name
-        exported = any((out / artifact / META).is_file() for artifact in ("adapter", "model"))
+        out = join(cfg.output_dir, TRIALS_DIR, name)
+        exported = any(is_file(join(out, artifact, META)) for artifact in ("adapter", "model"))
         status = statuses.get(name)
         status = ERROR if result.error or status == "ERROR" else COMPLETED if exported else \
             STOPPED if status == "TERMINATED" else UNFINISHED
@@ -284,7 +282,7 @@ def trial_rows(grid, cfg: TuneConfig, statuses: dict[str, str]) -> list[dict]:
             "final": values[-1] if values else None,
             "best": (min(values) if cfg.mode == "min" else max(values)) if values else None,
             "validations": len(values), "last_step": int(curve[0][-1]) if curve[0] else None,
-            "curve": curve, "dir": str(out),
+            "curve": curve, "dir": out,
             "error": str(result.error).strip().splitlines()[-1][:300] if result.error else "",
         })
     return rows
@@ -300,35 +298,41 @@ def ranked(rows: list[dict], mode: str) -> list[dict]:
 def write_results(cfg: TuneConfig, rows: list[dict]) -> dict:
     """results.csv / results.md (best first), plots/trials.png, report.md; best_train.yaml and the registration
     when a trial completed. ValueError (after writing the tables) when none did or the search was interrupted."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows = ranked(rows, cfg.mode)
     keys = list(cfg.space)
-    write_csv(out / "results.csv", rows, keys, cfg.metric)
     table = results_table(rows, keys, cfg.metric)
-    (out / "results.md").write_text(table + "\n")
-    plot = trial_curves(rows, cfg.metric, out / PLOTS_DIR / "trials.png")
-    summary = {"rows": rows, "results": str(out / "results.csv"), "plot": str(plot)}
+    summary = {"rows": rows, "results": join(cfg.output_dir, "results.csv"),
+               "plot": join(cfg.output_dir, PLOTS_DIR, "trials.png")}
     best = next((r for r in rows if r["status"] == COMPLETED), None)
-    if best:
-        summary |= {"best": best, "best_train": str(write_best_train(cfg, best, len(rows)))}
-        if cfg.register:
-            summary["registered"] = register_best(cfg, Path(best["dir"]) / "adapter")
-    (out / "report.md").write_text(render_report(cfg, rows, best, table, summary))
-    print(f"[honed.tune] {len(rows)} trials → {out}/results.md\n{table}", flush=True)
+    with staged(cfg.output_dir) as out:  # output_dir itself, or a local dir uploaded to its URI at the end
+        write_csv(out / "results.csv", rows, keys, cfg.metric)
+        (out / "results.md").write_text(table + "\n")
+        trial_curves(rows, cfg.metric, out / PLOTS_DIR / "trials.png")
+        if best:
+            summary |= {"best": best, "best_train": write_best_train(cfg, best, len(rows), out)}
+            if cfg.register:
+                summary["registered"] = register_best(cfg, join(best["dir"], "adapter"))
+        (out / "report.md").write_text(render_report(cfg, rows, best, table, summary))
+    print(f"[honed.tune] {len(rows)} trials → {join(cfg.output_dir, 'results.md')}\n{table}", flush=True)
     unfinished = sum(r["status"] == UNFINISHED for r in rows)
     if unfinished:
         raise ValueError(f"the experiment was interrupted with {unfinished} trial(s) unfinished; run the same command "
                          f"again to continue it (Tuner.restore from {experiment_dir(cfg)})")
     if not best:
         raise ValueError(f"no trial of {cfg.name} completed ({', '.join(sorted({r['status'] for r in rows}))}); "
-                         f"see {out / 'results.md'}")
+                         f"see {join(cfg.output_dir, 'results.md')}")
     return summary
 
 
-def register_best(cfg: TuneConfig, adapter: Path) -> str:
-    """Add the best adapter to the registry as the next version of `register.name`, unless that name's latest
-    version already holds these weights (a rerun of a finished experiment registers nothing new)."""
+def register_best(cfg: TuneConfig, adapter: str) -> str:
+    """Add the best adapter (a local dir or a URI) to the registry as the next version of `register.name`, unless
+    that name's latest version already holds these weights (a rerun of a finished experiment registers nothing
+    new)."""
+    with local_copy(adapter) as local:
+        return register_local_adapter(cfg, local)
+
+
+def register_local_adapter(cfg: TuneConfig, adapter: Path) -> str:
     from honed.registry import Registry, safetensors_sha256
 
     registry = Registry(cfg.register.registry)
@@ -342,13 +346,14 @@ def register_best(cfg: TuneConfig, adapter: Path) -> str:
     return ref
 
 
-def write_best_train(cfg: TuneConfig, best: dict, n_trials: int) -> Path:
-    """The best trial's train config, with its own output_dir and run name: `honed train best_train.yaml`."""
-    path = Path(cfg.output_dir) / "best_train.yaml"
-    train = cfg.trial_config(best["config"], output_dir=str(Path(cfg.output_dir) / "best"), name=f"{cfg.name}-best")
-    path.write_text(f"# honed train {path}\n# The best of {n_trials} trials of honed tune experiment {cfg.name}: "
-                    f"{best['trial']}, {cfg.metric} = {best['final']:.6g} at step {best['last_step']}.\n"
-                    + dump_config(train))
+def write_best_train(cfg: TuneConfig, best: dict, n_trials: int, out: Path) -> str:
+    """The best trial's train config, with its own output_dir and run name, written to `out` (output_dir or its
+    staging copy): `honed train best_train.yaml`. Returns its path under output_dir."""
+    path = join(cfg.output_dir, "best_train.yaml")
+    train = cfg.trial_config(best["config"], output_dir=join(cfg.output_dir, "best"), name=f"{cfg.name}-best")
+    (out / "best_train.yaml").write_text(
+        f"# honed train {path}\n# The best of {n_trials} trials of honed tune experiment {cfg.name}: "
+        f"{best['trial']}, {cfg.metric} = {best['final']:.6g} at step {best['last_step']}.\n" + dump_config(train))
     return path
 
 

@@ -185,6 +185,8 @@ class TuneConfig(Section):
     trial_cpus: float = Field(default=0.1, gt=0)
     """CPUs of each trial's driver (it only launches and watches the TorchTrainer); above 0, so that Ray places it."""
     output_dir: str = "runs/tune"
+    """Where the trials' runs (trials/<trial>/), the results and best_train.yaml go: a local path or an
+    object-storage URI (s3://bucket/tune, gs://...), which every node of a cluster then writes to."""
     storage_path: str | None = None
     """Ray Tune experiment storage (local path or cloud URI); default: `output_dir`. Experiment dir: storage/name."""
     name: str = Field(default="honed-tune", pattern=r"^[A-Za-z0-9._-]+$")
