@@ -90,7 +90,7 @@ def honed_config(data_dir: Path, out_dir: Path, *, method: str = "lora", steps: 
 
 def honed_default_config(data_dir: Path, out_dir: Path, steps: int) -> dict:
     """`honed train` at its defaults (2 workers x batch 8 x 1 torch thread, padding-free batches, fused AdamW lr
-    2e-3, 10 warm-up steps then cosine, a log every 10 steps, final validation on up to 256 rows a source, the
+    2e-3, 10 warm-up steps then cosine, a log every 10 steps, final validation on up to 64 rows a source, the
     export check and report): only the model, LoRA as jobs/demo.yaml's, max_steps and the paths are set."""
     return {"model": {"name_or_path": MODEL}, "method": {"name": "lora", "lora": dict(LORA)},
             "optim": {"max_steps": steps}, "data_dir": str(data_dir), "output_dir": str(out_dir), "name": "bench"}

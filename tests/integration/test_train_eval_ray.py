@@ -40,10 +40,10 @@ def test_eval_compares_base_and_tuned(trained, prepared, tmp_path):
 
 
 def test_training_validation_keeps_every_source_capped(prepared):
-    from honed.train.trainer import validation_dataset
+    from honed.train.trainer import validation_rows
 
-    rows = validation_dataset(Path(prepared["dir"], "shards", "val"), prepared["manifest"], 10).take_all()
-    per_source = {}
-    for row in rows:
-        per_source[row["source"]] = per_source.get(row["source"], 0) + 1
-    assert per_source["icd10"] == 10 and per_source["kjv"] == 10
+    rows = validation_rows(Path(prepared["dir"], "shards", "val"), prepared["manifest"], 10)
+    sources = [s for s, c in prepared["manifest"]["counts"]["by_source"].items() if c["val"]]
+    assert sorted(sources) == ["icd10", "kjv"]
+    assert list(rows["source"]) == [s for s in sources for _ in range(10)]  # source after source, manifest order
+    assert all(len(ids) == n for ids, n in zip(rows["input_ids"], rows["num_tokens"]))

@@ -127,3 +127,17 @@ def test_packing_takes_the_mixed_corpus_and_refuses_others():
     done = subprocess.run([sys.executable, "benchmarks/packing.py", "--corpus", "wiki", "--dry-run"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "invalid choice: 'wiki'" in done.stderr
+
+
+@pytest.mark.parametrize("flags, steps", [([], 8), (["--quick"], 4)])
+def test_train_fixed_cost_resolves_its_settings(flags, steps):
+    settings, stderr = resolved("train_fixed_cost", *flags)
+    assert settings["steps"] == steps and "torch" not in stderr
+
+
+def test_train_fixed_cost_takes_the_steps_out_of_the_whole_job(benchmarks):
+    import train_fixed_cost
+
+    efficiency = {"step_time_s": 4.0, "phases": {"training_steps_s": 32.0, "train_s": 60.0, "validation_s": 9.0}}
+    job = train_fixed_cost.job_figures(efficiency, wall=70.5)
+    assert job["fixed_s"] == 38.5 and job["outside_train_s"] == 10.5 and job["phases"]["validation_s"] == 9.0

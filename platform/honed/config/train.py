@@ -132,8 +132,12 @@ class TrainConfig(Section):
     checkpoint_metric: str | None = None
     """Keep the best `keep_checkpoints` by this validation metric (lower is better, e.g. `val_loss`) instead of
     the most recent; turns on validation at every checkpoint."""
-    val_max_examples: int = Field(default=256, gt=0)
-    """Validation rows per source used during training (`honed eval` scores its own sample)."""
+    val_max_examples: int = Field(default=64, gt=0)
+    """Validation rows per source used during training (each source's first rows; `honed eval` scores its own
+    sample). 64 keeps the noise well under what validation must see: on the demo data (SmolLM2-135M, 24 LoRA
+    steps) the domain val_loss fell 3.56 while its standard error at 64 rows is 0.14 (0.08 for a change between
+    two validations, which score the same rows), and the KJV probe's rise of 0.04 has 0.02; 256 rows made
+    validation ~60 % of a short job's fixed cost on 2 CPUs. Raise it to compare runs of close quality."""
     validate_at_checkpoints: bool = False
     """Compute per-source validation loss at every checkpoint (always done at the end)."""
     early_stopping: EarlyStopping | None = None

@@ -5,7 +5,8 @@
 
 A checkpoint dir holds the backend's part (`adapter/` or `model/` and its resume state: honed.train.backends),
 one RNG state per rank, and from rank 0 the run state (`progress.json`), `metrics.jsonl`, and at the end
-`efficiency.json` and the export check's probe logits (`probe.pt`); file names are honed.artifacts'.
+`efficiency.json` and the export check's probe logits (`probe.pt`, which for an adapter also holds rank 0's check
+of the exported files: `check`, `base_weights_sha256`); file names are honed.artifacts'.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import numpy as np
 import torch
 
 from honed.artifacts import PROBE_FILE, PROGRESS_FILE, RNG_DIR, write_efficiency, write_metrics
+from honed.train.backends import artifact_name
 from honed.train.collate import collate
 from honed.train.efficiency import Meter
-from honed.train.validation import validate
 
 
 @dataclasses.dataclass
@@ -75,6 +76,8 @@ def save_checkpoint(worker, state: RunState, metrics: dict, efficiency: dict | N
         Path(tmp, RNG_DIR).mkdir()
         torch.save(rng_state(), Path(tmp, RNG_DIR, f"rank{worker.rank}.pt"))
         probe = probe_logits(worker) if final else None
+        if probe and worker.rank == 0 and worker.cfg.method.peft and not worker.cfg.method.deepspeed.enabled:
+            probe |= checked_on_worker(worker, Path(tmp, artifact_name(worker.cfg.method)), probe)
         if worker.rank == 0:
             Path(tmp, PROGRESS_FILE).write_text(state.to_json())
             write_metrics(tmp, state.history)
@@ -121,10 +124,8 @@ def rank_files(checkpoint, rank: int, world: int):
 
 @torch.no_grad()
 def probe_logits(worker) -> dict:
-    """Logits of the trained model on two validation rows: the export is checked against them."""
-    if worker.probe_rows is None:
-        validate(worker)
-    inputs = collate(worker.probe_rows, worker.pad_id, worker.device)
+    """Logits of the trained model on the first two validation rows: the export is checked against them."""
+    inputs = collate({k: v[:2] for k, v in worker.val_rows.items()}, worker.pad_id, worker.device)
     # causal: the first PROBE_TOKENS positions depend on nothing after them, and the probe stays small
     # (2 x 32 x vocabulary floats: 33 MB for a 128k vocabulary, where whole rows would be hundreds)
     inputs = {k: v[:, :PROBE_TOKENS] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -136,6 +137,54 @@ def probe_logits(worker) -> dict:
     backend.train(True)
     keep = {k: v.cpu() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     return {"inputs": keep, "logits": logits.float().cpu()}
+
+
+def checked_on_worker(worker, artifact: Path, probe: dict) -> dict:
+    """`export_check` of the adapter just written, here on rank 0 (a fresh base from the node's copy plus the
+    adapter files: ~2 s, where a cold Ray task after the run took ~8 s), and the base weights' sha256; {} when
+    the device has no room for the second base beside the training state (the driver then checks in a task)."""
+    from honed.models import weights_hash
+
+    try:
+        check = export_check(worker.cfg, worker.plan.model_path, artifact, probe, worker.device)
+    except torch.OutOfMemoryError:
+        return {}
+    return {"check": check, "base_weights_sha256": weights_hash(worker.plan.model_path)}
+
+
+def export_check(cfg, model_path: str, artifact: Path, probe: dict, device: torch.device) -> dict:
+    """The exported artifact (a local dir), loaded the way users load it in the dtype it trained in, against the
+    logits the trained model gave on the probe rows (same autocast as training): the largest difference and the
+    tolerance by dtype (honed.merge.tolerance_for: fp32 1e-3; bf16/fp16 a share of the logits). The caller
+    refuses a difference over the tolerance (honed.train.trainer.refuse_mismatch)."""
+    from honed.merge import tolerance_for
+    from honed.train.methods import compute_dtype
+
+    compute = compute_dtype(cfg.model.dtype, device)
+    model = load_artifact(cfg, model_path, artifact, device).eval()
+    inputs = {k: v.to(device) for k, v in probe["inputs"].items()}
+    with torch.no_grad(), torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                       position_ids=inputs.get("position_ids"), use_cache=False).logits.float().cpu()
+    diff, scale = float((logits - probe["logits"]).abs().max()), float(probe["logits"].abs().max())
+    return {"max_abs_diff": diff, "max_abs_logit": scale, "rows": int(inputs["input_ids"].shape[0]),
+            "tolerance": tolerance_for(compute, scale, quantized=False), "dtype": str(compute).removeprefix("torch."),
+            "device": device.type}
+
+
+def load_artifact(cfg, model_path: str, artifact: Path, device: torch.device):
+    """The exported artifact as a model on `device`, loaded the way users load it (base + adapter, or the full
+    dir) in the dtype it trained in."""
+    from honed.train.methods import compute_dtype, load_base, weights_dtype
+
+    if cfg.method.name == "full":
+        from transformers import AutoModelForCausalLM
+
+        dtype = weights_dtype(cfg.method, compute_dtype(cfg.model.dtype, device))
+        return AutoModelForCausalLM.from_pretrained(artifact, dtype=dtype, device_map={"": device})
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base(cfg.method, model_path, cfg.model.dtype, device), artifact)
 
 
 def seed_everything(seed: int) -> None:

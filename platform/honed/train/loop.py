@@ -15,6 +15,7 @@ zero-weight copy), so collective-heavy backends (ZeRO-3) see the same number of 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,6 +44,30 @@ from honed.train.plan import RunPlan
 from honed.train.validation import all_reduce_sum, should_stop, validate
 
 
+class Phases:
+    """Seconds this worker spent by phase (set-up, waiting for the first batch, training steps, validation,
+    checkpoints), for the run's `phases` (honed.train.trainer.job_phases adds the driver's part)."""
+
+    def __init__(self):
+        self.started_at = time.time()
+        self.seconds: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def report(self) -> dict:
+        return {"started_at": self.started_at, "finished_at": time.time()} | {
+            f"{name}_s": round(seconds, 3) for name, seconds in self.seconds.items()}
+
+
 @dataclasses.dataclass
 class Worker:
     """What one training process holds for the whole run."""
@@ -60,14 +85,18 @@ class Worker:
     peak_flops: tuple[float, str]  # FLOP/s of this worker's device, and where the figure comes from
     load: dict = dataclasses.field(default_factory=dict)  # memory and parameters held while the model loaded
     zero3: object = None  # transformers' HfDeepSpeedConfig under ZeRO-3: alive as long as the model
-    probe_rows: dict | None = None  # two validation rows, kept for the export check
-    val_batches: list | None = None  # the capped validation set, read once (honed.train.validation)
+    val_rows: dict | None = None  # the capped validation set as columns, read once by the driver
+    phases: Phases = dataclasses.field(default_factory=Phases)  # where this worker's time went
 
 
 def train_loop_per_worker(config: dict) -> None:
     cfg, plan = config["cfg"], config["plan"]
-    worker = setup(cfg, plan)
-    state = restore(worker)
+    phases = Phases()
+    stream = EarlyStream(plan)  # Ray Data starts the train stream while the model loads
+    with phases.timed("worker_setup"):
+        worker = setup(cfg, plan)
+        worker.val_rows, worker.phases = config["val_rows"], phases
+        state = restore(worker)
     if state is None:
         state = RunState()
     elif worker.rank == 0:
@@ -78,7 +107,10 @@ def train_loop_per_worker(config: dict) -> None:
     window = Window()
     step_start = time.perf_counter()
     worker.backend.train()
-    for epoch, micro_batches in optimizer_steps(worker, state):
+    for epoch, micro_batches in optimizer_steps(worker, state, stream):
+        if "first_batch" not in phases.seconds:  # what is left of Ray Data's start-up after the set-up
+            phases.add("first_batch", time.perf_counter() - step_start)
+            step_start = time.perf_counter()
         inputs = [worker.objective.collate(rows, worker.pad_id, worker.device) for rows in micro_batches]
         share = objective_share(worker, inputs)
         step_tokens = [0, 0, 0]  # fed, non-pad, labelled: this worker, this optimizer step
@@ -94,7 +126,9 @@ def train_loop_per_worker(config: dict) -> None:
                 step_tokens[j] += n
         grad_norm = worker.backend.step()
         state.step += 1
-        state.meter.add(time.perf_counter() - step_start, *step_tokens)
+        step_time = time.perf_counter() - step_start
+        state.meter.add(step_time, *step_tokens)
+        phases.add("training_steps", step_time)
         window.tokens += step_tokens[1]
         if end_of_step(worker, state, window, epoch, grad_norm):
             return
@@ -168,17 +202,50 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> tuple[float, str]:
     return device_peak_flops(device, compute_dtype(cfg.model.dtype, device), cfg.efficiency.peak_flops, barrier)
 
 
-def optimizer_steps(worker: Worker, state: RunState):
+class EarlyStream:
+    """The train stream's first pass, started in a thread at once: its first global micro-batch is read while
+    the worker loads the model (Ray Data's start-up took ~7 s on 2 CPUs, as long as the set-up). Every epoch
+    reads the same ordered stream, so the first pass serves whichever epoch the run starts (or resumes) in."""
+
+    def __init__(self, plan: RunPlan):
+        import threading
+
+        import ray.train
+
+        self.shard, self.batch_size = ray.train.get_dataset_shard("train"), plan.global_micro_batch
+        self.batches, self.first, self.error = self.epoch(), None, None
+        self.thread = threading.Thread(target=self._read_first, daemon=True)
+        self.thread.start()
+
+    def epoch(self):
+        return iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True))
+
+    def _read_first(self) -> None:
+        try:
+            self.first = next(self.batches, None)
+        except BaseException as err:  # raised in the training thread, where Ray Train sees it
+            self.error = err
+
+    def first_pass(self):
+        """The first pass over the stream, starting with the batch read early."""
+        self.thread.join()
+        if self.error:
+            raise self.error
+        if self.first is not None:
+            yield self.first
+            yield from self.batches
+
+
+def optimizer_steps(worker: Worker, state: RunState, stream: EarlyStream):
     """(epoch, this rank's rows of each micro-batch) for every optimizer step still to train, epoch after epoch;
     the steps of the current epoch that `state` already trained are skipped."""
-    import ray.train
-
     optim, plan = worker.cfg.optim, worker.plan
-    shard = ray.train.get_dataset_shard("train")
+    passes = 0
     while True:
         epoch, done_in_epoch = divmod(state.step, plan.steps_per_epoch)
         skip = done_in_epoch * optim.grad_accum_steps  # micro-batches of this epoch already trained
-        batches = shard.iter_batches(batch_size=plan.global_micro_batch, batch_format="numpy", drop_last=True)
+        batches = stream.first_pass() if passes == 0 else stream.epoch()
+        passes += 1
         batches = length_grouped(batches, optim.group_by_length, seed=(worker.cfg.seed, epoch))
         step: list[dict] = []
         for i, global_batch in enumerate(batches):
@@ -217,7 +284,8 @@ def end_of_step(worker: Worker, state: RunState, window: Window, epoch: int, gra
     metrics = window_metrics(worker, window, step, epoch, grad_norm)
     early_stop = False
     if save and (last or worker.plan.validate_at_checkpoints):
-        metrics.update(validate(worker))
+        with worker.phases.timed("validation"):
+            metrics.update(validate(worker))
         early_stop = should_stop(state.history + [metrics], cfg.early_stopping)
         if early_stop and worker.rank == 0:
             progress(f"early stop at step {step}: {cfg.early_stopping.metric} has not improved "
@@ -234,7 +302,8 @@ def end_of_step(worker: Worker, state: RunState, window: Window, epoch: int, gra
     efficiency = run_efficiency(worker, state) if done else None
     if efficiency and worker.rank == 0:
         progress(format_report(efficiency))
-    save_checkpoint(worker, state, metrics, efficiency, final=done)
+    with worker.phases.timed("checkpoints"):  # the final one ends after the report: the driver times it
+        save_checkpoint(worker, state, metrics, efficiency, final=done)
     return done
 
 
@@ -272,7 +341,8 @@ def run_efficiency(worker: Worker, state: RunState) -> dict:
                              params=matmul_params(worker.backend.model, worker.total_params, worker.trainable_params),
                              peak_flops_source=worker.peak_flops[1], memory_mb=[g["memory"] for g in gathered],
                              memory_kind=kind, method=worker.cfg.method.name, world_size=worker.world) | {
-        "workers": [{k: g[k] for k in ("rank", "node_id", "pid", "load")} for g in gathered]}
+        "workers": [{k: g[k] for k in ("rank", "node_id", "pid", "load")} for g in gathered],
+        "worker_phases": worker.phases.report()}
 
 
 def ray_report(metrics: dict) -> None:

@@ -1,7 +1,7 @@
 """The run plan: what a validated `TrainConfig` means on its prepared dataset, computed once on the driver.
 
     plan = plan_run(cfg)                    # ValueError when config and dataset do not fit together
-    TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": cfg, "plan": plan}, ...)
+    TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": cfg, "plan": plan, "val_rows": rows}, ...)
     plan.model_path                         # in a worker: the base model's dir on this node (fetched once)
 
 The plan is frozen: the driver, every worker and the export read the same steps, batch geometry, sources and

@@ -3,10 +3,10 @@
     honed train jobs/train_lora.yaml optim.lr=1e-3 scaling.num_workers=2
 
 Writes `output_dir/`: adapter/ (PEFT safetensors + honed.json) for lora/qlora/prefix/ia3 or model/ (a full HF
-model + honed.json) for full fine-tuning, metrics.jsonl, efficiency.json, progress.jsonl (the live log),
-train.yaml, report.md with plots/ and tensorboard/ (honed.report); Ray Train's checkpoints live under
-`storage_path` (default `output_dir/checkpoints`). Rerunning the same command with the same `name` and
-`storage_path` resumes from the latest checkpoint. With
+model + honed.json) for full fine-tuning, metrics.jsonl, efficiency.json (with `phases`: where the job's time
+went, also printed), progress.jsonl (the live log), train.yaml, report.md with plots/ and tensorboard/
+(honed.report); Ray Train's checkpoints live under `storage_path` (default `output_dir/checkpoints`). Rerunning
+the same command with the same `name` and `storage_path` resumes from the latest checkpoint. With
 `register: {name: icd10-lora}` the adapter is also added to the adapter registry (honed.registry) as icd10-lora@N.
 
 `data_dir`, `output_dir`, `storage_path` and the registry may be object-storage URIs (s3://...) and the model
@@ -17,21 +17,25 @@ node, the driver exports into a local staging dir and uploads it (honed.storage.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from honed.artifacts import (
-    EFFICIENCY_FILE, METRICS_FILE, PROBE_FILE, RUN_CONFIG, manifest_sha256, read_efficiency, read_manifest, write_meta,
+    EFFICIENCY_FILE, METRICS_FILE, PROBE_FILE, RUN_CONFIG, manifest_sha256, read_efficiency, read_manifest,
+    write_efficiency, write_meta,
 )
 from honed.config import TrainConfig, dump_config
 from honed.models import weights_hash
 from honed.report import write_train_report
 from honed.runtime import run_task, task_device
-from honed.storage import absolute, is_uri, join, staged, upload_dir
+from honed.storage import absolute, filesystem, is_uri, join, staged, upload_dir
 from honed.train.backends import artifact_name
 from honed.train.loop import train_loop_per_worker
-from honed.train.methods import compute_dtype
+from honed.train.checkpointing import export_check
 from honed.train.plan import RunPlan, plan_run
 
 # Shard reads are light (tokenized Parquet): a quarter CPU each, so nodes whose CPUs the training workers
@@ -49,12 +53,14 @@ def train(cfg: TrainConfig, callbacks: list | None = None, plan: RunPlan | None 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    marks = {"start": time.time()}
     manifest = read_manifest(cfg.data_dir)
     plan = plan or plan_run(cfg, manifest)
+    val_rows = validation_rows(join(absolute(cfg.data_dir), "shards", "val"), manifest, cfg.val_max_examples)
     resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "plan": plan},
+        train_loop_config={"cfg": cfg, "plan": plan, "val_rows": val_rows},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.scaling.placement_strategy),
@@ -71,21 +77,59 @@ def train(cfg: TrainConfig, callbacks: list | None = None, plan: RunPlan | None 
     )
     print(f"[honed.train] {cfg.method.name}{deepspeed_label(cfg)}: {plan.total_steps} steps on "
           f"{cfg.scaling.num_workers} workers ({plan.steps_per_epoch} per epoch)", flush=True)
+    marks["fit"] = time.time()
     result = trainer.fit()
+    marks["fitted"] = time.time()
     with staged(cfg.output_dir) as out:  # output_dir itself, or a local dir uploaded to its URI at the end
         metrics = export_result(result, cfg, manifest, plan, out)
+        marks["exported"] = time.time()
         metrics["report"] = join(cfg.output_dir, write_train_report(out).name)
+        marks["reported"] = time.time()
         if cfg.register:  # PEFT methods only (the config refuses `register` with method full)
             metrics["registered"] = register_adapter(cfg, out / "adapter")
+        record_phases(out, metrics, marks)
     return metrics
+
+
+def record_phases(out: Path, metrics: dict, marks: dict) -> None:
+    """Where `train()`'s wall time went (`job_phases`), added to the run's efficiency.json (and `metrics`) as
+    `phases` and printed: the fixed cost is everything but the training steps."""
+    efficiency = metrics.get("efficiency")
+    if not efficiency or "worker_phases" not in efficiency:  # a rerun of a finished run trains nothing
+        return
+    marks["done"] = time.time()
+    efficiency["phases"] = job_phases(marks, efficiency.pop("worker_phases"))
+    write_efficiency(out, efficiency)
+    print(f"[honed.train] {format_phases(efficiency['phases'])}", flush=True)
+
+
+def job_phases(marks: dict, worker: dict) -> dict:
+    """Seconds of `train()` by phase, from the driver's `marks` (wall-clock times: start, fit, fitted, exported,
+    reported, done) and rank 0's `worker` phases (honed.train.loop.Phases.report); `fixed_s` is all but
+    `training_steps_s`. Worker and driver share a clock on one node; on a cluster `workers_start_s` and
+    `final_checkpoint_s` carry the nodes' clock offset."""
+    parts = {"plan_and_val_read_s": marks["fit"] - marks["start"],
+             "workers_start_s": worker["started_at"] - marks["fit"],
+             **{k: v for k, v in worker.items() if k.endswith("_s")},
+             "final_checkpoint_s": marks["fitted"] - worker["finished_at"],
+             "export_s": marks["exported"] - marks["fitted"], "report_s": marks["reported"] - marks["exported"],
+             "after_report_s": marks["done"] - marks["reported"]}
+    total = marks["done"] - marks["start"]
+    return {k: round(v, 2) for k, v in parts.items()} | {
+        "train_s": round(total, 2), "fixed_s": round(total - worker["training_steps_s"], 2)}
+
+
+def format_phases(phases: dict) -> str:
+    parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}" for k, v in phases.items()
+                      if k not in ("train_s", "fixed_s"))
+    return f"{phases['train_s']:.1f} s in train(), fixed cost {phases['fixed_s']:.1f} s (seconds: {parts})"
 
 
 def datasets(cfg: TrainConfig, manifest: dict) -> dict:
     import ray.data
 
     shards = join(absolute(cfg.data_dir), "shards")  # read by Ray Data tasks on any node: local path or URI
-    return {"train": ray.data.read_parquet(join(shards, "train"), ray_remote_args=READ_ARGS),
-            "val": validation_dataset(join(shards, "val"), manifest, cfg.val_max_examples)}
+    return {"train": ray.data.read_parquet(join(shards, "train"), ray_remote_args=READ_ARGS)}
 
 
 def register_adapter(cfg: TrainConfig, adapter: Path) -> str:
@@ -106,21 +150,35 @@ def deepspeed_label(cfg: TrainConfig) -> str:
     return f" + DeepSpeed ZeRO-{ds.zero_stage}" + (f" (offload {', '.join(offload)})" if offload else "")
 
 
-def validation_dataset(path: str | Path, manifest: dict, per_source: int):
-    """At most `per_source` rows of each source's validation set, so every source keeps its voice."""
-    import ray.data
-    from ray.data.expressions import col
+def validation_rows(path: str | Path, manifest: dict, per_source: int) -> dict[str, np.ndarray]:
+    """The first `per_source` rows of each source's validation set (so every source keeps its voice), source
+    after source in the manifest's order, as numpy columns like a Ray Data batch. Read here once with pyarrow
+    and handed to the workers: the capped set is small, and a Ray Data execution per worker cost ~9 s."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
 
-    val = ray.data.read_parquet(str(path), ray_remote_args=READ_ARGS)
+    fs, root = filesystem(path) if is_uri(path) else (None, str(path))
+    val = pads.dataset(root, format="parquet", filesystem=fs)
     sources = [name for name, c in manifest["counts"]["by_source"].items() if c["val"]]
-    parts = [val.filter(expr=col("source") == name).limit(per_source) for name in sources]
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    table = pa.concat_tables([val.filter(pc.field("source") == name).head(per_source) for name in sources])
+    return {name: column_values(table[name]) for name in table.column_names}
+
+
+def column_values(column) -> np.ndarray:
+    """A column as Ray Data's numpy batches hold it: token lists as an object array of int arrays."""
+    values = column.to_pylist()
+    if values and isinstance(values[0], list):
+        out = np.empty(len(values), dtype=object)
+        out[:] = [np.asarray(v) for v in values]
+        return out
+    return np.asarray(values)
 
 
 def export_result(result, cfg: TrainConfig, manifest: dict, plan: RunPlan, out: Path) -> dict:
     """Copy the final artifact, metrics and efficiency report out of Ray Train storage into `out` (the local
-    output dir or its staging copy), describe the artifact in honed.json, and check (a Ray task, on a node that
-    holds the base model) that it reloads to the logits the trained model gave."""
+    output dir or its staging copy), describe the artifact in honed.json, and check that it reloads to the logits the
+    trained model gave: rank 0 checked an adapter before its last report (honed.train.checkpointing), a full
+    model is checked here by a Ray task on a node that holds the base model."""
     if result.error:
         raise result.error
     name = artifact_name(cfg.method)
@@ -137,8 +195,12 @@ def export_result(result, cfg: TrainConfig, manifest: dict, plan: RunPlan, out: 
                 (artifact / f).write_bytes(data)
     # The check task may run on another node: it reads the artifact where that node can see it.
     reachable = upload_dir(artifact, join(cfg.output_dir, name)) if is_uri(cfg.output_dir) else str(artifact)
-    check, base_sha = run_task(verify_export, cfg, plan, reachable, probe,
-                               num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0)
+    if "check" in probe:  # checked by rank 0 on the exported files before it reported the final checkpoint
+        check, base_sha = probe["check"], probe["base_weights_sha256"]
+    else:
+        check, base_sha = run_task(verify_export, cfg, plan, reachable, probe,
+                                   num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0)
+    refuse_mismatch(check, join(cfg.output_dir, name))
     metrics = dict(result.metrics or {}) | {"efficiency": read_efficiency(out), "export_check": check}
     write_meta(artifact, {
         "base_model": cfg.model.name_or_path,
@@ -167,43 +229,20 @@ class ExportMismatch(RuntimeError):
 
 
 def verify_export(cfg: TrainConfig, plan: RunPlan, artifact: str, probe: dict) -> tuple[dict, str]:
-    """Runs as a Ray task on the training's accelerator: the exported artifact (a local dir or a URI), loaded the
-    way users load it in the dtype it trained in, against the logits the trained model gave on the probe rows
-    (same autocast as training). Tolerance by dtype (honed.merge.tolerance_for: fp32 1e-3; bf16/fp16 a share of
-    the logits). Returns the check and the base weights' sha256 (hashed here, where the base model is)."""
-    from honed.merge import tolerance_for
+    """Runs as a Ray task on the training's accelerator, where the workers did not check the export themselves
+    (full fine-tuning, DeepSpeed: no room for a second model copy there): honed.train.checkpointing.export_check
+    on the exported artifact (a local dir or a URI). Returns the check and the base weights' sha256 (hashed
+    here, where the base model is)."""
     from honed.storage import local_copy
 
-    device = task_device(cfg.scaling.use_gpu)
-    compute = compute_dtype(cfg.model.dtype, device)
-    model_path = plan.model_path
     with local_copy(artifact) as local:
-        model = load_artifact(cfg, model_path, local, device).eval()
-    inputs = {k: v.to(device) for k, v in probe["inputs"].items()}
-    with torch.no_grad(), torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                       position_ids=inputs.get("position_ids"), use_cache=False).logits.float().cpu()
-    diff, scale = float((logits - probe["logits"]).abs().max()), float(probe["logits"].abs().max())
-    check = {"max_abs_diff": diff, "max_abs_logit": scale, "rows": int(inputs["input_ids"].shape[0]),
-             "tolerance": tolerance_for(compute, scale, quantized=False), "dtype": str(compute).removeprefix("torch."),
-             "device": device.type}
-    if diff > check["tolerance"]:
-        raise ExportMismatch(f"the exported {artifact} reloads to logits {diff:.2e} away from the trained model's "
-                             f"(tolerance {check['tolerance']:.1e} in {check['dtype']}): the export is not the "
-                             "model that was trained")
-    return check, weights_hash(model_path)
+        check = export_check(cfg, plan.model_path, local, probe, task_device(cfg.scaling.use_gpu))
+    return check, weights_hash(plan.model_path)
 
 
-def load_artifact(cfg: TrainConfig, model_path: str, artifact: Path, device: torch.device):
-    """The exported artifact as a model on `device`, loaded the way users load it (base + adapter, or the full
-    dir) in the dtype it trained in."""
-    from honed.train.methods import load_base, weights_dtype
-
-    if cfg.method.name == "full":
-        from transformers import AutoModelForCausalLM
-
-        dtype = weights_dtype(cfg.method, compute_dtype(cfg.model.dtype, device))
-        return AutoModelForCausalLM.from_pretrained(artifact, dtype=dtype, device_map={"": device})
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(load_base(cfg.method, model_path, cfg.model.dtype, device), artifact)
+def refuse_mismatch(check: dict, artifact: str) -> None:
+    """ExportMismatch when the reloaded export's logits are further from the trained model's than the tolerance."""
+    if check["max_abs_diff"] > check["tolerance"]:
+        raise ExportMismatch(f"the exported {artifact} reloads to logits {check['max_abs_diff']:.2e} away from the "
+                             f"trained model's (tolerance {check['tolerance']:.1e} in {check['dtype']}): the export "
+                             "is not the model that was trained")

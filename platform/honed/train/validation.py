@@ -3,12 +3,14 @@
     metrics = validate(worker)            # {"val_loss": ..., "val_loss/<source>": ..., dpo: "val_reward_*"}
     should_stop(history, cfg.early_stopping)
 
-Every worker scores its slice of each global validation batch; the sums are added across workers before the
-means are taken, so the figures do not depend on the number of workers.
+The capped validation set is read once by the driver and handed to every worker (`Worker.val_rows`): no Ray
+Data execution per worker or per call. Every worker scores its slice of each global validation batch; the sums
+are added across workers before the means are taken, so the figures do not depend on the number of workers.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from honed.config import EarlyStopping
@@ -21,17 +23,10 @@ def validate(worker) -> dict:
     """Per validation source over the whole (capped) validation set: the mean token loss, or for preference
     pairs under dpo the mean DPO loss with reward accuracy and margin; `val_loss` (and the reward figures)
     pool the domain (trained) sources, weighted by tokens (pairs)."""
-    import ray.train
-
     backend = worker.backend
     backend.train(False)
     sums: dict[str, dict[str, float]] = {}
-    if worker.val_batches is None:  # the capped set is small: read once, not one Ray Data execution per call
-        worker.val_batches = list(ray.train.get_dataset_shard("val").iter_batches(
-            batch_size=worker.plan.val_batch_size * worker.world, batch_format="numpy"))
-    for global_batch in worker.val_batches:
-        if worker.probe_rows is None:  # the export check reuses two rows instead of reading the set again
-            worker.probe_rows = {k: v[:2] for k, v in global_batch.items()}
+    for global_batch in global_batches(worker.val_rows, worker.plan.val_batch_size * worker.world):
         rows = rank_rows(global_batch, worker.rank, worker.world)
         with backend.autocast():
             scored = worker.objective.row_scores(backend.module, rows, worker.pad_id, worker.device)
@@ -41,6 +36,14 @@ def validate(worker) -> dict:
                 acc[key] = acc.get(key, 0.0) + value * weight
     backend.train(True)
     return validation_metrics(all_reduce_sums(sums), list(worker.plan.domain_sources))
+
+
+def global_batches(rows: dict[str, np.ndarray], size: int):
+    """The capped validation set (columns, as the driver read it: honed.train.trainer.validation_rows) in global
+    batches of `size` rows, in order."""
+    n = len(next(iter(rows.values())))
+    for lo in range(0, n, size):
+        yield {k: v[lo:lo + size] for k, v in rows.items()}
 
 
 def validation_metrics(sums: dict[str, dict[str, float]], domain_sources: list[str]) -> dict:

@@ -1,0 +1,55 @@
+"""A real 2-worker LoRA run (the session's `trained`) reports where its time went, and rank 0's export check
+loads the exported files: a tampered adapter fails it."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def test_the_run_records_its_phases(trained):
+    phases = json.loads(Path(trained["dir"], "efficiency.json").read_text())["phases"]
+    assert phases == trained["final"]["efficiency"]["phases"]
+    parts = {k: v for k, v in phases.items() if k not in ("train_s", "fixed_s")}
+    assert {"workers_start_s", "worker_setup_s", "training_steps_s", "validation_s", "final_checkpoint_s",
+            "export_s", "report_s"} <= set(parts) and all(v >= 0 for v in parts.values())
+    assert phases["fixed_s"] == pytest.approx(phases["train_s"] - phases["training_steps_s"], abs=0.02)
+    # the parts are disjoint stretches of train(): they cannot exceed it, and miss only the loop's bookkeeping
+    assert 0.8 * phases["train_s"] <= sum(parts.values()) <= phases["train_s"] + 0.1
+
+
+def final_checkpoint(trained) -> Path:
+    meta = json.loads(Path(trained["adapter"], "honed.json").read_text())
+    return Path(meta["checkpoint"])
+
+
+def test_rank_zero_checked_the_export_it_wrote(trained):
+    probe = torch.load(final_checkpoint(trained) / "probe.pt", weights_only=False)
+    check = probe["check"]
+    assert check == trained["final"]["export_check"] and check["max_abs_diff"] <= check["tolerance"]
+    meta = json.loads(Path(trained["adapter"], "honed.json").read_text())
+    assert meta["base_weights_sha256"] == probe["base_weights_sha256"]
+
+
+def test_a_tampered_adapter_fails_the_export_check(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from honed.models import resolve_model
+    from honed.train.checkpointing import export_check
+    from honed.train.trainer import ExportMismatch, refuse_mismatch
+
+    tampered = tmp_path / "adapter"
+    shutil.copytree(trained["adapter"], tampered)
+    weights = load_file(str(tampered / "adapter_model.safetensors"))
+    doubled = {k: v * 2 if "lora_B" in k else v for k, v in weights.items()}  # the update twice as large
+    save_file(doubled, str(tampered / "adapter_model.safetensors"))
+    probe = torch.load(final_checkpoint(trained) / "probe.pt", weights_only=False)
+    cfg = trained["config"]
+    model_path = resolve_model(cfg.model.name_or_path)
+    assert export_check(cfg, model_path, Path(trained["adapter"]), probe, torch.device("cpu"))["max_abs_diff"] \
+        <= probe["check"]["tolerance"]
+    check = export_check(cfg, model_path, tampered, probe, torch.device("cpu"))
+    with pytest.raises(ExportMismatch, match="reloads to logits"):
+        refuse_mismatch(check, str(tampered))

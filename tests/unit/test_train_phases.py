@@ -1,0 +1,90 @@
+"""The fixed cost of a training job, and what cut it: the capped validation set read once by the driver (local
+path and a real S3-compatible server), cut into global batches in the worker, and the run's `phases`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from s3_server import BUCKET, moto_s3
+
+MANIFEST = {"counts": {"by_source": {"kjv": {"val": 3}, "icd10": {"val": 4}, "probe_free": {"val": 0}}}}
+
+
+def write_val_shards(directory) -> None:
+    """Two Parquet files whose rows interleave the sources, token lists of varying length."""
+    rows = [{"source": "icd10" if i % 3 else "kjv", "input_ids": list(range(i + 2)),
+             "labels": [-100] + list(range(i + 1)), "num_tokens": i + 2} for i in range(7)]
+    for part, chunk in enumerate((rows[:4], rows[4:])):
+        pq.write_table(pa.Table.from_pylist(chunk), f"{directory}/val-{part}.parquet")
+
+
+def check_capped(rows: dict) -> None:
+    assert list(rows["source"]) == ["kjv", "kjv", "icd10", "icd10"]  # source after source, in the manifest's order
+    assert [len(x) for x in rows["input_ids"]] == [2, 5, 3, 4]  # each source's first rows, in file order
+    assert rows["input_ids"].dtype == object and isinstance(rows["input_ids"][0], np.ndarray)  # as Ray Data's batches
+    assert list(rows["num_tokens"]) == [2, 5, 3, 4]
+
+
+def test_validation_rows_take_the_first_rows_of_each_source(tmp_path):
+    from honed.train.trainer import validation_rows
+
+    write_val_shards(tmp_path)
+    check_capped(validation_rows(tmp_path, MANIFEST, 2))
+    assert len(validation_rows(tmp_path, MANIFEST, 100)["source"]) == 7
+
+
+def test_validation_rows_read_from_object_storage(tmp_path):
+    from honed.storage import upload_dir
+    from honed.train.trainer import validation_rows
+
+    write_val_shards(tmp_path)
+    with moto_s3():
+        uri = upload_dir(tmp_path, f"s3://{BUCKET}/data/shards/val")
+        check_capped(validation_rows(uri, MANIFEST, 2))
+
+
+def test_global_batches_cover_the_set_in_order():
+    from honed.train.validation import global_batches
+
+    rows = {"source": np.array(list("abcdefg")), "num_tokens": np.arange(7)}
+    batches = list(global_batches(rows, 3))
+    assert [list(b["source"]) for b in batches] == [["a", "b", "c"], ["d", "e", "f"], ["g"]]
+
+
+def test_job_phases_split_the_run_into_its_parts():
+    from honed.train.trainer import format_phases, job_phases
+
+    marks = {"start": 100.0, "fit": 101.0, "fitted": 150.0, "exported": 152.0, "reported": 153.0, "done": 153.5}
+    worker = {"started_at": 105.0, "finished_at": 147.0, "worker_setup_s": 4.0, "first_batch_s": 3.0,
+              "training_steps_s": 30.0, "validation_s": 4.5}
+    phases = job_phases(marks, worker)
+    assert phases["workers_start_s"] == 4.0 and phases["final_checkpoint_s"] == 3.0
+    assert phases["export_s"] == 2.0 and phases["report_s"] == 1.0 and phases["after_report_s"] == 0.5
+    assert phases["train_s"] == 53.5 and phases["fixed_s"] == 23.5  # all but the training steps
+    line = format_phases(phases)
+    assert "fixed cost 23.5 s" in line and "validation 4.5" in line
+
+
+def test_worker_phases_add_up_by_name():
+    from honed.train.loop import Phases
+
+    phases = Phases()
+    phases.add("validation", 1.5)
+    with phases.timed("validation"):
+        pass
+    phases.add("checkpoints", 2.0)
+    report = phases.report()
+    assert 1.5 <= report["validation_s"] < 1.6 and report["checkpoints_s"] == 2.0
+    assert report["finished_at"] >= report["started_at"]
+
+
+@pytest.mark.parametrize("cap", [0, -1])
+def test_val_max_examples_must_be_positive(cap):
+    from pydantic import ValidationError
+
+    from honed.config import TrainConfig
+
+    with pytest.raises(ValidationError, match="val_max_examples"):
+        TrainConfig.model_validate({"val_max_examples": cap})
