@@ -382,6 +382,8 @@ def test_deepspeed_buckets_are_sized_to_the_model(tmp_path):
     assert zero3["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1024 ** 2,
                                           "stage3_prefetch_bucket_size": int(0.9 * 1024 ** 2),
                                           "stage3_param_persistence_threshold": 10240,
+                                          "stage3_max_live_parameters": 12 * 1024 ** 2,
+                                          "stage3_max_reuse_distance": 12 * 1024 ** 2,
                                           "stage3_gather_16bit_weights_on_model_save": True}
     assert zero_buckets(2, 64) == {"reduce_bucket_size": 4096, "allgather_bucket_size": 4096}
     assert zero_buckets(2, None) == {}  # no model at hand: DeepSpeed's defaults

@@ -234,8 +234,12 @@ def zero_buckets(stage: int, hidden_size: int | None) -> dict:
         return {}
     square = hidden_size * hidden_size
     if stage == 3:
+        # live parameters and reuse distance default to 1e9 elements: more than a whole 400 M model, so every
+        # layer gathered in a step may stay gathered on every rank — one full model copy besides the partition.
+        # One layer's worth (~12·hidden² in a decoder block) bounds what a rank keeps gathered.
         return {"reduce_bucket_size": square, "stage3_prefetch_bucket_size": int(0.9 * square),
-                "stage3_param_persistence_threshold": 10 * hidden_size}
+                "stage3_param_persistence_threshold": 10 * hidden_size,
+                "stage3_max_live_parameters": 12 * square, "stage3_max_reuse_distance": 12 * square}
     return {"reduce_bucket_size": square, "allgather_bucket_size": square}
 
 
