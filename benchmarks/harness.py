@@ -324,3 +324,54 @@ def wait_for_quiet() -> float:
     while os.getloadavg()[0] > max_load and time.perf_counter() - started < max_wait:
         time.sleep(5)
     return round(time.perf_counter() - started, 1)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningRay:
+    """A Ray head of the benchmark's own (`ray start --head --block` in a session of its own, its own ports and
+    temp dir: other Ray users of the machine are left alone), as a job submitted to a cluster finds it; `client_env`
+    points a child process at it. Stopped by signalling its process group."""
+
+    def __init__(self, num_cpus: int):
+        self.temp_dir = tempfile.mkdtemp(prefix="rayb", dir="/tmp")  # Ray's socket paths must stay short
+        self.gcs = free_port()
+        ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                         "metrics-export-port", "runtime-env-agent-port")]
+        # `ray start` turns token auth on; its drivers then need RAY_AUTH_MODE=token too (`client_env`)
+        self.env = {k: v for k, v in bench_env(1).items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
+        self.log = open(Path(self.temp_dir) / "ray-start.log", "wb")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={self.gcs}",
+             f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
+             f"--temp-dir={self.temp_dir}", *ports],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.address = f"127.0.0.1:{self.gcs}"
+        self.client_env = {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token"}
+
+    def wait(self, timeout_s: float = 120) -> None:
+        """Until a driver connects and runs a task (the head's raylet then has its idle workers up)."""
+        probe = "import ray; ray.init(); ray.get(ray.remote(lambda: 1).remote())"
+        deadline = time.time() + timeout_s
+        while subprocess.run([sys.executable, "-c", probe], env=self.env | self.client_env,
+                             capture_output=True, timeout=timeout_s).returncode:
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray start never answered: {Path(self.temp_dir, 'ray-start.log').read_text()[-2000:]}")
+            time.sleep(2)
+
+    def stop(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -197,3 +197,22 @@ def test_merge_reads_its_adapter_from_and_writes_the_model_to_object_storage(s3,
     assert json.loads(read_text(f"{s3}/merge/merged/merge.json"))["reloaded_diff"] == report["reloaded_diff"]
     assert is_file(f"{s3}/merge/merged/model.safetensors") and is_file(f"{s3}/merge/merged/tokenizer.json")
     assert read_meta(f"{s3}/merge/merged")["merged_from"] == adapter
+
+
+def test_weights_hash_is_remembered_per_node_until_a_file_changes(tiny_model, node, tmp_path):
+    import hashlib
+
+    from honed.models import weights_hash
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = next(model.glob("*.safetensors"))
+    first = weights_hash(str(model))
+    assert first == hashlib.sha256(weights.read_bytes()).hexdigest()  # one file: the hash of its bytes
+    assert len(list((node / "weights_sha256").iterdir())) == 1
+    assert weights_hash(str(model)) == first  # read back from the node's cache
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size, new bytes and mtime: hashed again
+    weights.write_bytes(bytes(data))
+    changed = weights_hash(str(model))
+    assert changed != first and changed == hashlib.sha256(bytes(data)).hexdigest()

@@ -21,10 +21,12 @@ def write_val_shards(directory) -> None:
 
 
 def check_capped(rows: dict) -> None:
-    assert list(rows["source"]) == ["kjv", "kjv", "icd10", "icd10"]  # source after source, in the manifest's order
-    assert [len(x) for x in rows["input_ids"]] == [2, 5, 3, 4]  # each source's first rows, in file order
+    # each source's first rows in file order (kjv: 2 and 5 tokens, icd10: 3 and 4), then longest first: a
+    # validation batch pads to its longest row
+    assert [len(x) for x in rows["input_ids"]] == [5, 4, 3, 2]
+    assert list(rows["source"]) == ["kjv", "icd10", "icd10", "kjv"]
     assert rows["input_ids"].dtype == object and isinstance(rows["input_ids"][0], np.ndarray)  # as Ray Data's batches
-    assert list(rows["num_tokens"]) == [2, 5, 3, 4]
+    assert list(rows["num_tokens"]) == [5, 4, 3, 2]
 
 
 def test_validation_rows_take_the_first_rows_of_each_source(tmp_path):
@@ -57,14 +59,15 @@ def test_job_phases_split_the_run_into_its_parts():
     from honed.train.trainer import format_phases, job_phases
 
     marks = {"start": 100.0, "fit": 101.0, "fitted": 150.0, "exported": 152.0, "reported": 153.0, "done": 153.5}
-    worker = {"started_at": 105.0, "finished_at": 147.0, "worker_setup_s": 4.0, "first_batch_s": 3.0,
-              "training_steps_s": 30.0, "validation_s": 4.5}
+    worker = {"started_at": 105.0, "finished_at": 147.0, "worker_setup_s": 4.0, "worker_setup.model_s": 2.5,
+              "first_batch_s": 3.0, "training_steps_s": 30.0, "validation_s": 4.5}
     phases = job_phases(marks, worker)
+    assert "worker_setup.model_s" not in phases  # a part of worker_setup_s, not a stretch of its own
     assert phases["workers_start_s"] == 4.0 and phases["final_checkpoint_s"] == 3.0
     assert phases["export_s"] == 2.0 and phases["report_s"] == 1.0 and phases["after_report_s"] == 0.5
     assert phases["train_s"] == 53.5 and phases["fixed_s"] == 23.5  # all but the training steps
-    line = format_phases(phases)
-    assert "fixed cost 23.5 s" in line and "validation 4.5" in line
+    line = format_phases(phases, {"model_s": 2.5})
+    assert "fixed cost 23.5 s" in line and "validation 4.5" in line and "worker setup 4.0 (model 2.5)" in line
 
 
 def test_worker_phases_add_up_by_name():
@@ -88,3 +91,23 @@ def test_val_max_examples_must_be_positive(cap):
 
     with pytest.raises(ValidationError, match="val_max_examples"):
         TrainConfig.model_validate({"val_max_examples": cap})
+
+
+def test_a_small_train_set_is_read_whole_in_ray_datas_order(tmp_path):
+    from honed.train.plan import RunPlan
+    from honed.train.loop import InlineStream
+    from honed.train.trainer import inline_train_rows
+
+    for part in (1, 0):  # written out of order: read back by sorted path, as Ray Data streams them
+        rows = [{"source": "icd10", "input_ids": list(range(i + 1)), "num_tokens": i + 1}
+                for i in range(4 * part, 4 * part + 4)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"train-0000{part}.parquet")
+    size_mb = sum(f.stat().st_size for f in tmp_path.iterdir()) / 2**20
+    assert inline_train_rows(tmp_path, size_mb * 0.99) is None  # over the limit: Ray Data streams it
+    table = inline_train_rows(tmp_path, size_mb)
+    plan = RunPlan(model="m", model_revision=None, total_steps=1, steps_per_epoch=1, micro_batches_per_epoch=1,
+                   global_micro_batch=3, val_batch_size=1, validate_at_checkpoints=False, domain_sources=("icd10",),
+                   packed=False, train_rows=8, live_log="", storage_path=str(tmp_path))
+    batches = list(InlineStream(table, plan).epoch())
+    assert [list(b["num_tokens"]) for b in batches] == [[1, 2, 3], [4, 5, 6]]  # the short last batch dropped
+    assert batches[0]["input_ids"].dtype == object and list(batches[1]["input_ids"][2]) == list(range(6))

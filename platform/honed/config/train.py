@@ -138,6 +138,11 @@ class TrainConfig(Section):
     steps) the domain val_loss fell 3.56 while its standard error at 64 rows is 0.14 (0.08 for a change between
     two validations, which score the same rows), and the KJV probe's rise of 0.04 has 0.02; 256 rows made
     validation ~60 % of a short job's fixed cost on 2 CPUs. Raise it to compare runs of close quality."""
+    inline_data_mb: float = Field(default=32, ge=0)
+    """Train shards of at most this many MB (Parquet, as prepared) are read once by the driver and handed to the
+    workers in memory, served in the order Ray Data would stream them; a larger set, or 0, streams through Ray
+    Data. A short job on a small set otherwise pays Ray Data's start-up in every worker: read tasks in fresh
+    processes, competing with the model load (~8 s of the demo job's set-up on 2 CPUs)."""
     validate_at_checkpoints: bool = False
     """Compute per-source validation loss at every checkpoint (always done at the end)."""
     early_stopping: EarlyStopping | None = None

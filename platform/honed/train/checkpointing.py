@@ -143,12 +143,16 @@ def checked_on_worker(worker, artifact: Path, probe: dict) -> dict:
     """`export_check` of the adapter just written, here on rank 0 (a fresh base from the node's copy plus the
     adapter files: ~2 s, where a cold Ray task after the run took ~8 s), and the base weights' sha256; {} when
     the device has no room for the second base beside the training state (the driver then checks in a task)."""
+    import time
+
     from honed.models import weights_hash
 
+    start = time.perf_counter()
     try:
         check = export_check(worker.cfg, worker.plan.model_path, artifact, probe, worker.device)
     except torch.OutOfMemoryError:
         return {}
+    check["seconds"] = round(time.perf_counter() - start, 3)
     return {"check": check, "base_weights_sha256": weights_hash(worker.plan.model_path)}
 
 

@@ -49,6 +49,19 @@ def flat_row(batch: dict[str, np.ndarray], device: torch.device) -> dict:
             | {"n_tokens": int(row["input_ids"].shape[1])})
 
 
+def numpy_batch(table) -> dict[str, np.ndarray]:
+    """A pyarrow table as Ray Data's numpy batches hold it: token lists as object arrays of int arrays."""
+    out = {}
+    for name in table.column_names:
+        values = table[name].to_pylist()
+        if values and isinstance(values[0], list):
+            out[name] = np.empty(len(values), dtype=object)
+            out[name][:] = [np.asarray(v) for v in values]
+        else:
+            out[name] = np.asarray(values)
+    return out
+
+
 def rank_rows(batch: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
     """This rank's contiguous slice of a global batch, with a `_weight` column; a rank left without rows gets
     one zero-weight copy of the first row so every rank runs the same number of forwards."""

@@ -1,6 +1,7 @@
 """The per-worker training loop, top to bottom: set up → step loop → report.
 
-    TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": cfg, "plan": plan_run(cfg, model_path)})
+    TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": cfg, "plan": plan, "val_rows": rows,
+                                                           "train_rows": table_or_None})
 
 Runs inside Ray Train workers; `cfg` is the validated `TrainConfig`, `plan` the frozen `RunPlan` the driver
 built once (honed.train.plan). The loss is chosen by method (`objective_for`); validation
@@ -10,7 +11,8 @@ Data: every worker iterates the same ordered stream of global micro-batches (`ba
 trains on its own slice of each, so the examples of a step, and hence the loss curve, do not depend on which
 worker reads faster; on resume the stream is replayed from the start of the epoch and the micro-batches
 already trained are skipped. A global micro-batch that runs short still gives every worker a row (a
-zero-weight copy), so collective-heavy backends (ZeRO-3) see the same number of forwards on every rank.
+zero-weight copy), so collective-heavy backends (ZeRO-3) see the same number of forwards on every rank. A train
+set under `inline_data_mb` comes read by the driver and is served as the same stream (`InlineStream`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from honed.train.attention import use_varlen
 from honed.train.backends import make_backend, model_hidden_size, run_deepspeed_config
 from honed.train.batching import length_grouped
 from honed.train.checkpointing import RunState, restore, save_checkpoint, seed_everything
-from honed.train.collate import rank_rows
+from honed.train.collate import numpy_batch, rank_rows
 from honed.train.efficiency import (
     AnonPeak, device_peak_flops, efficiency_report, format_report, held_params, matmul_params, peak_memory_mb,
     rss_anon_mb, tensor_mb,
@@ -92,11 +94,13 @@ class Worker:
 def train_loop_per_worker(config: dict) -> None:
     cfg, plan = config["cfg"], config["plan"]
     phases = Phases()
-    stream = EarlyStream(plan)  # Ray Data starts the train stream while the model loads
+    # Ray Data starts the train stream while the model loads; a small train set came with the config
+    stream = EarlyStream(plan) if config.get("train_rows") is None else InlineStream(config["train_rows"], plan)
     with phases.timed("worker_setup"):
-        worker = setup(cfg, plan)
+        worker = setup(cfg, plan, phases)
         worker.val_rows, worker.phases = config["val_rows"], phases
-        state = restore(worker)
+        with phases.timed("worker_setup.restore"):
+            state = restore(worker)
     if state is None:
         state = RunState()
     elif worker.rank == 0:
@@ -145,9 +149,10 @@ def objective_share(worker: Worker, inputs: list[dict]) -> float:
     return worker.world / max(total, 1.0)
 
 
-def setup(cfg: TrainConfig, plan: RunPlan) -> Worker:
+def setup(cfg: TrainConfig, plan: RunPlan, phases: Phases | None = None) -> Worker:
     """Threads, seeds, tokenizer, the model with its method applied, the backend, the objective and the peak
-    FLOP/s that MFU is measured against."""
+    FLOP/s that MFU is measured against; each part timed into `phases` as `worker_setup.<part>`."""
+    phases = phases or Phases()
     import ray.train
     import ray.train.torch
 
@@ -157,11 +162,12 @@ def setup(cfg: TrainConfig, plan: RunPlan) -> Worker:
     device = ray.train.torch.get_device()
 
     seed_everything(cfg.seed)  # identical initial weights (LoRA matrices, prefixes) on every rank
-    tokenizer = load_tokenizer(plan.model_path)
+    with phases.timed("worker_setup.tokenizer"):
+        tokenizer = load_tokenizer(plan.model_path)
     ds_config = run_deepspeed_config(cfg, device, model_hidden_size(plan.model_path)) \
         if cfg.method.deepspeed.enabled else None
     zero3 = sharded_loading(ds_config)  # ZeRO-3: each rank builds only its partition of the model
-    with AnonPeak() as loading, big_allocations_mapped(enabled=zero3 is not None):
+    with AnonPeak() as loading, big_allocations_mapped(enabled=zero3 is not None), phases.timed("worker_setup.model"):
         model = build_model(cfg.method, plan.model_path, cfg.model.dtype, device, cfg.model.attn_implementation)
     trainable, total = count_params(model)
     load = {"baseline_anon_mb": round(loading.baseline_mb, 1), "peak_anon_mb": round(loading.peak_mb, 1),
@@ -174,11 +180,14 @@ def setup(cfg: TrainConfig, plan: RunPlan) -> Worker:
         load["attention"] = use_varlen(model)  # the kernel's own varlen path, or honed's per-example SDPA
     if cfg.optim.compile:
         compile_decoder(model)
-    backend = make_backend(model, cfg, plan.total_steps, device, ds_config)
+    with phases.timed("worker_setup.backend"):
+        backend = make_backend(model, cfg, plan.total_steps, device, ds_config)
     seed_everything(cfg.seed + rank)  # then one dropout stream per rank
+    with phases.timed("worker_setup.peak_flops"):
+        peak = peak_flops(cfg, device)
     return Worker(cfg=cfg, plan=plan, backend=backend, objective=objective_for(cfg, backend.model),
                   pad_id=tokenizer.pad_token_id, device=device, rank=rank, world=world, trainable_params=trainable,
-                  total_params=total, peak_flops=peak_flops(cfg, device), load=load, zero3=zero3)
+                  total_params=total, peak_flops=peak, load=load, zero3=zero3)
 
 
 def objective_for(cfg: TrainConfig, model):
@@ -236,7 +245,23 @@ class EarlyStream:
             yield from self.batches
 
 
-def optimizer_steps(worker: Worker, state: RunState, stream: EarlyStream):
+class InlineStream:
+    """The train set the driver read whole (`inline_data_mb`: honed.train.trainer.inline_train_rows), served as
+    the stream Ray Data would give: the same ordered global micro-batches, the last short one dropped."""
+
+    def __init__(self, table, plan: RunPlan):
+        self.table, self.batch_size = table, plan.global_micro_batch
+
+    def epoch(self):
+        whole = self.table.num_rows - self.table.num_rows % self.batch_size
+        for lo in range(0, whole, self.batch_size):
+            yield numpy_batch(self.table.slice(lo, self.batch_size))
+
+    def first_pass(self):
+        return self.epoch()
+
+
+def optimizer_steps(worker: Worker, state: RunState, stream: EarlyStream | InlineStream):
     """(epoch, this rank's rows of each micro-batch) for every optimizer step still to train, epoch after epoch;
     the steps of the current epoch that `state` already trained are skipped."""
     optim, plan = worker.cfg.optim, worker.plan
