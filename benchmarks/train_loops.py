@@ -43,7 +43,7 @@ PROCESS_START = time.time()  # the job's wall time counts from here: imports are
 
 # ------------------------------------------------------------------------------------------ honed itself
 def honed_main(spec: dict) -> dict:
-    """In a fresh driver process: local Ray, one `train(cfg)`, its efficiency report, live log and where the
+    """In a fresh driver process: local Ray (or the running one at `ray_address`), one `train(cfg)`, its efficiency report, live log and where the
     whole job's wall time went (`job_phases`)."""
     import ray
 
@@ -57,9 +57,11 @@ def honed_main(spec: dict) -> dict:
     Path(cfg.output_dir).mkdir(parents=True)
     gpu = cfg.scaling.use_gpu
     marks = {"imported": time.time()}
-    # address="local": a fresh Ray of our own, never another session's cluster on the same machine
-    ray.init(address="local", num_cpus=spec.get("ray_cpus", os.cpu_count()), num_gpus=1 if gpu else 0,
-             include_dashboard=False, logging_level="WARNING")
+    if spec.get("ray_address"):  # a running Ray (harness.RunningRay), as a job submitted to a cluster finds it
+        ray.init(address=spec["ray_address"], logging_level="WARNING")
+    else:  # address="local": a fresh Ray of our own, never another session's cluster on the same machine
+        ray.init(address="local", num_cpus=spec.get("ray_cpus", os.cpu_count()), num_gpus=1 if gpu else 0,
+                 include_dashboard=False, logging_level="WARNING")
     _quiet_data_logs()
     marks["ray_ready"] = started = time.time()
     metrics = train(cfg)

@@ -40,7 +40,9 @@ def add_run_options(parser, steps: int, steps_help: str = "optimizer steps of ea
 def start(kind: str, spec: dict, tag: str) -> dict:
     """A measured `train_loops` run of KIND in a fresh process (see its docstring); the figures of a honed run's
     process come from its Ray Train worker."""
-    return harness.run_process(LOOPS, kind, spec, tag, needle="RayTrainWorker" if kind == "honed" else None)
+    # a running Ray (spec `ray_address`, harness.RunningRay) has token auth on, read by Ray when it is imported
+    env = harness.bench_env(spec.get("threads", 1)) | {"RAY_AUTH_MODE": "token"} if spec.get("ray_address") else None
+    return harness.run_process(LOOPS, kind, spec, tag, needle="RayTrainWorker" if kind == "honed" else None, env=env)
 
 
 def run_honed(tag: str, data: Path, args, **settings) -> dict:

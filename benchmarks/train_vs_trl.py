@@ -12,8 +12,10 @@ shard order: TRL and HF use a sequential sampler), fused AdamW lr 2e-3, 10 warm-
 1.0, weight decay 0, seed 0, and 2 CPU threads in all:
 
   honed  `honed.train.trainer.train(cfg)` at its defaults (`train_runs.honed_default_config`: 2 Ray Train
-         workers x 1 torch thread, padding-free batches, a log every 10 steps, final validation on up to 256
-         rows a source, export check, report), in a fresh driver process with its own local Ray
+         workers x 1 torch thread, padding-free batches, a log every 10 steps, final validation on up to 64
+         rows a source, export check, report), in a fresh driver process connecting to a Ray started before
+         the jobs (`--honed-ray running`, the default: as `ray job submit` finds a cluster; the result records
+         it) or starting its own (`--honed-ray fresh`)
   trl    TRL 1.16 `SFTTrainer`, 1 process x 2 threads, on the pre-tokenized rows and their prepared labels, at
          its fastest settings valid on this CPU (`train_loops.TRL_SETTINGS`): padded batches (padding_free on
          CPU runs SDPA under a block-diagonal mask and measured slower here, 163 vs 175 tok/s), no gradient
@@ -38,10 +40,11 @@ Writes `benchmarks/results/train_vs_trl.json`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
-from harness import MODEL, RESULTS, ROOT, WORK, Measured, alternating, at_least, log, main, public, ratio
+from harness import MODEL, RESULTS, ROOT, WORK, Measured, RunningRay, alternating, at_least, log, main, public, ratio
 from train_runs import (
     LORA,
     MIXED,
@@ -66,6 +69,9 @@ def options(parser) -> None:
     parser.add_argument("--sides", default="honed,trl,hf", help="sides of the short demo job")
     parser.add_argument("--long-sides", default="honed,trl", help="sides of the long demo job")
     parser.add_argument("--mixed-sides", default="honed,trl", help="sides of the mixed-corpus job")
+    parser.add_argument("--honed-ray", choices=("running", "fresh"), default="running",
+                        help="honed's jobs go to a Ray started before them (as `ray job submit` finds a cluster) "
+                             "or each starts its own in its process")
     parser.add_argument("--batch-size", type=int, default=16, help="global batch (honed's default: 2 workers x 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of TRL's and HF's process (honed: "
                                                               "2 workers x 1)")
@@ -80,6 +86,18 @@ def jobs(args) -> list[tuple[str, str, int, list[str]]]:
 
 
 def measure(args) -> Measured:
+    ray = RunningRay(os.cpu_count() or 1) if args.honed_ray == "running" else None
+    try:
+        if ray:
+            ray.wait()
+            args.ray_address = ray.address
+        return measure_jobs(args)
+    finally:
+        if ray:
+            ray.stop()
+
+
+def measure_jobs(args) -> Measured:
     results = {}
     for name, corpus, steps, sides in jobs(args):
         data = prepared_dataset(corpus=corpus)
@@ -110,7 +128,8 @@ def run_side(kind: str, tag: str, data: Path, steps: int, args) -> dict:
 
 def run_one(kind: str, tag: str, data: Path, steps: int, args) -> dict:
     if kind == "honed":
-        run = start("honed", {"config": honed_default_config(data, WORK / "runs" / tag, steps), "threads": 1}, tag)
+        run = start("honed", {"config": honed_default_config(data, WORK / "runs" / tag, steps), "threads": 1,
+                              "ray_address": getattr(args, "ray_address", None)}, tag)
         return public(run) | {"nonpad_tokens_per_s": run["efficiency"]["nonpad_tokens_per_s"],
                               "step_time_s": run["efficiency"]["step_time_s"], "_run": run}
     job = SimpleNamespace(steps=steps, batch_size=args.batch_size, threads=args.threads, gpu=False)
@@ -164,6 +183,8 @@ def config(args) -> dict:
     return {"model": MODEL, "method": "lora", "lora": LORA, "global_batch": args.batch_size, "lr": 2e-3,
             "warmup": 10, "schedule": "cosine", "optimizer": "torch fused AdamW (all sides)",
             "honed": "honed_default_config: 2 workers x batch 8 x 1 thread, padding-free",
+            "honed_ray": args.honed_ray + (": a Ray head started before the jobs, every honed job connects to it"
+                                           if args.honed_ray == "running" else ": each job starts its own Ray"),
             "trl": {"version": "1.16.0", "settings": TRL_SETTINGS, "threads": args.threads, "processes": 1},
             "hf": {"threads": args.threads, "processes": 1, "collator": "DataCollatorForSeq2Seq"},
             "mixed_corpus": MIXED, "jobs": [j[:3] for j in jobs(args)]}
