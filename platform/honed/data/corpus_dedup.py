@@ -22,10 +22,10 @@ from honed.data.records import DROPPED, KEPT
 def find_duplicates(processed, cfg: PrepareConfig, params: dict) -> tuple[dict[int, tuple[int, str]], dict]:
     """`{id: (kept representative id, reason)}` for every exact or near duplicate of an earlier record.
 
-    Each record's keys (its exact hash, its LSH band keys) become rows; a hash shuffle puts equal keys in one
-    block, where every member of a bucket is linked to the bucket's smallest id (star edges, linear in the
-    bucket). Only these edges reach the driver. LSH candidates are then verified: an edge stands only when
-    the two MinHash signatures agree on at least `threshold` of their entries (the estimated Jaccard
+    Each record's keys (its exact hash, its LSH band keys) become rows of one table; one hash shuffle puts
+    equal keys in one block, where every member of a bucket is linked to the bucket's smallest id (star edges,
+    linear in the bucket). Only these edges reach the driver. LSH candidates are then verified: an edge stands
+    only when the two MinHash signatures agree on at least `threshold` of their entries (the estimated Jaccard
     similarity), which removes band collisions of unrelated records. Union-find turns the edges into
     clusters whose smallest (first-read) id is kept."""
     from ray.data.expressions import col
@@ -33,21 +33,14 @@ def find_duplicates(processed, cfg: PrepareConfig, params: dict) -> tuple[dict[i
     dd = cfg.data.dedup
     stats = {"exact": dd.exact, "near": dd.near, "threshold": dd.threshold, "num_perm": dd.num_perm,
              "shingle_words": dd.shingle_words}
-    dups: dict[int, tuple[int, str]] = {}
     kept = processed.filter(expr=col("status") == KEPT)
     n_blocks = max(2, processed.num_blocks())
-    exact_edges: list[tuple[int, int]] = []
-    if dd.exact:
-        keys = kept.select_columns(["id", "exact_key"]).rename_columns({"exact_key": "key"})
-        exact_edges = bucket_edges(keys, n_blocks)
-        for rid, rep in resolve_clusters(exact_edges).items():
-            dups[rid] = (rep, "exact_duplicate")
-    near_edges: list[tuple[int, int]] = []
+    exact_edges, candidates = bucket_edges(kept, dd.exact, params if dd.near else None, n_blocks)
+    dups = {rid: (rep, "exact_duplicate") for rid, rep in resolve_clusters(exact_edges).items()}
+    wanted = {i for pair in candidates + exact_edges for i in pair}
+    rows = pick_rows(kept, wanted, ["id", "signature", "origin"] if dd.near else ["id", "origin"])
     if dd.near:
-        keys = kept.select_columns(["id", "signature"]).map_batches(
-            band_rows, fn_kwargs={"bands": params["bands"], "rows": params["rows"]}, batch_format="numpy")
-        candidates = bucket_edges(keys, n_blocks)
-        near_edges = verify_edges(kept, candidates, dd.threshold)
+        near_edges = verify_edges(rows, candidates, dd.threshold)
         stats |= {"bands": params["bands"], "rows": params["rows"], "candidate_pairs": len(set(candidates)),
                   "verified_pairs": len(set(near_edges))}
         for rid, rep in resolve_clusters(near_edges + exact_edges).items():
@@ -58,55 +51,76 @@ def find_duplicates(processed, cfg: PrepareConfig, params: dict) -> tuple[dict[i
         "near_removed": sum(1 for _, r in dups.values() if r == "near_duplicate"),
         "clusters": len(clusters),
         "largest_cluster": (max(clusters.values()) + 1) if clusters else 0,
-        "examples": cluster_examples(processed, dups),
+        "examples": cluster_examples({i: r["origin"] for i, r in rows.items()}, dups),
     }
     return dups, stats
 
 
-def band_rows(batch: dict[str, np.ndarray], bands: int, rows: int) -> dict[str, np.ndarray]:
-    """One `{id, key}` row per LSH band of each record."""
-    if len(batch["id"]) == 0:
-        return {"id": np.array([], dtype=np.int64), "key": np.array([], dtype=np.int64)}
-    keys = band_keys(np.stack(batch["signature"]), bands, rows)
-    return {"id": np.repeat(batch["id"].astype(np.int64), bands), "key": keys.ravel()}
+def key_rows(batch: dict[str, np.ndarray], exact: bool, lsh: dict | None) -> dict[str, np.ndarray]:
+    """One `{id, key}` row per record for its exact key and one per LSH band. Exact keys are stored as
+    −key − 1 (negative; band keys are ≥ 0), so both kinds share one shuffle without ever meeting."""
+    ids, keys = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    if exact and len(batch["id"]):
+        ids.append(batch["id"].astype(np.int64))
+        keys.append(-batch["exact_key"].astype(np.int64) - 1)
+    if lsh and len(batch["id"]):
+        bands = lsh["bands"]
+        ids.append(np.repeat(batch["id"].astype(np.int64), bands))
+        keys.append(band_keys(np.stack(batch["signature"]), bands, lsh["rows"]).ravel())
+    return {"id": np.concatenate(ids), "key": np.concatenate(keys)}
 
 
-def verify_edges(kept, edges: list[tuple[int, int]], threshold: float) -> list[tuple[int, int]]:
-    """The candidate edges whose two records' signatures estimate a Jaccard similarity ≥ threshold."""
+def bucket_edges(kept, exact: bool, lsh: dict | None, n_blocks: int) -> tuple[list, list]:
+    """(exact edges, LSH candidate edges): (id, smallest id of its bucket) for every non-smallest member of
+    every bucket, from one hash shuffle of all keys."""
+    if not exact and not lsh:
+        return [], []
+    columns = ["id"] + (["exact_key"] if exact else []) + (["signature"] if lsh else [])
+    keys = kept.select_columns(columns).map_batches(key_rows, fn_kwargs={"exact": exact, "lsh": lsh},
+                                                    batch_format="numpy")
+    edges = keys.repartition(n_blocks, keys=["key"]).map_batches(star_edges, batch_size=None, batch_format="numpy")
+    parts = list(edges.iter_batches(batch_format="numpy", batch_size=None))  # whole arrays, not a dict per row
+    ids, reps, of_exact = (np.concatenate([np.zeros(0, np.int64)] + [p[k] for p in parts]).tolist()
+                           for k in ("id", "rep", "exact"))
+    pairs = list(zip(ids, reps))
+    return [p for p, e in zip(pairs, of_exact) if e], [p for p, e in zip(pairs, of_exact) if not e]
+
+
+def pick_rows(kept, ids: set[int], columns: list[str]) -> dict[int, dict]:
+    """`columns` of the kept rows whose id is in `ids` (the duplicates' edges: a small part), by id."""
     import ray
 
-    if not edges:
-        return []
-    wanted = ray.put(np.unique(np.array(edges, dtype=np.int64)))
+    if not ids:
+        return {}
+    wanted = ray.put(np.array(sorted(ids), dtype=np.int64))
 
     def pick(batch: dict[str, np.ndarray], ids) -> dict[str, np.ndarray]:
         hit = np.isin(batch["id"].astype(np.int64), ray.get(ids))
-        return {"id": batch["id"][hit], "signature": batch["signature"][hit]}
+        return {k: batch[k][hit] for k in columns}
 
-    rows = kept.select_columns(["id", "signature"]).map_batches(
-        pick, fn_kwargs={"ids": wanted}, batch_format="numpy").take_all()
-    signatures = {int(r["id"]): np.asarray(r["signature"]) for r in rows}
+    rows = kept.select_columns(columns).map_batches(pick, fn_kwargs={"ids": wanted}, batch_format="numpy").take_all()
+    return {int(r["id"]): r for r in rows}
+
+
+def verify_edges(rows: dict[int, dict], edges: list[tuple[int, int]], threshold: float) -> list[tuple[int, int]]:
+    """The candidate edges whose two records' signatures (`rows`, by id) estimate a Jaccard similarity
+    ≥ threshold."""
     return [(a, b) for a, b in sorted(set(edges))
-            if estimated_jaccard(signatures[a], signatures[b]) >= threshold]
-
-
-def bucket_edges(keys, n_blocks: int) -> list[tuple[int, int]]:
-    """(id, smallest id of its bucket) for every non-smallest member of every bucket."""
-    edges = keys.repartition(n_blocks, keys=["key"]).map_batches(
-        star_edges, batch_size=None, batch_format="numpy").take_all()
-    return [(int(e["id"]), int(e["rep"])) for e in edges]
+            if estimated_jaccard(np.asarray(rows[a]["signature"]), np.asarray(rows[b]["signature"])) >= threshold]
 
 
 def star_edges(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Within one hash partition: every row whose bucket holds a smaller id, linked to that smallest id."""
+    """Within one hash partition: every row whose bucket holds a smaller id, linked to that smallest id, and
+    whether the bucket is an exact key's (negative, see `key_rows`)."""
     if len(block["key"]) == 0:
-        return {"id": np.array([], dtype=np.int64), "rep": np.array([], dtype=np.int64)}
+        empty = np.array([], dtype=np.int64)
+        return {"id": empty, "rep": empty, "exact": np.array([], dtype=bool)}
     order = np.lexsort((block["id"], block["key"]))
     key, ids = block["key"][order], block["id"][order].astype(np.int64)
     starts = np.r_[True, key[1:] != key[:-1]]
     first = ids[np.maximum.accumulate(np.where(starts, np.arange(len(ids)), 0))]
     linked = ids != first
-    return {"id": ids[linked], "rep": first[linked]}
+    return {"id": ids[linked], "rep": first[linked], "exact": key[linked] < 0}  # see `key_rows`
 
 
 DUP_REASONS = ("exact_duplicate", "near_duplicate")
@@ -134,14 +148,7 @@ def mark_duplicates(batch, table):
     return replace_columns(batch, status=status, reason=reason)
 
 
-
-def cluster_examples(processed, dups: dict[int, tuple[int, str]], limit: int = 3) -> list[dict]:
-    """A few near-duplicate pairs (origins) for the report, so a reader can judge the threshold."""
+def cluster_examples(origins: dict[int, str], dups: dict[int, tuple[int, str]], limit: int = 3) -> list[dict]:
+    """A few near-duplicate pairs (origins, by id) for the report, so a reader can judge the threshold."""
     near = sorted((rid, rep) for rid, (rep, r) in dups.items() if r == "near_duplicate")[:limit]
-    if not near:
-        return []
-    wanted = {i for pair in near for i in pair}
-    origins = {int(r["id"]): r["origin"] for r in processed.filter(
-        lambda row: int(row["id"]) in wanted).select_columns(["id", "origin"]).take_all()}
     return [{"duplicate": origins.get(rid), "kept": origins.get(rep)} for rid, rep in near]
-

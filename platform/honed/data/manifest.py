@@ -1,18 +1,18 @@
 """What goes into a prepared dataset's manifest besides its settings, and the report written from it: counts
 that reconcile per source and per stage, record kinds, PII, token statistics, source identities.
 
-    stats = record_statistics(final, kept)   # {"counts", "kinds", "stages", "pii"}: Ray aggregations
-    chunk = chunk_stats(kept, max_seq_len, overlap, enabled)   # documents and the windows long ones became
+    stats = record_statistics(final, read_only, max_seq_len, overlap, enabled)   # counts, kinds, stages, pii, chunk
     tokens = token_stats(rows, max_seq_len)   # the shard rows (windows)
     (out / "report.md").write_text(render_report(manifest))
 
-Every statistic is computed by Ray Data (groupby counts, block-wise partials); the driver only sums small
-rows. The manifest file itself is read and written by `honed.artifacts`.
+Every statistic is computed by Ray Data as block-wise partials (one pass each, no shuffle); the driver only
+sums small rows. The manifest file itself is read and written by `honed.artifacts`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -28,19 +28,47 @@ READ_REASONS = {"not_utf8", "too_large", "malformed_csv", "unsupported_value"}
 HIST_BINS = 32
 
 
-def record_statistics(final, kept) -> dict:
-    """The manifest's `counts`, `kinds`, `stages` and `pii` entries, from every marked row and the kept ones."""
-    counts = final.groupby(["source", "status", "reason", "split"]).count().take_all()
-    return {"counts": reconcile(counts), "kinds": kind_counts(kept), "stages": stage_counts(counts),
-            "pii": pii_counts(final)}
+def record_statistics(final, read_only: bool, size: int, overlap: int, chunk_enabled: bool) -> dict:
+    """The manifest's `counts`, `stages`, `pii` (of the records as read: paraphrases left out when `read_only`),
+    `kinds` and `chunk` entries (of every kept row), in one pass over the marked rows: each block's tallies are
+    summed on the driver (a few rows a block), where Ray's groupby would start a hash shuffle per statistic."""
+    columns = ["source", "status", "reason", "split", "kind", "num_tokens", "augmented_from"]
+    tallies = [json.loads(r["tally"]) for r in final.select_columns(columns + [f"pii_{t}" for t in PII_TYPES])
+               .map_batches(block_tally, fn_kwargs={"read_only": read_only, "size": size, "overlap": overlap},
+                            batch_format="numpy").take_all()]
+    counts, kinds, chunk, pii = Counter(), Counter(), defaultdict(Counter), Counter()
+    for t in tallies:
+        counts.update({tuple(k): n for k, n in t["counts"]})
+        kinds.update({tuple(k): n for k, n in t["kinds"]})
+        pii.update(t["pii"])
+        for name, c in t["chunk"].items():
+            chunk[name].update(c)
+    rows = [{"source": k[0], "status": k[1], "reason": k[2], "split": k[3], "count()": n} for k, n in counts.items()]
+    by_kind: dict[str, dict[str, dict[str, int]]] = {}
+    for (split, source, kind), n in sorted(kinds.items()):
+        by_kind.setdefault(split, {}).setdefault(source, {})[kind] = n
+    return {"counts": reconcile(rows), "kinds": by_kind, "stages": stage_counts(rows),
+            "pii": {t: int(pii[t]) for t in PII_TYPES},
+            "chunk": {"enabled": chunk_enabled, "window": size, "overlap": overlap,
+                      "by_source": {name: dict(c) for name, c in sorted(chunk.items())}}}
 
 
-def kind_counts(kept) -> dict[str, dict[str, dict[str, int]]]:
-    """split → source → record kind → kept rows."""
-    kinds: dict[str, dict[str, dict[str, int]]] = {}
-    for row in kept.groupby(["split", "source", "kind"]).count().take_all():
-        kinds.setdefault(row["split"], {}).setdefault(row["source"], {})[row["kind"]] = row["count()"]
-    return kinds
+def block_tally(batch: dict[str, np.ndarray], read_only: bool, size: int, overlap: int) -> dict[str, list]:
+    """One block's tallies for `record_statistics`, as one JSON row."""
+    read = batch["augmented_from"] < 0 if read_only else np.ones(len(batch["source"]), bool)
+    kept = batch["status"] == KEPT
+    counts = Counter(zip(*(batch[k][read].tolist() for k in ("source", "status", "reason", "split"))))
+    kinds = Counter(zip(*(batch[k][kept].tolist() for k in ("split", "source", "kind"))))
+    chunk = {}
+    for source in np.unique(batch["source"][kept]).tolist():  # documents and the windows long ones become
+        lengths = batch["num_tokens"][kept & (batch["source"] == source)]
+        long = lengths[lengths > size]
+        chunk[source] = {"documents": len(lengths), "chunked": len(long),
+                         "windows": sum(len(window_spans(int(n), size, overlap)) for n in long)}
+    pii = {t: int(batch[f"pii_{t}"][read].sum()) for t in PII_TYPES}
+    tally = {"counts": [[list(k), n] for k, n in counts.items()], "kinds": [[list(k), n] for k, n in kinds.items()],
+             "chunk": chunk, "pii": pii}
+    return {"tally": [json.dumps(tally)]}
 
 
 def reconcile(rows: list[dict]) -> dict:
@@ -96,13 +124,6 @@ def stage_of(status: str, reason: str) -> str:
     return "mix"
 
 
-def pii_counts(final) -> dict[str, int]:
-    from ray.data.aggregate import Sum
-
-    stats = final.aggregate(*[Sum(f"pii_{t}") for t in PII_TYPES])
-    return {t: int(stats[f"sum(pii_{t})"] or 0) for t in PII_TYPES}
-
-
 def token_stats(kept, max_seq_len: int) -> dict:
     """Per split: examples, total/mean/max tokens and a token-length histogram, in one pass over the kept
     examples (block-wise partials summed on the driver)."""
@@ -132,28 +153,6 @@ def token_stats(kept, max_seq_len: int) -> dict:
                       "max": largest[split]}
     return out | {"histogram": {"edges": edges.round(1).tolist(), "train": hist["train"].tolist(),
                                 "val": hist["val"].tolist()}}
-
-
-def chunk_stats(kept, size: int, overlap: int, enabled: bool) -> dict:
-    """The manifest's `chunk` entry: per source, the kept documents (text, instruction, chat: one record each), how
-    many of them were longer than `size` tokens and cut into windows, and the windows those became (so a source's
-    shard rows = documents - chunked + windows)."""
-    def partial(batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out = {"source": [], "documents": [], "chunked": [], "windows": []}
-        for source in np.unique(batch["source"]):
-            lengths = batch["num_tokens"][batch["source"] == source]
-            long = lengths[lengths > size]
-            out["source"].append(source)
-            out["documents"].append(len(lengths))
-            out["chunked"].append(len(long))
-            out["windows"].append(sum(len(window_spans(int(n), size, overlap)) for n in long))
-        return out
-
-    by_source: dict[str, Counter] = defaultdict(Counter)
-    for row in kept.select_columns(["source", "num_tokens"]).map_batches(partial, batch_format="numpy").take_all():
-        by_source[str(row["source"])].update({k: int(row[k]) for k in ("documents", "chunked", "windows")})
-    return {"enabled": enabled, "window": size, "overlap": overlap,
-            "by_source": {name: dict(c) for name, c in sorted(by_source.items())}}
 
 
 def source_identities(cfg: PrepareConfig, files: dict[str, list[str]]) -> list[dict]:

@@ -33,17 +33,17 @@ from pathlib import Path
 from honed import __version__
 from honed.artifacts import write_manifest
 from honed.config import FILE_KINDS, PrepareConfig, SourceConfig, dump_config
-from honed.data.augment import augment_records, augment_stats, read_records
+from honed.data.augment import augment_records, augment_stats
 from honed.data.corpus_dedup import duplicate_table, find_duplicates, mark_duplicates
 from honed.data.dedup import NgramIndex, lsh_params
 from honed.data.manifest import (
-    chunk_stats, plot_histogram, record_statistics, render_report, source_identities, token_stats,
+    plot_histogram, record_statistics, render_report, source_identities, token_stats,
 )
 from honed.data.processing import ExampleProcessor, split_windows
 from honed.data.quality import normalize_text, text_of
 from honed.data.records import KEPT, BadRecord, parse_record, unit_hash
 from honed.data.shards import (
-    SHARD_COLUMNS, apply_mix, mix_rates, pack_examples, packing_stats, seeded_shuffle, write_quarantine, write_shards,
+    SHARD_COLUMNS, apply_mix, mix_rates, pack_shuffled, packing_stats, seeded_shuffle, write_quarantine, write_shards,
 )
 from honed.data.sources import FileReader, builtin_rows, list_files
 from honed.data.templates import resolve_template
@@ -107,7 +107,8 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
     kept = final.filter(expr=col("status") == KEPT)
     chunk = cfg.data.chunk
     rows = kept.map_batches(split_windows_on_node, fn_kwargs={"size": cfg.data.max_seq_len, "overlap": chunk.overlap,
-                                                              "model_ref": model_ref}, batch_format="pyarrow")
+                                                              "model_ref": model_ref},
+                            batch_format="pyarrow").materialize()  # cut once; read by the shards and statistics
     train = rows.filter(expr=col("split") == "train").select_columns(ROW_COLUMNS)
     val = rows.filter(expr=col("split") == "val").select_columns(ROW_COLUMNS)
     tokens = token_stats(rows, cfg.data.max_seq_len)
@@ -115,8 +116,7 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
     packing = {"enabled": cfg.data.pack.enabled}
     if cfg.data.pack.enabled:
         seq_len = cfg.data.pack.seq_len or cfg.data.max_seq_len
-        train = train.map_batches(pack_examples, fn_kwargs={"seq_len": seq_len, "pad_id": tokenizer.pad_token_id},
-                                  batch_size=4096, batch_format="numpy").materialize()
+        train = pack_shuffled(train, seq_len, tokenizer.pad_token_id)
         packing |= packing_stats(train, seq_len, tokens["train"]["examples"])
     shards = join(absolute(cfg.output_dir), "shards")  # written by Ray Data tasks on any node: path or URI
     train_rows = write_shards(train, join(shards, "train"), "train")
@@ -129,9 +129,9 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - started, 1),
         "phase_seconds": phases.seconds,  # the same dict: the statistics phase below lands in it too
-        **record_statistics(read_records(final, cfg), kept),  # counts (of documents read), kinds, stages, pii
+        # counts, stages, pii (of the records as read), kinds and chunk (of the kept rows)
+        **record_statistics(final, cfg.data.augment.enabled, cfg.data.max_seq_len, chunk.overlap, chunk.enabled),
         "augment": augment_stats(final, cfg),  # paraphrases: generated, kept, dropped per source
-        "chunk": chunk_stats(kept, cfg.data.max_seq_len, chunk.overlap, chunk.enabled),
         "dedup": dedup_stats,
         "mix": rates,
         "tokens": tokens,

@@ -3,8 +3,7 @@ best-fit packing into `seq_len`-token rows, deterministic Parquet shards and the
 
     rates = mix_rates(cfg, marked)
     final = marked.map_batches(apply_mix, fn_kwargs={"rates": rates, "seed": seed}, batch_format="pyarrow")
-    train = seeded_shuffle(train, seed).map_batches(pack_examples, fn_kwargs={"seq_len": 512, "pad_id": 0},
-                                                     batch_size=4096, batch_format="numpy")
+    train = pack_shuffled(seeded_shuffle(train, seed), seq_len=512, pad_id=0)
     write_shards(train, out / "shards" / "train", "train")
 
 Every choice is a pure function of (seed, record ids), never of how rows fall into blocks: the same input and
@@ -13,6 +12,7 @@ seed give the same bytes.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections import defaultdict
 from pathlib import Path
@@ -34,19 +34,30 @@ QUARANTINE_COLUMNS = ["source", "origin", "reason", "detail", "raw"]
 def mix_rates(cfg: PrepareConfig, marked) -> dict:
     """Sampling rate per weighted source so kept training examples follow the weights without repeating
     any: the scarcest source (relative to its weight) is used in full, the others are subsampled."""
-    from ray.data.expressions import col
-
     weighted = {s.name: s.weight for s in cfg.data.sources if s.weight and not s.eval_only}
     if not weighted:
         return {}
-    rows = marked.filter(expr=(col("status") == KEPT) & (col("split") == "train")).groupby("source").count().take_all()
-    available = {r["source"]: r["count()"] for r in rows}
+    available = kept_train_counts(marked)
     total_weight = sum(weighted.values())
     shares = {name: w / total_weight for name, w in weighted.items()}
     budget = min(available.get(name, 0) / share for name, share in shares.items())
     return {name: {"weight": weighted[name], "share": round(share, 4), "available": available.get(name, 0),
                    "rate": min(1.0, budget * share / available[name]) if available.get(name) else 0.0}
             for name, share in shares.items()}
+
+
+def kept_train_counts(marked) -> dict[str, int]:
+    """Kept training rows per source: per-block counts summed on the driver (no shuffle, unlike a groupby)."""
+    def per_block(batch: dict[str, np.ndarray]) -> dict[str, list]:
+        train = (batch["status"] == KEPT) & (batch["split"] == "train")
+        names, counts = np.unique(batch["source"][train].astype(str), return_counts=True)
+        return {"source": names.tolist(), "count": counts.tolist()}
+
+    available: dict[str, int] = defaultdict(int)
+    columns = marked.select_columns(["source", "status", "split"])
+    for row in columns.map_batches(per_block, batch_format="numpy").take_all():
+        available[str(row["source"])] += int(row["count"])
+    return dict(available)
 
 
 def apply_mix(batch, rates: dict, seed: int):
@@ -74,6 +85,18 @@ def seeded_shuffle(ds, seed: int):
     return ds.map_batches(add_key, batch_format="pyarrow").sort("shuffle_key").drop_columns(["shuffle_key"])
 
 
+PACK_GROUP = 4096  # consecutive shuffled examples best-fit packing sees at once
+
+
+def pack_shuffled(train, seq_len: int, pad_id: int):
+    """The shuffled training examples packed in groups of consecutive rows (≤ `PACK_GROUP`, cut by row count
+    alone), materialized: the packed rows do not depend on where Ray Data cut blocks (CPUs, timing)."""
+    train = train.materialize()
+    groups = train.repartition(max(1, -(-train.count() // PACK_GROUP)))  # equal row counts, order kept
+    return groups.map_batches(pack_examples, fn_kwargs={"seq_len": seq_len, "pad_id": pad_id}, batch_size=None,
+                              batch_format="numpy").materialize()
+
+
 def pack_examples(batch: dict[str, np.ndarray], seq_len: int, pad_id: int):
     """Best-fit-decreasing packing of a batch of examples into rows of `seq_len` tokens. Position ids
     restart at 0 for every example (and for the padding tail), which is how the model's attention mask
@@ -81,16 +104,16 @@ def pack_examples(batch: dict[str, np.ndarray], seq_len: int, pad_id: int):
     lengths = [len(x) for x in batch["input_ids"]]
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
-    free: list[int] = []
+    rooms: list[tuple[int, int]] = []  # (free room, bin), sorted: the best fit is the first with room ≥ length
     for i in order:
-        fits = [b for b, room in enumerate(free) if room >= lengths[i]]
-        if fits:
-            b = min(fits, key=lambda b: free[b])
+        at = bisect.bisect_left(rooms, (lengths[i], -1))  # ties: the lowest bin, as a scan in bin order finds
+        if at < len(rooms):
+            room, b = rooms.pop(at)
             bins[b].append(i)
-            free[b] -= lengths[i]
         else:
+            room, b = seq_len, len(bins)
             bins.append([i])
-            free.append(seq_len - lengths[i])
+        bisect.insort(rooms, (room - lengths[i], b))
     out = defaultdict(list)
     for members in bins:
         ids, labels, positions = [], [], []
@@ -120,10 +143,10 @@ def packed_table(columns: dict[str, list]):
 
 
 def packing_stats(packed, seq_len: int, n_examples: int) -> dict:
-    from ray.data.aggregate import Count, Sum
-
-    stats = packed.aggregate(Sum("num_tokens"), Count())
-    rows, used = int(stats["count()"]), int(stats["sum(num_tokens)"] or 0)
+    """Rows, examples and the share of non-pad tokens of materialized packed rows (block sums, no shuffle)."""
+    used = sum(int(r["used"]) for r in packed.select_columns(["num_tokens"]).map_batches(
+        lambda b: {"used": [int(b["num_tokens"].sum())]}, batch_format="numpy").take_all())
+    rows = packed.count()
     return {"seq_len": seq_len, "rows": rows, "examples": n_examples,
             "efficiency": round(used / max(rows * seq_len, 1), 4)}
 
@@ -138,6 +161,7 @@ def write_shards(ds, path: str | Path, prefix: str, rows_per_shard: int = 50_000
         def get_filename_for_task(self, write_uuid, task_index):
             return f"{prefix}-{task_index:05d}.parquet"
 
+    ds = ds.materialize()  # counted and written from one execution
     n = ds.count()
     if not is_uri(path):
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -151,6 +175,6 @@ def write_quarantine(final, path: str | Path) -> None:
     """The quarantined rows as JSON lines ({source, origin, reason, detail, raw}); no files when there are none."""
     from ray.data.expressions import col
 
-    quarantined = final.filter(expr=col("status") == QUARANTINED).select_columns(QUARANTINE_COLUMNS)
+    quarantined = final.filter(expr=col("status") == QUARANTINED).select_columns(QUARANTINE_COLUMNS).materialize()
     if quarantined.count():
         quarantined.write_json(absolute(path))
