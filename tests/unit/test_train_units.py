@@ -658,7 +658,9 @@ def test_big_allocations_go_back_to_the_os_when_freed_while_a_model_loads():
         held = rss_anon_mb()
         del layers
         returned = held - rss_anon_mb()  # read right around the free: other threads' allocations stay out
-    assert held - before > 200 and returned > 224, (held - before, returned)  # each freed buffer was unmapped
+    # each freed buffer was unmapped, not kept in the heap: what the allocation added came back (part of the
+    # 256 MB may land in pages the process already held, in a long test session)
+    assert held - before > 128 and returned > 0.9 * (held - before), (held - before, returned)
     with big_allocations_mapped(enabled=False):
         pass  # a no-op, as on a C library without mallopt
 
