@@ -2,7 +2,6 @@
 
     .venv/bin/python benchmarks/serve_adapters.py            # 8 adapters, 8 and 16 clients x 4 requests x 32 tokens, 2 rounds (~15 min)
     .venv/bin/python benchmarks/serve_adapters.py --quick    # 4 adapters, 4 clients x 2 requests x 8 tokens (a smoke run)
-    .venv/bin/python benchmarks/serve_adapters.py --loads 8 --repeats 1 --out /tmp/serve_8.json   # the 8-client level only
 
 Setup: SmolLM2-135M-Instruct (fp32, CPU), N LoRA adapters (r 16, alpha 32, all linear layers: the demo's
 adapter shape; random non-zero weights) registered in a registry dir, one Serve app (`honed.serve.app`) on a

@@ -129,29 +129,3 @@ def test_adapter_of_another_shape_is_refused_before_anything_changes(setup, tmp_
     with pytest.raises(AdapterNotServable, match="does not fit"):
         lora.load("a", str(tmp_path / "a"))
     assert not lora.slots and not lora.layers
-
-
-def test_products_packed_for_a_full_decode_step_give_the_plain_logits(setup):
-    """MultiLora(decode_rows=n) packs every linear layer for n-row products (a full decode step); logits of a
-    mixed step of n rows, of fewer rows and of a prefill match the unpacked model's."""
-    from honed.models import load_model
-    from honed.serve.lora import PackedLinear
-
-    base_path, dirs = setup
-    plain, _ = load_model(base_path, "float32", "cpu")
-    packed, _ = load_model(base_path, "float32", "cpu")
-    loras = [MultiLora(plain.eval()), MultiLora(packed.eval(), decode_rows=4)]
-    if not torch.backends.mkl.is_available():
-        pytest.skip("this torch has no MKL: nothing is packed")
-    assert isinstance(packed.lm_head, PackedLinear) and packed.lm_head.weight is packed.model.embed_tokens.weight
-    for lora in loras:
-        for name, path in dirs.items():
-            lora.load(name, path)
-    names = ["qv4", "base", "all8", "mlp2rs"]
-    for ids in (torch.randint(3, 400, (4, 1)), torch.randint(3, 400, (3, 1)), torch.randint(3, 400, (4, 6))):
-        outs = []
-        for model, lora in zip((plain, packed), loras):
-            lora.select(names[:len(ids)], "base")
-            with torch.inference_mode():
-                outs.append(model(input_ids=ids).logits)
-        assert torch.allclose(outs[0], outs[1], atol=1e-5), (ids.shape, (outs[0] - outs[1]).abs().max())

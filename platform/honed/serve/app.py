@@ -69,8 +69,7 @@ class ModelServer:
         self.meta = read_meta(path)  # a merged model's training template, if honed wrote it
         self.context_len = getattr(model.config, "max_position_embeddings", 2048)
         registry = Registry(self.cfg.registry) if self.cfg.registry else None
-        self.adapters = AdapterResidency(model, weights_hash(path), AdapterStore(self.cfg.adapters, registry),
-                                         decode_rows=self.cfg.max_batch_size)
+        self.adapters = AdapterResidency(model, weights_hash(path), AdapterStore(self.cfg.adapters, registry))
         self.mixed_steps = 0  # decode steps whose rows named two or more models
         self.batcher = ContinuousBatcher(lambda: BatchDecoder(self.adapters.live, self.tokenizer),
                                          self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s,

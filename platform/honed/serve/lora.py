@@ -1,17 +1,15 @@
 """Many LoRA adapters resident on one base model, applied per row: the serving side of LoRA.
 
 Each targeted linear layer of the base is wrapped once (`MultiLoraLinear`) and keeps every resident adapter's
-factors stacked by slot, as right-hand sides of `x @ ...`: A as [slots, in, r] and B·scaling as [slots, r, out]
-(ranks zero-padded to the largest; slot 0 is the base: zeros). A forward reads the slot of each row from the
-shared `SlotRows`:
+factors stacked by slot: A as [slots, r, in] and B·scaling as [out, slots, r] (ranks zero-padded to the
+largest; slot 0 is the base: zeros). A forward reads the slot of each row from the shared `SlotRows`:
   - all rows on the base: the base layer alone;
-  - all rows on one adapter: y = x·W + (x·A)·B, two small matmuls;
-  - rows on different adapters (decoding or prefill): the rows are placed by slot into a zero-padded
-    [slots, k rows, in] block (k: the most rows any adapter has), once per input that several projections share
-    (q/k/v, gate/up), and two batched matmuls apply each slot's own A and B (views of the stacks, no copies of
-    the factors); each row's result is added back to its own output. Every factor is read once and multiplied
-    only with its own rows, so a row never sees another adapter's numbers (no inf·0 = NaN from a diverged
-    neighbour). The idea of Punica's / S-LoRA's batched LoRA kernels, in plain torch.
+  - all rows on one adapter: y = W·x + B·(A·x), two small matmuls;
+  - rows on different adapters, decoding (one token a row): x times every slot's A at once ([slots·r, in],
+    a view), a block mask keeps each row's own slot (a select, not a multiply: another slot's overflow must
+    not reach this row as inf·0 = NaN), times every slot's B ([out, slots·r]): two matmuls, no copies;
+  - rows on different adapters, prefill: A and B gathered per row and applied with batched matmuls (the
+    BGMV idea of Punica / S-LoRA).
 So one forward serves a batch whatever adapters its rows name.
 
 peft's own mixed-batch path (`adapter_names`) loops in Python over the adapters of a batch in every layer; at
@@ -37,117 +35,88 @@ class AdapterNotServable(ValueError):
 
 
 class SlotRows:
-    """The slot of each row of the forward in progress (`set` by the caller before each forward), and for a
-    mixed batch where each row goes in the slot-grouped block: row `rows[i]` at position `place[i]` of
-    [top slots · k, ...] (rows of slot s at (s-1)·k + 0, 1, ...; base rows are in no place)."""
+    """The slot of each row of the forward in progress (set by the caller before each forward)."""
 
     def __init__(self):
         self.uniform: int | None = BASE_SLOT  # the one slot of every row, or None when rows differ
-        self.used: set[int] = set()
-        self.top = self.k = 0
-        self.rows = self.place = None
-        self.every_row = False  # whether every row has a place (none on the base)
-        self._input = self._block = None  # the last input grouped, and its block: shared by q/k/v, gate/up
+        self.rows: torch.Tensor | None = None
+        self.masks: dict[tuple[int, int], torch.Tensor] = {}
 
     def set(self, slots: list[int], device) -> None:
-        self.used, self._input = set(slots) - {BASE_SLOT}, None
+        self.masks = {}
         if len(set(slots)) == 1:
-            self.uniform = slots[0]
-            return
-        self.uniform, self.top = None, max(slots)
-        seen = [0] * (self.top + 1)
-        rows, place = [], []
-        for i, s in enumerate(slots):
-            if s != BASE_SLOT:
-                rows.append(i)
-                place.append(s)
-                seen[s] += 1
-        self.k = max(seen)
-        counted = [0] * (self.top + 1)
-        for j, s in enumerate(place):  # (s-1)·k plus how many rows of slot s came before
-            place[j], counted[s] = (s - 1) * self.k + counted[s], counted[s] + 1
-        self.every_row = len(rows) == len(slots)
-        self.rows, self.place = torch.tensor(rows, device=device), torch.tensor(place, device=device)
+            self.uniform, self.rows = slots[0], None
+        else:
+            self.uniform, self.rows = None, torch.tensor(slots, device=device)
 
-    def grouped(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` [rows, tokens, in] as [top, k·tokens, in]: each slot's rows, zeros where a slot has fewer."""
-        if x is not self._input:
-            rows, tokens, d_in = x.shape
-            flat = x.reshape(rows, tokens * d_in)
-            block = x.new_zeros(self.top * self.k, tokens * d_in)
-            block.index_copy_(0, self.place, flat if self.every_row else flat.index_select(0, self.rows))
-            self._input, self._block = x, block.view(self.top, self.k * tokens, d_in)
-        return self._block
+    def mask(self, n_slots: int, rank: int) -> torch.Tensor:
+        """[rows, 1, n_slots·rank]: True on each row's own slot block (built once per forward and shape)."""
+        if (n_slots, rank) not in self.masks:
+            onehot = torch.nn.functional.one_hot(self.rows, n_slots).bool()
+            self.masks[n_slots, rank] = onehot.repeat_interleave(rank, dim=1)[:, None, :]
+        return self.masks[n_slots, rank]
 
 
 class MultiLoraLinear(nn.Module):
-    """A base linear layer plus every resident adapter's factors, as right-hand sides of `x @ ...`: A as
-    [slots, in, r], B·scaling as [slots, r, out] (each slot's block contiguous: a slot or a run of slots is a
-    view, in the layout a product with few rows reads fastest)."""
+    """A base linear layer plus every resident adapter's factors: A as [slots, r, in], B·scaling as
+    [out, slots, r], so both read as one matrix over all slots ([slots·r, in], [out, slots·r]) without a copy."""
 
     def __init__(self, base: nn.Linear, rows: SlotRows):
         super().__init__()
         self.base, self.slot_rows = base, rows
         w = base.weight
-        self.register_buffer("lora_a", w.new_zeros(1, base.in_features, 0), persistent=False)
-        self.register_buffer("lora_b", w.new_zeros(1, 0, base.out_features), persistent=False)
+        self.register_buffer("lora_a", w.new_zeros(1, 0, base.in_features), persistent=False)
+        self.register_buffer("lora_b", w.new_zeros(base.out_features, 1, 0), persistent=False)
         self.filled: set[int] = set()
 
     def reserve(self, slot: int) -> None:
         """Room up to `slot` (zeros), so a batch may address any resident slot in every wrapped layer."""
         if slot >= self.lora_a.shape[0]:
             grow = slot + 1 - self.lora_a.shape[0]
+            out, _, r = self.lora_b.shape
             self.lora_a = torch.cat([self.lora_a, self.lora_a.new_zeros(grow, *self.lora_a.shape[1:])])
-            self.lora_b = torch.cat([self.lora_b, self.lora_b.new_zeros(grow, *self.lora_b.shape[1:])])
+            self.lora_b = torch.cat([self.lora_b, self.lora_b.new_zeros(out, grow, r)], 1)
 
     def put(self, slot: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
         self.reserve(slot)
         r = a.shape[0]
-        if r > self.lora_a.shape[2]:  # a larger rank than any so far: zero-pad every slot to it
-            n, d_in, old = self.lora_a.shape
-            self.lora_a = torch.cat([self.lora_a, self.lora_a.new_zeros(n, d_in, r - old)], 2)
-            self.lora_b = torch.cat([self.lora_b, self.lora_b.new_zeros(n, r - old, self.lora_b.shape[2])], 1)
+        if r > self.lora_a.shape[1]:  # a larger rank than any so far: zero-pad every slot to it
+            grow = r - self.lora_a.shape[1]
+            n, _, d_in = self.lora_a.shape
+            self.lora_a = torch.cat([self.lora_a, self.lora_a.new_zeros(n, grow, d_in)], 1)
+            self.lora_b = torch.cat([self.lora_b, self.lora_b.new_zeros(self.lora_b.shape[0], n, grow)], 2)
         self.clear(slot)
-        self.lora_a[slot, :, :r] = a.T.to(self.lora_a.dtype)
-        self.lora_b[slot, :r] = b_scaled.T.to(self.lora_b.dtype)
+        self.lora_a[slot, :r] = a.to(self.lora_a.dtype)
+        self.lora_b[:, slot, :r] = b_scaled.to(self.lora_b.dtype)
         self.filled.add(slot)
 
     def clear(self, slot: int) -> None:
         self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.lora_b[:, slot].zero_()
         self.filled.discard(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        rows = self.slot_rows
-        if rows.uniform is not None:
-            if rows.uniform not in self.filled:  # the base, or an adapter that does not target this layer
+        uniform = self.slot_rows.uniform
+        if uniform is not None:
+            if uniform not in self.filled:  # the base, or an adapter that does not target this layer
                 return y
-            return y.add_((x @ self.lora_a[rows.uniform]) @ self.lora_b[rows.uniform])
-        if self.filled.isdisjoint(rows.used):  # no adapter of this batch targets this layer
-            return y
-        a, b = self.lora_a[1:rows.top + 1], self.lora_b[1:rows.top + 1]  # slots 1..top: views
-        delta = torch.bmm(torch.bmm(rows.grouped(x), a), b)  # [top, k·tokens, out]
-        delta = delta.view(rows.top * rows.k, -1).index_select(0, rows.place)  # [placed rows, tokens·out]
-        flat = y.view(y.shape[0], -1)
-        if rows.every_row:
-            flat.add_(delta)
-        else:
-            flat.index_add_(0, rows.rows, delta)
-        return y
+            return y + (x @ self.lora_a[uniform].T) @ self.lora_b[:, uniform].T
+        n_slots, r, d_in = self.lora_a.shape
+        if x.shape[1] == 1:  # decoding: one token a row; every slot's A at once, each row keeps its own block
+            xa = torch.where(self.slot_rows.mask(n_slots, r), x @ self.lora_a.view(n_slots * r, d_in).T, 0.0)
+            return y + xa @ self.lora_b.view(-1, n_slots * r).T
+        rows = self.slot_rows.rows  # prefill: many tokens a row; gather each row's own factors
+        a, b = self.lora_a[rows], self.lora_b[:, rows].transpose(0, 1)  # [rows, r, in], [rows, out, r]
+        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
 
 class MultiLora:
     """The adapters resident on `model` and their slots (the stacks grow to the most ever resident at once;
     the multiplexing LRU bounds that, plus adapters evicted while their requests still decode)."""
 
-    def __init__(self, model: nn.Module, decode_rows: int = 1):
-        """`decode_rows`: the batch a decode step usually has (the serve config's max_batch_size); above 1, on
-        CPU, every linear layer also keeps its weights packed for products of exactly that many rows
-        (`PackedLinear`: a second copy of the linear weights in memory)."""
+    def __init__(self, model: nn.Module):
         self.model, self.device = model, next(model.parameters()).device
-        if self.device.type == "cpu" and decode_rows > 1 and torch.backends.mkl.is_available():
-            pack_linears(model, decode_rows)
         self.rows = SlotRows()
         self.slots: dict[str, int] = {}
         self.layers: dict[str, MultiLoraLinear] = {}
@@ -223,34 +192,6 @@ class MultiLora:
             setattr(parent, child, wrapped)
             self.layers[module_name] = wrapped
         return self.layers[module_name]
-
-
-class PackedLinear(nn.Linear):
-    """A linear layer whose product with exactly `rows` rows (a full decode step) uses weights packed once
-    for MKL's sgemm (`torch.ops.mkl._mkl_linear`, what inductor's CPU freezing uses); other shapes take the
-    plain product. A plain sgemm repacks the weight panel on every call, and with few rows that repacking is most
-    of the cost: SmolLM2's linear layers, 2 threads, 8 rows: 46 → 34 ms a step (1 row: 20 ms either way)."""
-
-    @classmethod
-    def packing(cls, linear: nn.Linear, rows: int) -> PackedLinear:
-        packed = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
-        packed.weight, packed.bias = linear.weight, linear.bias  # the same parameters: tied weights stay tied
-        packed.rows = rows
-        packed.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), rows)
-        return packed
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.rows * self.in_features and not torch.is_grad_enabled():
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
-        return super().forward(x)
-
-
-def pack_linears(model: nn.Module, rows: int) -> None:
-    """Swap every plain fp32 linear layer of `model` for a `PackedLinear` packed for `rows` rows."""
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and module.weight.dtype == torch.float32:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, PackedLinear.packing(module, rows))
 
 
 def check_config(config: dict) -> None:

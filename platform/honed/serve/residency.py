@@ -73,12 +73,11 @@ class LiveModel:
 
 
 class AdapterResidency:
-    """The adapters placed on `model` (trained on weights hashing to `base_sha256`), found through `store`;
-    `decode_rows`: the rows a decode step usually has (MultiLora prepares the model's products for them)."""
+    """The adapters placed on `model` (trained on weights hashing to `base_sha256`), found through `store`."""
 
-    def __init__(self, model, base_sha256: str, store: AdapterStore, decode_rows: int = 1):
+    def __init__(self, model, base_sha256: str, store: AdapterStore):
         self.model, self.base_sha256, self.store = model, base_sha256, store
-        self.lora = MultiLora(model, decode_rows)
+        self.lora = MultiLora(model)
         self.live = LiveModel(self)
         # `held` and `in_use` are read and changed under `lock`; an unload checks them again when it runs.
         self.lock = threading.Lock()
