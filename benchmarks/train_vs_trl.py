@@ -20,7 +20,10 @@ shard order: TRL and HF use a sequential sampler), fused AdamW lr 2e-3, 10 warm-
          its fastest settings valid on this CPU (`train_loops.TRL_SETTINGS`): padded batches (padding_free on
          CPU runs SDPA under a block-diagonal mask and measured slower here, 163 vs 175 tok/s), no gradient
          checkpointing (TRL's default is on; memory is no constraint), fp32 (TRL's default bf16 autocast is
-         slower on CPUs without AMX, and honed trains fp32 on CPU); TRL's chunked LM head stays on (its default)
+         slower on CPUs without AMX, and honed trains fp32 on CPU); TRL's chunked LM head stays on (its default).
+         On the mixed corpus `padding_free=True` (TRL_BY_CORPUS): padded batches of 16 rows up to 1,024 tokens
+         without gradient checkpointing were killed for memory at 23.6 GB on this 24 GB machine, and
+         padding-free, which drops the corpus's ~80 % padding, is TRL's fastest setting that fits
   hf     `transformers.Trainer` + `DataCollatorForSeq2Seq`, 1 process x 2 threads (train_vs_hf_trainer's loop)
 
 Jobs: the demo corpus (jobs/prepare_icd10.yaml, ~66 tokens an example) for `--short-steps` and
@@ -57,6 +60,7 @@ from train_runs import (
     step_token_counts,
 )
 
+TRL_BY_CORPUS = {"mixed": {"padding_free": True}}  # over train_loops.TRL_SETTINGS: see the docstring
 GOALS = {"steady_demo": 1.5, "steady_mixed": 2.0, "wall_short": 1.0, "wall_long": 1.3}
 SIDE_KEYS = ("nonpad_tokens_per_s", "step_time_s", "process_wall_s", "job_phases", "losses", "final_loss",
              "loadavg_1min_before_after", "waited_for_quiet_s")
@@ -104,7 +108,7 @@ def measure_jobs(args) -> Measured:
         tokens = step_token_counts(data, args.batch_size, steps)
         log(f"job {name}: {steps} steps of {args.batch_size} on the {corpus} corpus, sides {sides}")
         runs = next(alternating(1, sides, lambda kind, r: run_side(kind, f"vs-trl-{name}-{kind}", data, steps,
-                                                                   args)))[1]
+                                                                   args, corpus)))[1]
         results[name] = job_figures(runs, tokens) | {
             "corpus": corpus, "steps": steps, "order": sides,
             "length_profile": length_profile(data, args.batch_size, steps)}
@@ -116,24 +120,25 @@ def measure_jobs(args) -> Measured:
                     "steady-state non-pad tokens/s and whole-job wall time", figures, goals(results, args))
 
 
-def run_side(kind: str, tag: str, data: Path, steps: int, args) -> dict:
+def run_side(kind: str, tag: str, data: Path, steps: int, args, corpus: str) -> dict:
     """One side's run in a fresh process: honed at its defaults, or TRL / HF with the job's settings; a run that
     failed (on a shared machine: killed for memory others hold) is recorded with its error, not fatal."""
     try:
-        return run_one(kind, tag, data, steps, args)
+        return run_one(kind, tag, data, steps, args, corpus)
     except RuntimeError as err:
         log(f"  {kind} failed: {str(err)[:300]}")
         return {"error": str(err)[:2000]}
 
 
-def run_one(kind: str, tag: str, data: Path, steps: int, args) -> dict:
+def run_one(kind: str, tag: str, data: Path, steps: int, args, corpus: str = "demo") -> dict:
     if kind == "honed":
         run = start("honed", {"config": honed_default_config(data, WORK / "runs" / tag, steps), "threads": 1,
                               "ray_address": getattr(args, "ray_address", None)}, tag)
         return public(run) | {"nonpad_tokens_per_s": run["efficiency"]["nonpad_tokens_per_s"],
                               "step_time_s": run["efficiency"]["step_time_s"], "_run": run}
     job = SimpleNamespace(steps=steps, batch_size=args.batch_size, threads=args.threads, gpu=False)
-    return public(run_loop(kind, tag, data, job, lr=2e-3, variant_repeats=0))
+    trl = {"trl": TRL_BY_CORPUS.get(corpus, {})} if kind == "trl" else {}
+    return public(run_loop(kind, tag, data, job, lr=2e-3, variant_repeats=0, **trl))
 
 
 def job_figures(runs: dict, tokens: list[dict]) -> dict:
@@ -185,7 +190,7 @@ def config(args) -> dict:
             "honed": "honed_default_config: 2 workers x batch 8 x 1 thread, padding-free",
             "honed_ray": args.honed_ray + (": a Ray head started before the jobs, every honed job connects to it"
                                            if args.honed_ray == "running" else ": each job starts its own Ray"),
-            "trl": {"version": "1.16.0", "settings": TRL_SETTINGS, "threads": args.threads, "processes": 1},
+            "trl": {"version": "1.16.0", "settings": TRL_SETTINGS, "settings_by_corpus": TRL_BY_CORPUS, "threads": args.threads, "processes": 1},
             "hf": {"threads": args.threads, "processes": 1, "collator": "DataCollatorForSeq2Seq"},
             "mixed_corpus": MIXED, "jobs": [j[:3] for j in jobs(args)]}
 
