@@ -78,3 +78,34 @@ def test_packed_rows_do_not_depend_on_how_blocks_were_cut(ray_local):
               for blocks in (1, 7)]
     assert packed[0].equals(packed[1])
     assert packed[0]["num_examples"].sum() == len(rows)
+
+
+def test_shards_are_cut_by_tokens_too_and_keep_row_order(ray_local, tmp_path, monkeypatch):
+    import pyarrow.dataset as pads
+    import ray.data
+
+    from honed.data import shards
+
+    monkeypatch.setattr(shards, "TOKENS_PER_SHARD", 100)
+    rows = [{"input_ids": [i] * 40, "n": i} for i in range(10)]  # 400 tokens: 4 shards of ≤ 100 tokens' worth
+    written = shards.write_shards(ray.data.from_items(rows, override_num_blocks=3), tmp_path, "train", tokens=400)
+    files = sorted(p.name for p in tmp_path.glob("*.parquet"))
+    assert written == 10 and len(files) == 4 and files[0].startswith("train-00000")
+    assert pads.dataset(sorted(str(p) for p in tmp_path.glob("*.parquet"))).to_table()["n"].to_pylist() == list(range(10))
+
+
+def test_small_corpus_keys_meet_on_the_driver_as_in_the_shuffle(ray_local):
+    import ray.data
+
+    from honed.data.corpus_dedup import bucket_edges
+
+    rng = np.random.default_rng(2)
+    base = rng.integers(0, 2**40, size=(60, 8))
+    rows = [{"id": i, "exact_key": 10 * i, "signature": base[i % 25] if i % 3 else base[i]}
+            for i in range(60)]  # shared signatures (band collisions), one shared exact key
+    rows[9]["exact_key"] = rows[4]["exact_key"]
+    ds = ray.data.from_items(rows, override_num_blocks=4)
+    lsh = {"bands": 2, "rows": 4}
+    shuffled, driver = (bucket_edges(ds, True, lsh, 4, shuffle=s) for s in (True, False))
+    assert sorted(shuffled[0]) == sorted(driver[0]) == [(9, 4)]
+    assert sorted(shuffled[1]) == sorted(driver[1]) and len(driver[1]) > 10

@@ -272,13 +272,6 @@ def adapter_dir(aug) -> str | None:
     return str(Path(aug.adapter).resolve())
 
 
-def read_records(final, cfg: PrepareConfig):
-    """The rows of records as read (paraphrases left out): what the manifest's counts reconcile."""
-    from ray.data.expressions import col
-
-    return final.filter(expr=col("augmented_from") < 0) if cfg.data.augment.enabled else final
-
-
 def augment_stats(final, cfg: PrepareConfig) -> dict:
     """The manifest's `augment` entry: per source, the records paraphrased, variants generated, kept (train),
     dropped and quarantined by reason, and how many records kept 0, 1, … of their variants; a few examples."""

@@ -35,7 +35,8 @@ def find_duplicates(processed, cfg: PrepareConfig, params: dict) -> tuple[dict[i
              "shingle_words": dd.shingle_words}
     kept = processed.filter(expr=col("status") == KEPT)
     n_blocks = max(2, processed.num_blocks())
-    exact_edges, candidates = bucket_edges(kept, dd.exact, params if dd.near else None, n_blocks)
+    exact_edges, candidates = bucket_edges(kept, dd.exact, params if dd.near else None, n_blocks,
+                                           shuffle=processed.count() >= SHUFFLE_FROM_RECORDS)
     dups = {rid: (rep, "exact_duplicate") for rid, rep in resolve_clusters(exact_edges).items()}
     wanted = {i for pair in candidates + exact_edges for i in pair}
     rows = pick_rows(kept, wanted, ["id", "signature", "origin"] if dd.near else ["id", "origin"])
@@ -70,16 +71,27 @@ def key_rows(batch: dict[str, np.ndarray], exact: bool, lsh: dict | None) -> dic
     return {"id": np.concatenate(ids), "key": np.concatenate(keys)}
 
 
-def bucket_edges(kept, exact: bool, lsh: dict | None, n_blocks: int) -> tuple[list, list]:
+# Below this many records the keys (8 B each, 1 + bands a record: ~1 MB at 10k records) meet on the driver: a hash
+# shuffle's fixed cost (~3 s on 2 CPUs) is most of a small prepare's dedup. Either way the same buckets, the same edges.
+SHUFFLE_FROM_RECORDS = 100_000
+
+
+def bucket_edges(kept, exact: bool, lsh: dict | None, n_blocks: int, shuffle: bool = True) -> tuple[list, list]:
     """(exact edges, LSH candidate edges): (id, smallest id of its bucket) for every non-smallest member of
-    every bucket, from one hash shuffle of all keys."""
+    every bucket, from one hash shuffle of all keys (`shuffle`), or from all keys at once on the driver."""
     if not exact and not lsh:
         return [], []
     columns = ["id"] + (["exact_key"] if exact else []) + (["signature"] if lsh else [])
     keys = kept.select_columns(columns).map_batches(key_rows, fn_kwargs={"exact": exact, "lsh": lsh},
                                                     batch_format="numpy")
-    edges = keys.repartition(n_blocks, keys=["key"]).map_batches(star_edges, batch_size=None, batch_format="numpy")
-    parts = list(edges.iter_batches(batch_format="numpy", batch_size=None))  # whole arrays, not a dict per row
+    if shuffle:
+        edges = keys.repartition(n_blocks, keys=["key"]).map_batches(star_edges, batch_size=None,
+                                                                     batch_format="numpy")
+        parts = list(edges.iter_batches(batch_format="numpy", batch_size=None))  # whole arrays, not a dict per row
+    else:
+        blocks = list(keys.iter_batches(batch_format="numpy", batch_size=None))
+        parts = [star_edges({k: np.concatenate([np.zeros(0, np.int64)] + [b[k] for b in blocks])
+                             for k in ("id", "key")})]
     ids, reps, of_exact = (np.concatenate([np.zeros(0, np.int64)] + [p[k] for p in parts]).tolist()
                            for k in ("id", "rep", "exact"))
     pairs = list(zip(ids, reps))

@@ -119,8 +119,9 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
         train = pack_shuffled(train, seq_len, tokenizer.pad_token_id)
         packing |= packing_stats(train, seq_len, tokens["train"]["examples"])
     shards = join(absolute(cfg.output_dir), "shards")  # written by Ray Data tasks on any node: path or URI
-    train_rows = write_shards(train, join(shards, "train"), "train")
-    val_rows = write_shards(val, join(shards, "val"), "val")
+    train_tokens = packing["rows"] * packing["seq_len"] if cfg.data.pack.enabled else tokens["train"]["total"]
+    train_rows = write_shards(train, join(shards, "train"), "train", train_tokens)
+    val_rows = write_shards(val, join(shards, "val"), "val", tokens["val"]["total"])
     write_quarantine(final, join(absolute(cfg.output_dir), "quarantine"))
     phases.done("shuffle_pack_write", f"{train_rows} training rows, {val_rows} validation rows written")
 

@@ -100,13 +100,35 @@ def pack_shuffled(train, seq_len: int, pad_id: int):
 def pack_examples(batch: dict[str, np.ndarray], seq_len: int, pad_id: int):
     """Best-fit-decreasing packing of a batch of examples into rows of `seq_len` tokens. Position ids
     restart at 0 for every example (and for the padding tail), which is how the model's attention mask
-    keeps each example to itself; padding carries label -100."""
+    keeps each example to itself; padding carries label -100. Rows are filled as int32 arrays, never as
+    Python lists of tokens."""
     lengths = [len(x) for x in batch["input_ids"]]
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins = best_fit(lengths, seq_len)
+    ids = np.full((len(bins), seq_len), pad_id, dtype=np.int32)
+    labels = np.full((len(bins), seq_len), -100, dtype=np.int32)
+    positions = np.empty((len(bins), seq_len), dtype=np.int32)
+    steps = np.arange(seq_len, dtype=np.int32)
+    used = np.zeros(len(bins), dtype=np.int32)
+    for b, members in enumerate(bins):
+        at = 0
+        for i in members:
+            n = lengths[i]
+            ids[b, at:at + n] = batch["input_ids"][i]
+            labels[b, at:at + n] = batch["labels"][i]
+            positions[b, at:at + n] = steps[:n]
+            at += n
+        positions[b, at:] = steps[:seq_len - at]
+        used[b] = at
+    return packed_table(ids, labels, positions, used, np.array([len(m) for m in bins], dtype=np.int32))
+
+
+def best_fit(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """Best-fit decreasing: each example, longest first, goes to the bin with the least room that holds it
+    (ties: the lowest bin, as a scan in bin order finds), found by bisection over the sorted free room."""
     bins: list[list[int]] = []
     rooms: list[tuple[int, int]] = []  # (free room, bin), sorted: the best fit is the first with room ≥ length
-    for i in order:
-        at = bisect.bisect_left(rooms, (lengths[i], -1))  # ties: the lowest bin, as a scan in bin order finds
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        at = bisect.bisect_left(rooms, (lengths[i], -1))
         if at < len(rooms):
             room, b = rooms.pop(at)
             bins[b].append(i)
@@ -114,32 +136,18 @@ def pack_examples(batch: dict[str, np.ndarray], seq_len: int, pad_id: int):
             room, b = seq_len, len(bins)
             bins.append([i])
         bisect.insort(rooms, (room - lengths[i], b))
-    out = defaultdict(list)
-    for members in bins:
-        ids, labels, positions = [], [], []
-        for i in members:
-            ids += list(batch["input_ids"][i])
-            labels += list(batch["labels"][i])
-            positions += list(range(lengths[i]))
-        used = len(ids)
-        ids += [pad_id] * (seq_len - used)
-        labels += [-100] * (seq_len - used)
-        positions += list(range(seq_len - used))
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["position_ids"].append(positions)
-        out["num_tokens"].append(used)
-        out["num_examples"].append(len(members))
-    return packed_table(out)
+    return bins
 
 
-def packed_table(columns: dict[str, list]):
-    """Plain Arrow lists (not Ray's tensor extension type), so any Parquet reader loads the shards."""
+def packed_table(ids, labels, positions, num_tokens, num_examples):
+    """Plain Arrow lists of int32 (not Ray's tensor extension type), so any Parquet reader loads the shards."""
     import pyarrow as pa
 
-    lists = {k: pa.array(columns.get(k, []), type=pa.list_(pa.int32()))
-             for k in ("input_ids", "labels", "position_ids")}
-    return pa.table(lists | {k: pa.array(columns.get(k, []), type=pa.int32()) for k in ("num_tokens", "num_examples")})
+    rows, seq_len = ids.shape
+    offsets = pa.array(np.arange(0, (rows + 1) * seq_len, seq_len, dtype=np.int32))
+    lists = {k: pa.ListArray.from_arrays(offsets, pa.array(v.reshape(-1)))
+             for k, v in (("input_ids", ids), ("labels", labels), ("position_ids", positions))}
+    return pa.table(lists | {"num_tokens": pa.array(num_tokens), "num_examples": pa.array(num_examples)})
 
 
 def packing_stats(packed, seq_len: int, n_examples: int) -> dict:
@@ -151,9 +159,13 @@ def packing_stats(packed, seq_len: int, n_examples: int) -> dict:
             "efficiency": round(used / max(rows * seq_len, 1), 4)}
 
 
-def write_shards(ds, path: str | Path, prefix: str, rows_per_shard: int = 50_000) -> int:
+TOKENS_PER_SHARD = 8_000_000  # ~100 MB of token columns: shards written (and later read) in parallel
+
+
+def write_shards(ds, path: str | Path, prefix: str, tokens: int = 0, rows_per_shard: int = 50_000) -> int:
     """Write deterministic Parquet shards (`prefix-00000.parquet`, ...) under `path` (a local dir or a URI) and
-    return the row count."""
+    return the row count. The shard count is a function of the data alone (rows, and the `tokens` they hold,
+    padding included), never of the CPUs: the same input gives the same files."""
     import ray.data
     from ray.data.datasource import FilenameProvider
 
@@ -166,7 +178,7 @@ def write_shards(ds, path: str | Path, prefix: str, rows_per_shard: int = 50_000
     if not is_uri(path):
         Path(path).mkdir(parents=True, exist_ok=True)
     if n:
-        ds.repartition(max(1, -(-n // rows_per_shard))).write_parquet(
+        ds.repartition(max(1, -(-n // rows_per_shard), -(-tokens // TOKENS_PER_SHARD))).write_parquet(
             absolute(path), filename_provider=Names(), mode=ray.data.SaveMode.OVERWRITE)
     return n
 
