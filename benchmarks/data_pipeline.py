@@ -51,7 +51,7 @@ def options(parser) -> None:
     parser.add_argument("--work", default="/tmp/honed-bench-data")
     parser.add_argument("--skip-double", action="store_true", help="skip the 2x corpus run (its ratio is informative)")
     parser.add_argument("--small-repeats", type=int, default=3, help="runs of the 1,000-record prepare (median)")
-    parser.add_argument("--small-only", action="store_true", help="only the 1,000-record prepare (its goal alone)")
+    parser.add_argument("--small-only", action="store_true", help="only the 1,000-record prepare and its goal")
     parser.add_argument("--pin", action="store_true", help="also run A and B bound to 1 and 2 cores")
     parser.add_argument("--baseline-source", help="a copy of another commit's platform/ dir: its small prepare too")
 
@@ -145,21 +145,15 @@ def small_main(spec: dict) -> dict:
 
     from honed.config import PrepareConfig
     from honed.config.base import read_yaml
-    from honed.data.pipeline import prepare
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     raw = read_yaml(DEMO_CONFIG)
     raw["data"]["sources"] = [{"name": "icd10", "kind": "jsonl", "path": spec["corpus"]}]
     raw["data"].pop("decontaminate")  # it names the demo's kjv source
     cfg = PrepareConfig.model_validate(raw | {"output_dir": spec["out"], "model": {"name_or_path": spec["model"]}})
-    busy_before, started = busy_cpu_seconds(), time.perf_counter()
-    manifest = prepare(cfg)
-    seconds = time.perf_counter() - started
-    cores_busy = (busy_cpu_seconds() - busy_before) / seconds
+    manifest, timing = timed_prepare(cfg)
     ray.shutdown()
-    return {"seconds": round(seconds, 1), "cores_busy": round(cores_busy, 2), "pinned": bool(spec.get("pin")),
-            "phase_seconds": manifest["phase_seconds"],
-            "counts": manifest["counts"]["total"]}
+    return timing | {"phase_seconds": manifest["phase_seconds"], "counts": manifest["counts"]["total"]}
 
 
 def generate(root: Path, total_mb: int, seed: int = 0) -> dict:
@@ -204,7 +198,6 @@ def pipeline_main(spec: dict) -> dict:
     import ray
 
     from honed.config import PrepareConfig
-    from honed.data.pipeline import prepare
     from honed.runtime import _quiet_data_logs
 
     if spec.get("pin"):  # before Ray starts: the raylet, GCS and every worker inherit the affinity
@@ -216,16 +209,23 @@ def pipeline_main(spec: dict) -> dict:
         "data": {"sources": [{"name": "corpus", "kind": "jsonl", "path": spec["corpus"]}],
                  "max_seq_len": 2048, "system_prompt": None, "pack": {"enabled": True, "seq_len": 2048}},
     })
+    manifest, timing = timed_prepare(cfg)
+    ray.shutdown()
+    return timing | {"pinned": bool(spec.get("pin")), "phase_seconds": manifest["phase_seconds"],
+                     "counts": manifest["counts"]["total"], "stages": manifest["stages"],
+                     "dedup": {k: v for k, v in manifest["dedup"].items() if k != "examples"},
+                     "packing": manifest["packing"], "tokens": manifest["tokens"]["train"]["total"]}
+
+
+def timed_prepare(cfg) -> tuple[dict, dict]:
+    """`prepare(cfg)`'s manifest, and its wall seconds with the machine's cores busy meanwhile."""
+    from honed.data.pipeline import prepare
+
     busy_before, started = busy_cpu_seconds(), time.perf_counter()
     manifest = prepare(cfg)
     seconds = time.perf_counter() - started
     cores_busy = (busy_cpu_seconds() - busy_before) / seconds
-    ray.shutdown()
-    return {"seconds": round(seconds, 1), "cores_busy": round(cores_busy, 2), "pinned": bool(spec.get("pin")),
-            "phase_seconds": manifest["phase_seconds"],
-            "counts": manifest["counts"]["total"], "stages": manifest["stages"],
-            "dedup": {k: v for k, v in manifest["dedup"].items() if k != "examples"},
-            "packing": manifest["packing"], "tokens": manifest["tokens"]["train"]["total"]}
+    return manifest, {"seconds": round(seconds, 1), "cores_busy": round(cores_busy, 2)}
 
 
 def busy_cpu_seconds() -> float:

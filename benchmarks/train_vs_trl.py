@@ -130,7 +130,7 @@ def run_side(kind: str, tag: str, data: Path, steps: int, args, corpus: str) -> 
         return {"error": str(err)[:2000]}
 
 
-def run_one(kind: str, tag: str, data: Path, steps: int, args, corpus: str = "demo") -> dict:
+def run_one(kind: str, tag: str, data: Path, steps: int, args, corpus: str) -> dict:
     if kind == "honed":
         run = start("honed", {"config": honed_default_config(data, WORK / "runs" / tag, steps), "threads": 1,
                               "ray_address": getattr(args, "ray_address", None)}, tag)
@@ -190,7 +190,8 @@ def config(args) -> dict:
             "honed": "honed_default_config: 2 workers x batch 8 x 1 thread, padding-free",
             "honed_ray": args.honed_ray + (": a Ray head started before the jobs, every honed job connects to it"
                                            if args.honed_ray == "running" else ": each job starts its own Ray"),
-            "trl": {"version": "1.16.0", "settings": TRL_SETTINGS, "settings_by_corpus": TRL_BY_CORPUS, "threads": args.threads, "processes": 1},
+            "trl": {"version": "1.16.0", "settings": TRL_SETTINGS, "settings_by_corpus": TRL_BY_CORPUS,
+                    "threads": args.threads, "processes": 1},
             "hf": {"threads": args.threads, "processes": 1, "collator": "DataCollatorForSeq2Seq"},
             "mixed_corpus": MIXED, "jobs": [j[:3] for j in jobs(args)]}
 
