@@ -112,9 +112,10 @@ def measure_jobs(args) -> Measured:
         results[name] = job_figures(runs, tokens) | {
             "corpus": corpus, "steps": steps, "order": sides,
             "length_profile": length_profile(data, args.batch_size, steps)}
-        log(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in results[name]["ratios"].items()))
+        log(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in results[name]["ratios"].items()) + "; " + ", ".join(
+            f"{side} {figures['nonpad_tokens_per_s']} tok/s" for side, figures in results[name]["sides"].items()))
     plot = plot_losses(results, (ROOT / args.out).with_suffix("") if args.out else RESULTS / "train_vs_trl")
-    figures = {"config": config(args), "jobs": results, "loss_plot": str(plot.relative_to(ROOT))}
+    figures = {"config": config(args), "jobs": results, "loss_plot": str(plot.relative_to(ROOT) if plot.is_relative_to(ROOT) else plot)}
     return Measured("LoRA on SmolLM2-135M-Instruct, global batch 16, 2 CPU threads: honed train at its defaults "
                     "(2 Ray workers, padding-free) vs TRL SFTTrainer and transformers.Trainer (1 process, padded); "
                     "steady-state non-pad tokens/s and whole-job wall time", figures, goals(results, args))

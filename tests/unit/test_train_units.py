@@ -15,7 +15,7 @@ import torch
 from honed.config import ConfigError, EarlyStopping, MethodConfig, OptimConfig, TrainConfig, load_config
 from honed.train.backends import deep_merge, deepspeed_config, model_hidden_size, zero_buckets
 from honed.train.batching import length_grouped
-from honed.train.collate import collate, rank_rows
+from honed.train.collate import collate, rank_rows, row_tokens
 from honed.train.losses import causal_lm_loss
 from honed.train.validation import should_stop
 from honed.train.methods import (
@@ -536,22 +536,40 @@ def test_cli_main_never_reaches_init_ray_on_bad_config(monkeypatch, own_output, 
 # --------------------------------------------------------------------------------------- 5. loop helpers
 @pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 16, 17])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_rank_rows_slices_cover_every_row_once(n, world):
-    batch = {"input_ids": np.arange(n) * 10, "source": np.array([f"s{i}" for i in range(n)])}
-    seen = []
+def test_rank_rows_cover_every_row_once_balanced_by_tokens(n, world):
+    lengths = np.random.default_rng(n * 10 + world).integers(20, 1024, n)
+    batch = {"input_ids": ragged([np.full(k, i) for i, k in enumerate(lengths)]),
+             "source": np.array([f"s{i}" for i in range(n)])}
+    seen, loads = [], []
     for rank in range(world):
         rows = rank_rows(batch, rank, world)
         assert set(rows) == {"input_ids", "source", "_weight"}
         assert len(rows["input_ids"]) == len(rows["source"]) == len(rows["_weight"]) >= 1
         if rows["_weight"].sum() == 0:  # a rank without rows: one zero-weight stand-in row
-            assert len(rows["_weight"]) == 1 and rows["input_ids"][0] == batch["input_ids"][0]
+            assert len(rows["_weight"]) == 1 and rows["input_ids"][0] is batch["input_ids"][0]
+            loads.append(0)
             continue
         assert np.all(rows["_weight"] == 1)
-        ids = rows["input_ids"] // 10
-        assert np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids)))  # contiguous
+        ids = [int(x[0]) for x in rows["input_ids"]]
+        assert ids == sorted(ids)  # batch order kept inside a rank
         assert list(rows["source"]) == [f"s{i}" for i in ids]  # columns stay aligned
-        seen.extend(ids.tolist())
-    assert seen == list(range(n))  # in rank order, each row exactly once
+        seen.extend(ids)
+        loads.append(sum(len(x) for x in rows["input_ids"]))
+    assert sorted(seen) == list(range(n))  # each row exactly once
+    # longest-first to the least-loaded rank: no rank carries more than the lightest plus one row
+    assert max(loads) - min(loads) <= max(lengths)
+    assert max(loads) <= max(sum(lengths) / world + max(lengths) * (world - 1) / world, max(lengths))
+
+
+def test_rank_rows_balance_a_mixed_length_batch_that_slices_would_not():
+    lengths = [1024, 900, 30, 25, 40, 35, 28, 22]  # long examples arrive together
+    batch = {"input_ids": ragged([np.zeros(k) for k in lengths]), "labels": ragged([np.zeros(k) for k in lengths])}
+    loads = [sum(len(x) for x in rank_rows(batch, r, 2)["input_ids"]) for r in range(2)]
+    assert sorted(loads) == [1049, 1055]  # contiguous halves: 1,979 and 125
+    pairs = {"input_ids": ragged([np.zeros(10), np.zeros(10)]), "rejected_input_ids": ragged([np.zeros(500), None])}
+    assert row_tokens(pairs).tolist() == [510, 10]  # a preference pair counts both answers
+    packed = {"input_ids": np.zeros((4, 64), dtype=np.int64), "num_tokens": np.array([64, 10, 60, 12])}
+    assert [rank_rows(packed, r, 2)["num_tokens"].tolist() for r in range(2)] == [[64, 10], [60, 12]]
 
 
 def stream(lengths: list[int], batch: int) -> list[dict]:
@@ -611,9 +629,9 @@ def test_rank_rows_rank_without_rows_gets_one_zero_weight_row():
     parts = [rank_rows(batch, r, 4) for r in range(4)]
     assert [p["_weight"].tolist() for p in parts] == [[1.0], [1.0], [0.0], [0.0]]
     assert [p["input_ids"].tolist() for p in parts] == [[7], [8], [7], [7]]
-    # an even batch splits evenly
+    # rows of equal length split evenly
     even = [rank_rows({"x": np.arange(8)}, r, 4)["x"].tolist() for r in range(4)]
-    assert even == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert even == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
 def hist(*values, metric="val_loss"):
