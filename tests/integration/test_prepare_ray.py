@@ -73,3 +73,21 @@ def test_missing_input_fails_up_front(ray_local, tiny_model, tmp_path):
         "data": {"sources": [{"name": "x", "kind": "jsonl", "path": str(tmp_path / "missing" / "*.jsonl")}]}})
     with pytest.raises(FileNotFoundError, match="source 'x': no jsonl file at .*missing"):
         prepare(cfg)
+
+
+def test_processing_actors_tokenize_on_the_cpus_they_hold(ray_local):
+    """A 1-CPU worker turns the tokenizer's own thread pool off; a worker holding 2 CPUs keeps it."""
+    import ray
+
+    from honed.data.pipeline import tokenizer_threads_within_allocation
+
+    @ray.remote
+    def setting() -> str | None:
+        import os
+
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the library's default: every core
+        tokenizer_threads_within_allocation()
+        return os.environ["TOKENIZERS_PARALLELISM"]
+
+    assert ray.get(setting.options(num_cpus=1).remote()) == "false"
+    assert ray.get(setting.options(num_cpus=2).remote()) == "true"

@@ -165,7 +165,20 @@ class NodeExampleProcessor(ExampleProcessor):
     """The per-record actor with its tokenizer from the model resolved on the actor's own node."""
 
     def __init__(self, model_ref: tuple[str, str | None], settings: dict, decontam=None):
+        tokenizer_threads_within_allocation()
         super().__init__(node_model(*model_ref), settings, decontam)
+
+
+def tokenizer_threads_within_allocation() -> None:
+    """A Ray worker holding one CPU tokenizes on one thread. The tokenizers library spreads a batch over every
+    core of the machine by default, so each 1-CPU actor took CPU time from the others (and a "1 CPU" Ray from
+    the cores it was not given: 1.28 cores busy). Read at each call, so setting it in the actor is enough."""
+    import os
+
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().get_assigned_resources().get("CPU", 0) <= 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def split_windows_on_node(batch, size: int, overlap: int, model_ref: tuple[str, str | None]):
