@@ -49,6 +49,8 @@ def test_manifest_records_template_tokenizer_and_tokens(prepared):
     assert "<|im_start|>" in m["template"]["chat_template"]
     assert m["template"]["system_prompt"] == prepared["config"].data.system_prompt
     assert len(m["model"]["weights_sha256"]) == 64 and len(m["model"]["tokenizer_sha256"]) == 64
+    from honed.models import load_tokenizer, model_dir  # what training workers use instead of loading it
+    assert m["model"]["pad_token_id"] == load_tokenizer(model_dir(prepared["config"].model)).pad_token_id
     assert m["tokens"]["train"]["examples"] == m["counts"]["total"]["train"] and m["tokens"]["train"]["max"] <= 160
     assert "| extra |" in Path(prepared["dir"], "report.md").read_text()
 

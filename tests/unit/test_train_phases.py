@@ -111,3 +111,14 @@ def test_a_small_train_set_is_read_whole_in_ray_datas_order(tmp_path):
     batches = list(InlineStream(table, plan).epoch())
     assert [list(b["num_tokens"]) for b in batches] == [[1, 2, 3], [4, 5, 6]]  # the short last batch dropped
     assert batches[0]["input_ids"].dtype == object and list(batches[1]["input_ids"][2]) == list(range(6))
+
+
+def test_workers_take_the_pad_id_prepare_recorded_for_the_same_model_only():
+    from honed.config import TrainConfig
+    from honed.train.plan import recorded_pad_id
+
+    cfg = TrainConfig.model_validate({"model": {"name_or_path": "smollm2-135m-instruct"}})
+    manifest = {"model": {"name_or_path": "smollm2-135m-instruct", "pad_token_id": 2}}
+    assert recorded_pad_id(cfg, manifest) == 2
+    assert recorded_pad_id(cfg, {"model": {"name_or_path": "other-model", "pad_token_id": 2}}) is None
+    assert recorded_pad_id(cfg, {"model": {"name_or_path": "smollm2-135m-instruct"}}) is None  # an older manifest

@@ -147,7 +147,7 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
             "eos_token": tokenizer.eos_token,
         },
         "model": {"name_or_path": cfg.model.name_or_path, "weights_sha256": weights_hash(model_path),
-                  "tokenizer_sha256": tokenizer_hash(model_path)},
+                  "tokenizer_sha256": tokenizer_hash(model_path), "pad_token_id": tokenizer.pad_token_id},
         "sources": source_identities(cfg, files),
         "decontamination": {"ngram": cfg.data.decontaminate.ngram, "eval_ngrams": len(decontam) if decontam else 0},
         "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),

@@ -150,7 +150,7 @@ def objective_share(worker: Worker, inputs: list[dict]) -> float:
 
 
 def setup(cfg: TrainConfig, plan: RunPlan, phases: Phases | None = None) -> Worker:
-    """Threads, seeds, tokenizer, the model with its method applied, the backend, the objective and the peak
+    """Threads, seeds, the pad id, the model with its method applied, the backend, the objective and the peak
     FLOP/s that MFU is measured against; each part timed into `phases` as `worker_setup.<part>`."""
     phases = phases or Phases()
     import ray.train
@@ -162,8 +162,8 @@ def setup(cfg: TrainConfig, plan: RunPlan, phases: Phases | None = None) -> Work
     device = ray.train.torch.get_device()
 
     seed_everything(cfg.seed)  # identical initial weights (LoRA matrices, prefixes) on every rank
-    with phases.timed("worker_setup.tokenizer"):
-        tokenizer = load_tokenizer(plan.model_path)
+    with phases.timed("worker_setup.tokenizer"):  # only for the pad id, when prepare did not record it
+        pad_id = plan.pad_id if plan.pad_id is not None else load_tokenizer(plan.model_path).pad_token_id
     ds_config = run_deepspeed_config(cfg, device, model_hidden_size(plan.model_path)) \
         if cfg.method.deepspeed.enabled else None
     zero3 = sharded_loading(ds_config)  # ZeRO-3: each rank builds only its partition of the model
@@ -186,7 +186,7 @@ def setup(cfg: TrainConfig, plan: RunPlan, phases: Phases | None = None) -> Work
     with phases.timed("worker_setup.peak_flops"):
         peak = peak_flops(cfg, device)
     return Worker(cfg=cfg, plan=plan, backend=backend, objective=objective_for(cfg, backend.model),
-                  pad_id=tokenizer.pad_token_id, device=device, rank=rank, world=world, trainable_params=trainable,
+                  pad_id=pad_id, device=device, rank=rank, world=world, trainable_params=trainable,
                   total_params=total, peak_flops=peak, load=load, zero3=zero3)
 
 

@@ -34,6 +34,7 @@ class RunPlan:
     train_rows: int
     live_log: str  # output_dir/progress.jsonl, appended to by rank 0 ("" when output_dir is a URI)
     storage_path: str  # Ray Train's storage (checkpoints), local absolute path or a URI
+    pad_id: int | None = None  # the tokenizer's pad id as prepare recorded it for this model (None: workers load it)
 
     @property
     def model_path(self) -> str:
@@ -74,7 +75,15 @@ def plan_run(cfg: TrainConfig, manifest: dict | None = None) -> RunPlan:
         validate_at_checkpoints=cfg.validate_at_checkpoints or bool(cfg.checkpoint_metric) or bool(cfg.early_stopping),
         domain_sources=tuple(domain_sources(manifest)), packed=packed, train_rows=n_train,
         live_log="" if is_uri(cfg.output_dir) else str((Path(cfg.output_dir) / LIVE_LOG).resolve()),
-        storage_path=storage_path(cfg))
+        storage_path=storage_path(cfg), pad_id=recorded_pad_id(cfg, manifest))
+
+
+def recorded_pad_id(cfg: TrainConfig, manifest: dict) -> int | None:
+    """The pad id prepare recorded, when it tokenized with this run's model (a worker then skips loading the
+    tokenizer, ~2 s of its set-up, for this one number)."""
+    model = manifest.get("model", {})
+    pad = model.get("pad_token_id")
+    return int(pad) if pad is not None and model.get("name_or_path") == cfg.model.name_or_path else None
 
 
 def check_method_data(cfg: TrainConfig, manifest: dict, packed: bool, model_path: str) -> None:
