@@ -1,8 +1,10 @@
 """The prepare path's one-pass pieces on hand-made data: exact and LSH keys share one shuffle without meeting,
 per-block tallies give the manifest's counts, the faster best-fit packing places every example where the plain
-scan over bins did, and packed rows do not depend on how Ray Data cut the blocks."""
+scan over bins did, packed rows do not depend on how Ray Data cut the blocks, and the seeded order is the sort by
+key whatever the blocks and tasks."""
 
 import json
+from functools import partial
 
 import numpy as np
 
@@ -70,14 +72,42 @@ def test_packing_places_examples_as_the_plain_scan_does():
 def test_packed_rows_do_not_depend_on_how_blocks_were_cut(ray_local):
     import ray.data
 
-    from honed.data.shards import PACK_GROUP, pack_shuffled
+    from honed.data.shards import PACK_GROUP, pack_group, seed_keys, seeded_order
 
     rng = np.random.default_rng(1)
-    rows = [{"input_ids": list(range(n)), "labels": list(range(n))} for n in rng.integers(1, 300, PACK_GROUP + 900)]
-    packed = [pack_shuffled(ray.data.from_items(rows, override_num_blocks=blocks), 512, 0).to_pandas()
+    rows = [{"id": i, "input_ids": list(range(n)), "labels": list(range(n))}
+            for i, n in enumerate(rng.integers(1, 300, 2 * PACK_GROUP + 900))]
+    keys, pack = partial(seed_keys, seed=3), partial(pack_group, seq_len=512, pad_id=0)
+    packed = [seeded_order(ray.data.from_items(rows, override_num_blocks=blocks), keys, pack).to_pandas()
               for blocks in (1, 7)]
     assert packed[0].equals(packed[1])
     assert packed[0]["num_examples"].sum() == len(rows)
+    assert packed[0]["num_tokens"].sum() == sum(len(r["input_ids"]) for r in rows)
+
+
+def test_the_seeded_order_is_the_sort_by_key_whatever_the_blocks_and_tasks(ray_local, monkeypatch):
+    import ray
+    import ray.data
+
+    from honed.data import exchange, shards
+    from honed.data.shards import seed_keys, seeded_order
+
+    rows = [{"id": i, "text": f"row {i}", "window": i % 3} for i in range(5000)]
+    expected = [r["id"] for r in sorted(rows, key=lambda r: seed_keys(pa_table([r["id"]]), 7)[0])]
+    for blocks, task_rows, task_bytes in ((1, 65_536, 64 << 20), (9, 700, 1_000)):  # by rows and by input size
+        monkeypatch.setattr(shards, "SORT_TASK_ROWS", task_rows)
+        monkeypatch.setattr(exchange, "TASK_BYTES", task_bytes)
+        tables = ray.get(seeded_order(ray.data.from_items(rows, override_num_blocks=blocks),
+                                      partial(seed_keys, seed=7)).to_arrow_refs())
+        assert [i for t in tables for i in t.column("id").to_pylist()] == expected
+        assert set(tables[0].column_names) == {"id", "text", "window"}  # the key column is gone
+        assert len(tables) == -(-len(rows) // task_rows)  # reduce tasks: by rows alone, whatever the maps
+
+
+def pa_table(ids: list[int]):
+    import pyarrow as pa
+
+    return pa.table({"id": pa.array(ids, pa.int64())})
 
 
 def test_shards_are_cut_by_tokens_too_and_keep_row_order(ray_local, tmp_path, monkeypatch):
@@ -106,6 +136,6 @@ def test_small_corpus_keys_meet_on_the_driver_as_in_the_shuffle(ray_local):
     rows[9]["exact_key"] = rows[4]["exact_key"]
     ds = ray.data.from_items(rows, override_num_blocks=4)
     lsh = {"bands": 2, "rows": 4}
-    shuffled, driver = (bucket_edges(ds, True, lsh, 4, shuffle=s) for s in (True, False))
+    shuffled, driver = (bucket_edges(ds.to_arrow_refs(), True, lsh, shuffle=s) for s in (True, False))
     assert sorted(shuffled[0]) == sorted(driver[0]) == [(9, 4)]
     assert sorted(shuffled[1]) == sorted(driver[1]) and len(driver[1]) > 10

@@ -1,5 +1,5 @@
-"""Deduplication across the whole corpus on Ray Data: exact keys and LSH band keys are hash-shuffled so equal
-keys meet in one block, only the resulting edges reach the driver, and the duplicates found are marked
+"""Deduplication across the whole corpus: exact keys and LSH band keys are exchanged by key so equal keys meet
+in one task, only the resulting edges reach the driver, and the duplicates found are marked
 dropped. The MinHash/LSH math itself is `honed.data.dedup`; this module runs it at corpus scale.
 
     duplicates, stats = find_duplicates(processed, cfg, lsh_settings(cfg))
@@ -9,6 +9,7 @@ dropped. The MinHash/LSH math itself is `honed.data.dedup`; this module runs it 
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import numpy as np
@@ -22,24 +23,21 @@ from honed.data.records import DROPPED, KEPT
 def find_duplicates(processed, cfg: PrepareConfig, params: dict) -> tuple[dict[int, tuple[int, str]], dict]:
     """`{id: (kept representative id, reason)}` for every exact or near duplicate of an earlier record.
 
-    Each record's keys (its exact hash, its LSH band keys) become rows of one table; one hash shuffle puts
-    equal keys in one block, where every member of a bucket is linked to the bucket's smallest id (star edges,
+    Each kept record's keys (its exact hash, its LSH band keys) become rows of one table; one exchange by key
+    (honed.data.exchange, plain Ray tasks over the processed blocks) puts equal keys in one task, where every member of a bucket is linked to the bucket's smallest id (star edges,
     linear in the bucket). Only these edges reach the driver. LSH candidates are then verified: an edge stands
     only when the two MinHash signatures agree on at least `threshold` of their entries (the estimated Jaccard
     similarity), which removes band collisions of unrelated records. Union-find turns the edges into
     clusters whose smallest (first-read) id is kept."""
-    from ray.data.expressions import col
-
     dd = cfg.data.dedup
     stats = {"exact": dd.exact, "near": dd.near, "threshold": dd.threshold, "num_perm": dd.num_perm,
              "shingle_words": dd.shingle_words}
-    kept = processed.filter(expr=col("status") == KEPT)
-    n_blocks = max(2, processed.num_blocks())
-    exact_edges, candidates = bucket_edges(kept, dd.exact, params if dd.near else None, n_blocks,
+    blocks = processed.to_arrow_refs()  # a materialized dataset's blocks: read by plain tasks, no new execution
+    exact_edges, candidates = bucket_edges(blocks, dd.exact, params if dd.near else None,
                                            shuffle=processed.count() >= SHUFFLE_FROM_RECORDS)
     dups = {rid: (rep, "exact_duplicate") for rid, rep in resolve_clusters(exact_edges).items()}
     wanted = {i for pair in candidates + exact_edges for i in pair}
-    rows = pick_rows(kept, wanted, ["id", "signature", "origin"] if dd.near else ["id", "origin"])
+    rows = pick_rows(blocks, wanted, ["id", "signature", "origin"] if dd.near else ["id", "origin"])
     if dd.near:
         near_edges = verify_edges(rows, candidates, dd.threshold)
         stats |= {"bands": params["bands"], "rows": params["rows"], "candidate_pairs": len(set(candidates)),
@@ -71,47 +69,70 @@ def key_rows(batch: dict[str, np.ndarray], exact: bool, lsh: dict | None) -> dic
     return {"id": np.concatenate(ids), "key": np.concatenate(keys)}
 
 
-# Below this many records the keys (8 B each, 1 + bands a record: ~1 MB at 10k records) meet on the driver: a hash
-# shuffle's fixed cost (~3 s on 2 CPUs) is most of a small prepare's dedup. Either way the same buckets, the same edges.
+# Below this many records the keys (8 B each, 1 + bands a record: ~1 MB at 10k records) meet in one task; above,
+# in one task per CPU. Either way the same buckets, the same edges.
 SHUFFLE_FROM_RECORDS = 100_000
 
 
-def bucket_edges(kept, exact: bool, lsh: dict | None, n_blocks: int, shuffle: bool = True) -> tuple[list, list]:
+def bucket_edges(blocks: list, exact: bool, lsh: dict | None, shuffle: bool = True) -> tuple[list, list]:
     """(exact edges, LSH candidate edges): (id, smallest id of its bucket) for every non-smallest member of
-    every bucket, from one hash shuffle of all keys (`shuffle`), or from all keys at once on the driver."""
+    every bucket of the kept rows in `blocks` (Arrow tables in the object store), from one exchange of all keys
+    by key: over one reduce task per CPU (`shuffle`), or one."""
+    import ray
+
+    from honed.data.exchange import cluster_cpus, exchange_blocks
+
     if not exact and not lsh:
         return [], []
-    columns = ["id"] + (["exact_key"] if exact else []) + (["signature"] if lsh else [])
-    keys = kept.select_columns(columns).map_batches(key_rows, fn_kwargs={"exact": exact, "lsh": lsh},
-                                                    batch_format="numpy")
-    if shuffle:
-        edges = keys.repartition(n_blocks, keys=["key"]).map_batches(star_edges, batch_size=None,
-                                                                     batch_format="numpy")
-        parts = list(edges.iter_batches(batch_format="numpy", batch_size=None))  # whole arrays, not a dict per row
-    else:
-        blocks = list(keys.iter_batches(batch_format="numpy", batch_size=None))
-        parts = [star_edges({k: np.concatenate([np.zeros(0, np.int64)] + [b[k] for b in blocks])
-                             for k in ("id", "key")})]
-    ids, reps, of_exact = (np.concatenate([np.zeros(0, np.int64)] + [p[k] for p in parts]).tolist()
+    tasks = cluster_cpus() if shuffle else 1
+    split = functools.partial(keys_by_task, exact=exact, lsh=lsh, tasks=tasks)
+    parts = ray.get(exchange_blocks(blocks, split, star_edge_table, tasks))
+    ids, reps, of_exact = (np.concatenate([np.zeros(0, np.int64)] + [p.column(k).to_numpy() for p in parts]).tolist()
                            for k in ("id", "rep", "exact"))
     pairs = list(zip(ids, reps))
     return [p for p, e in zip(pairs, of_exact) if e], [p for p, e in zip(pairs, of_exact) if not e]
 
 
-def pick_rows(kept, ids: set[int], columns: list[str]) -> dict[int, dict]:
-    """`columns` of the kept rows whose id is in `ids` (the duplicates' edges: a small part), by id."""
-    import ray
+def kept_rows(table):
+    """The rows still kept (a processed block's; a table without `status` is all kept)."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.equal(table.column("status"), KEPT)) if "status" in table.column_names else table
+
+
+def keys_by_task(table, exact: bool, lsh: dict | None, tasks: int):
+    """Map side of the keys' exchange: a block's kept rows' `key_rows`, each to the reduce task of its key."""
+    import pyarrow as pa
+
+    table = kept_rows(table)
+    columns = ["id"] + (["exact_key"] if exact else []) + (["signature"] if lsh else [])
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns}
+    keys = key_rows(batch, exact, lsh)
+    return pa.table(keys), np.mod(keys["key"], tasks)
+
+
+def star_edge_table(table):
+    """Reduce side: `star_edges` of every key that met in this task."""
+    import pyarrow as pa
+
+    if not table.num_rows:
+        return pa.table(star_edges({"key": np.zeros(0, np.int64)}))
+    return pa.table(star_edges({"id": table.column("id").to_numpy(), "key": table.column("key").to_numpy()}))
+
+
+def pick_rows(blocks: list, ids: set[int], columns: list[str]) -> dict[int, dict]:
+    """`columns` of the kept rows in `blocks` whose id is in `ids` (the duplicates' edges: a small part), by id."""
+    from honed.data.exchange import map_blocks
 
     if not ids:
         return {}
-    wanted = ray.put(np.array(sorted(ids), dtype=np.int64))
+    wanted = np.array(sorted(ids), dtype=np.int64)
 
-    def pick(batch: dict[str, np.ndarray], ids) -> dict[str, np.ndarray]:
-        hit = np.isin(batch["id"].astype(np.int64), ray.get(ids))
-        return {k: batch[k][hit] for k in columns}
+    def pick(table):
+        table = kept_rows(table)
+        return table.filter(np.isin(table.column("id").to_numpy(), wanted)).select(columns)
 
-    rows = kept.select_columns(columns).map_batches(pick, fn_kwargs={"ids": wanted}, batch_format="numpy").take_all()
-    return {int(r["id"]): r for r in rows}
+    return {int(r["id"]): r for t in map_blocks(blocks, pick) for r in t.to_pylist()}
 
 
 def verify_edges(rows: dict[int, dict], edges: list[tuple[int, int]], threshold: float) -> list[tuple[int, int]]:

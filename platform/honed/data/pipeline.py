@@ -30,6 +30,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from honed import __version__
 from honed.artifacts import write_manifest
 from honed.config import FILE_KINDS, PrepareConfig, SourceConfig, dump_config
@@ -43,7 +45,8 @@ from honed.data.processing import ExampleProcessor, split_windows
 from honed.data.quality import normalize_text, text_of
 from honed.data.records import KEPT, BadRecord, parse_record, unit_hash
 from honed.data.shards import (
-    SHARD_COLUMNS, apply_mix, mix_rates, pack_shuffled, packing_stats, seeded_shuffle, write_quarantine, write_shards,
+    SHARD_COLUMNS, apply_mix, mix_rates, pack_group, packing_stats, seed_keys, seeded_order, write_quarantine,
+    write_shards,
 )
 from honed.data.sources import FileReader, builtin_rows, list_files
 from honed.data.templates import resolve_template
@@ -112,12 +115,14 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
     train = rows.filter(expr=col("split") == "train").select_columns(ROW_COLUMNS)
     val = rows.filter(expr=col("split") == "val").select_columns(ROW_COLUMNS)
     tokens = token_stats(rows, cfg.data.max_seq_len)
-    train = shuffle_windows(train, cfg.data.seed)
+    keys = functools.partial(window_shuffle_keys, seed=cfg.data.seed)
     packing = {"enabled": cfg.data.pack.enabled}
-    if cfg.data.pack.enabled:
+    if cfg.data.pack.enabled:  # shuffled and packed in one exchange: groups of ~PACK_GROUP shuffled examples
         seq_len = cfg.data.pack.seq_len or cfg.data.max_seq_len
-        train = pack_shuffled(train, seq_len, tokenizer.pad_token_id)
+        train = seeded_order(train, keys, functools.partial(pack_group, seq_len=seq_len, pad_id=tokenizer.pad_token_id))
         packing |= packing_stats(train, seq_len, tokens["train"]["examples"])
+    else:
+        train = seeded_order(train, keys)
     shards = join(absolute(cfg.output_dir), "shards")  # written by Ray Data tasks on any node: path or URI
     train_tokens = packing["rows"] * packing["seq_len"] if cfg.data.pack.enabled else tokens["train"]["total"]
     train_rows = write_shards(train, join(shards, "train"), "train", train_tokens)
@@ -191,19 +196,14 @@ def node_model(name_or_path: str, revision: str | None) -> str:
     return resolve_model(name_or_path, revision)
 
 
-def shuffle_windows(train, seed: int):
-    """`seeded_shuffle` keys on the record id, which the windows of one document share: they are shuffled under a
-    key of their own (window 0 keeps the id, so rows never cut shuffle as before) and get the id back after."""
+def window_shuffle_keys(table, seed: int) -> np.ndarray:
+    """`seed_keys` of the record id, which the windows of one document share: a window after the first is
+    shuffled under an id of its own (window 0 keeps the record's, so rows never cut shuffle as before)."""
     import pyarrow as pa
 
-    def window_keys(batch):
-        ids, windows = batch["id"].to_pylist(), batch["window"].to_pylist()
-        keys = [i if w == 0 else int(unit_hash(f"{i}:{w}") * 2**63) for i, w in zip(ids, windows)]
-        index = batch.schema.get_field_index("id")
-        return batch.append_column("record_id", batch["id"]).set_column(index, "id", pa.array(keys, pa.int64()))
-
-    shuffled = seeded_shuffle(train.map_batches(window_keys, batch_format="pyarrow"), seed)
-    return shuffled.drop_columns(["id"]).rename_columns({"record_id": "id"}).select_columns(ROW_COLUMNS)
+    ids, windows = table.column("id").to_pylist(), table.column("window").to_pylist()
+    own = [i if w == 0 else int(unit_hash(f"{i}:{w}") * 2**63) for i, w in zip(ids, windows)]
+    return seed_keys(pa.table({"id": pa.array(own, pa.int64())}), seed)
 
 
 class Phases:

@@ -3,7 +3,7 @@ best-fit packing into `seq_len`-token rows, deterministic Parquet shards and the
 
     rates = mix_rates(cfg, marked)
     final = marked.map_batches(apply_mix, fn_kwargs={"rates": rates, "seed": seed}, batch_format="pyarrow")
-    train = pack_shuffled(seeded_shuffle(train, seed), seq_len=512, pad_id=0)
+    train = seeded_order(train, partial(seed_keys, seed=seed), partial(pack_group, seq_len=512, pad_id=0))
     write_shards(train, out / "shards" / "train", "train")
 
 Every choice is a pure function of (seed, record ids), never of how rows fall into blocks: the same input and
@@ -13,6 +13,7 @@ seed give the same bytes.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 from collections import defaultdict
 from pathlib import Path
@@ -73,28 +74,73 @@ def apply_mix(batch, rates: dict, seed: int):
     return replace_columns(batch, status=status, reason=reason)
 
 
-def seeded_shuffle(ds, seed: int):
-    """A global shuffle that is a pure function of (seed, ids): sort by a seeded hash of each id."""
-    def add_key(batch):
-        import pyarrow as pa
-
-        keys = [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") >> 1
-                for i in batch.column("id").to_pylist()]
-        return batch.append_column("shuffle_key", pa.array(keys, pa.int64()))
-
-    return ds.map_batches(add_key, batch_format="pyarrow").sort("shuffle_key").drop_columns(["shuffle_key"])
+SHUFFLE_KEY = "_shuffle_key"
+PACK_GROUP = 4096  # consecutive shuffled examples best-fit packing sees at once (about: a group is a key range)
+GROUPS_PER_TASK = 4  # packing groups one reduce task of the shuffle finishes
+SORT_TASK_ROWS = 65_536  # rows one reduce task sorts when nothing is packed
 
 
-PACK_GROUP = 4096  # consecutive shuffled examples best-fit packing sees at once
+def seed_keys(table, seed: int) -> np.ndarray:
+    """A seeded 63-bit hash of each row's `id`: the shuffle order (a pure function of seed and ids)."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") >> 1
+                     for i in table.column("id").to_pylist()], dtype=np.int64)
 
 
-def pack_shuffled(train, seq_len: int, pad_id: int):
-    """The shuffled training examples packed in groups of consecutive rows (≤ `PACK_GROUP`, cut by row count
-    alone), materialized: the packed rows do not depend on where Ray Data cut blocks (CPUs, timing)."""
-    train = train.materialize()
-    groups = train.repartition(max(1, -(-train.count() // PACK_GROUP)))  # equal row counts, order kept
-    return groups.map_batches(pack_examples, fn_kwargs={"seq_len": seq_len, "pad_id": pad_id}, batch_size=None,
-                              batch_format="numpy").materialize()
+def seeded_order(ds, keys, finish=None, group_rows: int = PACK_GROUP):
+    """The rows of `ds` sorted by `keys(table)` (int64 in [0, 2^63): a seeded hash per row, e.g. `seed_keys`); with
+    `finish` (packing), cut into groups of about `group_rows` consecutive rows, each group through `finish(table)`.
+
+    The keys are uniform, so the sort needs no sampling: group g holds the keys in [g·w, (g+1)·w) with w = 2^63 /
+    groups; a map task cuts its blocks by group into one piece per reduce task (a run of consecutive groups), a
+    reduce task sorts its rows by key and finishes group after group (honed.data.exchange). With `finish`,
+    groups = ⌈rows / group_rows⌉ and a reduce task finishes `GROUPS_PER_TASK` of them; without, a reduce task
+    sorts a key range of ~`SORT_TASK_ROWS` rows. Groups, tasks and the blocks that come out (hence the shards'
+    bytes, row groups included) depend on the rows alone, never on the input's blocks or the CPUs."""
+    from honed.data.exchange import exchange
+
+    ds = ds.materialize()
+    rows = ds.count()
+    if not rows:
+        return ds
+    if finish is None:
+        groups = tasks = -(-rows // SORT_TASK_ROWS)
+    else:
+        groups = -(-rows // group_rows)
+        tasks = -(-groups // GROUPS_PER_TASK)
+    width = np.uint64((2**63 - 1) // groups + 1)
+    split = functools.partial(_by_group, keys=keys, width=width, groups=groups, tasks=tasks)
+    return exchange(ds, split, functools.partial(_finish_groups, width=width, finish=finish), tasks)
+
+
+def _by_group(table, keys, width, groups: int, tasks: int):
+    import pyarrow as pa
+
+    key = keys(table)
+    group = key.astype(np.uint64) // width
+    return table.append_column(SHUFFLE_KEY, pa.array(key, pa.int64())), (group * tasks // groups).astype(np.int64)
+
+
+def _finish_groups(table, width, finish):
+    """A reduce task's rows in key order, cut into their groups, each through `finish`."""
+    import pyarrow as pa
+
+    if not table.num_rows:
+        return table.drop_columns([SHUFFLE_KEY]) if SHUFFLE_KEY in table.column_names else table
+    key = table.column(SHUFFLE_KEY).to_numpy()
+    order = np.argsort(key, kind="stable")
+    table = table.take(pa.array(order)).drop_columns([SHUFFLE_KEY])
+    if finish is None:
+        return table
+    group = key[order].astype(np.uint64) // width
+    cuts = np.flatnonzero(np.diff(group)) + 1
+    bounds = [0, *cuts.tolist(), table.num_rows]
+    return pa.concat_tables([finish(table.slice(lo, hi - lo)) for lo, hi in zip(bounds[:-1], bounds[1:])])
+
+
+def pack_group(table, seq_len: int, pad_id: int):
+    """`pack_examples` of one group of shuffled examples (an Arrow table)."""
+    batch = {k: table.column(k).to_numpy(zero_copy_only=False) for k in ("input_ids", "labels")}
+    return pack_examples(batch, seq_len, pad_id)
 
 
 def pack_examples(batch: dict[str, np.ndarray], seq_len: int, pad_id: int):
