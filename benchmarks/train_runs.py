@@ -105,6 +105,9 @@ def model_path() -> str:
 
 
 # ------------------------------------------------------------------------------------------ the dataset
+PREPARED_FORMAT = 2  # bumped when prepare writes what training reads differently (2: the manifest's pad id)
+
+
 def prepared_dataset(pack_seq_len: int | None = None, corpus: str = "demo") -> Path:
     """A corpus prepared once under WORK and reused while its config is unchanged; packed into rows of
     `pack_seq_len` tokens when given. Prepared in a fresh subprocess with its own local Ray.
@@ -121,7 +124,7 @@ def prepared_dataset(pack_seq_len: int | None = None, corpus: str = "demo") -> P
     marker = WORK / f"{name}.json"
     config = ROOT / "jobs" / "prepare_icd10.yaml" if corpus == "demo" else mixed_corpus_config()
     key = {"config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
-           "overrides": overrides, "config_text": config.read_text()}
+           "overrides": overrides, "config_text": config.read_text(), "format": PREPARED_FORMAT}
     if (out / "manifest.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == key:
         return out
     log(f"preparing the {corpus} corpus → {out} (once; ~2-3 min on 2 CPUs)")
