@@ -24,8 +24,9 @@ def find_duplicates(processed, cfg: PrepareConfig, params: dict) -> tuple[dict[i
     """`{id: (kept representative id, reason)}` for every exact or near duplicate of an earlier record.
 
     Each kept record's keys (its exact hash, its LSH band keys) become rows of one table; one exchange by key
-    (honed.data.exchange, plain Ray tasks over the processed blocks) puts equal keys in one task, where every member of a bucket is linked to the bucket's smallest id (star edges,
-    linear in the bucket). Only these edges reach the driver. LSH candidates are then verified: an edge stands
+    (honed.data.exchange, plain Ray tasks over the processed blocks) puts equal keys in one task, where every
+    member of a bucket is linked to the bucket's smallest id (star edges, linear in the bucket). Only these
+    edges reach the driver. LSH candidates are then verified: an edge stands
     only when the two MinHash signatures agree on at least `threshold` of their entries (the estimated Jaccard
     similarity), which removes band collisions of unrelated records. Union-find turns the edges into
     clusters whose smallest (first-read) id is kept."""

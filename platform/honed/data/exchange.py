@@ -51,16 +51,43 @@ def exchange_blocks(refs: list, split: Callable, reduce: Callable, tasks: int, m
     return [merge.remote(reduce, *[p[t] for p in pieces]) for t in range(tasks)]
 
 
-def map_blocks(refs: list, fn: Callable, maps: int | None = None) -> list:
-    """`fn(table)` of consecutive runs of blocks, one Ray task per run (default: one per CPU of the cluster); the
-    results, in block order. For a pass whose result is small, without a Ray Data execution's fixed cost."""
+def map_blocks(refs: list, fn: Callable, maps: int | None = None, fetch: bool = True) -> list:
+    """`fn(table)` of consecutive runs of blocks, one Ray task per run (default: one per CPU of the cluster), in
+    block order: the results (`fetch`) or their refs. A pass without a Ray Data execution's fixed cost."""
     import ray
 
     if not refs:
         return []
     per_map = -(-len(refs) // min(len(refs), maps or cluster_cpus()))
     apply = ray.remote(lambda *blocks: fn(concat(blocks)))
-    return ray.get([apply.remote(*refs[i:i + per_map]) for i in range(0, len(refs), per_map)])
+    out = [apply.remote(*refs[i:i + per_map]) for i in range(0, len(refs), per_map)]
+    return ray.get(out) if fetch else out
+
+
+def block_rows(ds, fn: Callable, columns: list[str], **kwargs) -> list[dict]:
+    """`fn(batch, **kwargs)` (a numpy batch of `columns` → a dict of equal-length lists: a few rows of partial
+    results) of every run of blocks of `ds`, as rows: what `map_batches(fn).take_all()` gives, by plain tasks."""
+    def rows_of(table) -> list[dict]:
+        out = fn({c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}, **kwargs)
+        return [dict(zip(out, values)) for values in zip(*out.values())]
+
+    return [row for rows in map_blocks(ds.to_arrow_refs(), rows_of) for row in rows]
+
+
+def select_rows(ds, column: str, value, columns: list[str]):
+    """The rows of `ds` whose `column` equals `value`, with `columns` only, as a Dataset of as many blocks as `ds`
+    had (each block filtered by a task of its own, so what is written from it does not depend on the CPUs)."""
+    import pyarrow.compute as pc
+    import ray.data
+
+    refs = ds.to_arrow_refs()
+
+    def select(table):
+        return table.filter(pc.equal(table.column(column), value)).select(columns)
+
+    if not refs:
+        return ds
+    return ray.data.from_arrow_refs(map_blocks(refs, select, maps=len(refs), fetch=False))
 
 
 def cluster_cpus() -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from honed.config import PII_TYPES, PrepareConfig
+from honed.data.exchange import block_rows
 from honed.data.records import KEPT, QUARANTINED, window_spans
 from honed.data.sources import DERIVED, builtin_rows
 
@@ -33,9 +34,8 @@ def record_statistics(final, read_only: bool, size: int, overlap: int, chunk_ena
     `kinds` and `chunk` entries (of every kept row), in one pass over the marked rows: each block's tallies are
     summed on the driver (a few rows a block), where Ray's groupby would start a hash shuffle per statistic."""
     columns = ["source", "status", "reason", "split", "kind", "num_tokens", "augmented_from"]
-    tallies = [json.loads(r["tally"]) for r in final.select_columns(columns + [f"pii_{t}" for t in PII_TYPES])
-               .map_batches(block_tally, fn_kwargs={"read_only": read_only, "size": size, "overlap": overlap},
-                            batch_format="numpy").take_all()]
+    tallies = [json.loads(r["tally"]) for r in block_rows(final, block_tally, columns + [f"pii_{t}" for t in PII_TYPES],
+                                                           read_only=read_only, size=size, overlap=overlap)]
     counts, kinds, chunk, pii = Counter(), Counter(), defaultdict(Counter), Counter()
     for t in tallies:
         counts.update({tuple(k): n for k, n in t["counts"]})
@@ -141,7 +141,7 @@ def token_stats(kept, max_seq_len: int) -> dict:
 
     hist = {split: np.zeros(HIST_BINS, dtype=np.int64) for split in ("train", "val")}
     total, largest = dict.fromkeys(hist, 0), dict.fromkeys(hist, 0)
-    for row in kept.select_columns(["split", "num_tokens"]).map_batches(partial, batch_format="numpy").take_all():
+    for row in block_rows(kept, partial, ["split", "num_tokens"]):
         split = row["split"]
         hist[split] += np.asarray(row["counts"], dtype=np.int64)
         total[split] += int(row["total"])

@@ -38,6 +38,7 @@ from honed.config import FILE_KINDS, PrepareConfig, SourceConfig, dump_config
 from honed.data.augment import augment_records, augment_stats
 from honed.data.corpus_dedup import duplicate_table, find_duplicates, mark_duplicates
 from honed.data.dedup import NgramIndex, lsh_params
+from honed.data.exchange import select_rows
 from honed.data.manifest import (
     plot_histogram, record_statistics, render_report, source_identities, token_stats,
 )
@@ -112,8 +113,7 @@ def run_pipeline(cfg: PrepareConfig, files: dict[str, list[str]], out: Path, sta
     rows = kept.map_batches(split_windows_on_node, fn_kwargs={"size": cfg.data.max_seq_len, "overlap": chunk.overlap,
                                                               "model_ref": model_ref},
                             batch_format="pyarrow").materialize()  # cut once; read by the shards and statistics
-    train = rows.filter(expr=col("split") == "train").select_columns(ROW_COLUMNS)
-    val = rows.filter(expr=col("split") == "val").select_columns(ROW_COLUMNS)
+    train, val = (select_rows(rows, "split", split, ROW_COLUMNS) for split in ("train", "val"))
     tokens = token_stats(rows, cfg.data.max_seq_len)
     keys = functools.partial(window_shuffle_keys, seed=cfg.data.seed)
     packing = {"enabled": cfg.data.pack.enabled}

@@ -124,8 +124,9 @@ def _finish_groups(table, width, finish):
     """A reduce task's rows in key order, cut into their groups, each through `finish`."""
     import pyarrow as pa
 
-    if not table.num_rows:
-        return table.drop_columns([SHUFFLE_KEY]) if SHUFFLE_KEY in table.column_names else table
+    if not table.num_rows:  # a key range no row fell in: still the output's schema
+        table = table.drop_columns([SHUFFLE_KEY]) if SHUFFLE_KEY in table.column_names else table
+        return finish(table) if finish is not None and table.num_columns else table
     key = table.column(SHUFFLE_KEY).to_numpy()
     order = np.argsort(key, kind="stable")
     table = table.take(pa.array(order)).drop_columns([SHUFFLE_KEY])
@@ -231,8 +232,8 @@ def write_shards(ds, path: str | Path, prefix: str, tokens: int = 0, rows_per_sh
 
 def write_quarantine(final, path: str | Path) -> None:
     """The quarantined rows as JSON lines ({source, origin, reason, detail, raw}); no files when there are none."""
-    from ray.data.expressions import col
+    from honed.data.exchange import select_rows
 
-    quarantined = final.filter(expr=col("status") == QUARANTINED).select_columns(QUARANTINE_COLUMNS).materialize()
+    quarantined = select_rows(final, "status", QUARANTINED, QUARANTINE_COLUMNS).materialize()
     if quarantined.count():
         quarantined.write_json(absolute(path))
