@@ -41,10 +41,8 @@ def exchange_blocks(refs: list, split: Callable, reduce: Callable, tasks: int, m
 
     if not refs:
         return []
-    maps = min(len(refs), maps or cluster_cpus())
-    per_map = -(-len(refs) // maps)
     cut = ray.remote(cut_blocks).options(num_returns=tasks)
-    pieces = [cut.remote(split, tasks, *refs[i:i + per_map]) for i in range(0, len(refs), per_map)]
+    pieces = [cut.remote(split, tasks, *run) for run in runs(refs, maps)]
     if tasks == 1:
         pieces = [[p] for p in pieces]
     merge = ray.remote(merge_pieces)
@@ -58,10 +56,15 @@ def map_blocks(refs: list, fn: Callable, maps: int | None = None, fetch: bool = 
 
     if not refs:
         return []
-    per_map = -(-len(refs) // min(len(refs), maps or cluster_cpus()))
     apply = ray.remote(lambda *blocks: fn(concat(blocks)))
-    out = [apply.remote(*refs[i:i + per_map]) for i in range(0, len(refs), per_map)]
+    out = [apply.remote(*run) for run in runs(refs, maps)]
     return ray.get(out) if fetch else out
+
+
+def runs(refs: list, maps: int | None = None) -> list[list]:
+    """`refs` cut into at most `maps` runs of consecutive blocks (default: one per CPU of the cluster)."""
+    per_map = -(-len(refs) // min(len(refs), maps or cluster_cpus()))
+    return [refs[i:i + per_map] for i in range(0, len(refs), per_map)]
 
 
 def block_rows(ds, fn: Callable, columns: list[str], **kwargs) -> list[dict]:
