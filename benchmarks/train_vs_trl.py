@@ -115,7 +115,8 @@ def measure_jobs(args) -> Measured:
         log(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in results[name]["ratios"].items()) + "; " + ", ".join(
             f"{side} {figures['nonpad_tokens_per_s']} tok/s" for side, figures in results[name]["sides"].items()))
     plot = plot_losses(results, (ROOT / args.out).with_suffix("") if args.out else RESULTS / "train_vs_trl")
-    figures = {"config": config(args), "jobs": results, "loss_plot": str(plot.relative_to(ROOT) if plot.is_relative_to(ROOT) else plot)}
+    shown = plot.relative_to(ROOT) if plot.is_relative_to(ROOT) else plot  # --out may point outside the repo
+    figures = {"config": config(args), "jobs": results, "loss_plot": str(shown)}
     return Measured("LoRA on SmolLM2-135M-Instruct, global batch 16, 2 CPU threads: honed train at its defaults "
                     "(2 Ray workers, padding-free) vs TRL SFTTrainer and transformers.Trainer (1 process, padded); "
                     "steady-state non-pad tokens/s and whole-job wall time", figures, goals(results, args))

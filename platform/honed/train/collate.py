@@ -98,9 +98,9 @@ def rank_rows(batch: dict[str, np.ndarray], rank: int, world: int) -> dict[str, 
     without rows gets one zero-weight copy of the first row so every rank runs the same number of forwards. The
     objective is normalised over the whole global batch (loop.objective_share), so which rank trains a row
     changes no step's loss or gradient."""
-    mine = rank_split(row_tokens(batch), world)[rank] if world > 1 else None
-    if mine is None:
+    if world == 1:
         return dict(batch) | {"_weight": np.ones(len(next(iter(batch.values()))))}
+    mine = rank_split(row_tokens(batch), world)[rank]
     if len(mine) == 0:
         return {k: v[:1] for k, v in batch.items()} | {"_weight": np.zeros(1)}
     return {k: v[mine] for k, v in batch.items()} | {"_weight": np.ones(len(mine))}
