@@ -44,6 +44,7 @@ from honed.serve.prompting import decode_job, last_done
 from honed.serve.protocol import (APIError, ChatRequest, CompletionRequest, SamplingFields, check_api_key,
                                   completion_body, error_response, hash_key, stream_events)
 from honed.serve.feedback import FeedbackRequest, FeedbackStore, completion_record, new_completion_id
+from honed.serve.head import rows_last_head
 from honed.serve.residency import AdapterResidency, AdapterStore, LoadedAdapter
 from honed.storage import absolute, is_uri
 
@@ -66,6 +67,7 @@ class ModelServer:
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU replica (num_gpus) decodes on it
         model, self.tokenizer = loader(path, self.cfg.model.dtype, device)
         model.eval()
+        rows_last_head(model)  # on CPU: the decode step's vocabulary projection as W·hᵀ (honed.serve.head)
         self.meta = read_meta(path)  # a merged model's training template, if honed wrote it
         self.context_len = getattr(model.config, "max_position_embeddings", 2048)
         registry = Registry(self.cfg.registry) if self.cfg.registry else None

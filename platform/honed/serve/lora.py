@@ -6,8 +6,9 @@ largest; slot 0 is the base: zeros). A forward reads the slot of each row from t
   - all rows on the base: the base layer alone;
   - all rows on one adapter: y = W·x + B·(A·x), two small matmuls;
   - rows on different adapters, decoding (one token a row): x times every slot's A at once ([slots·r, in],
-    a view), a block mask keeps each row's own slot (a select, not a multiply: another slot's overflow must
-    not reach this row as inf·0 = NaN), times every slot's B ([out, slots·r]): two matmuls, no copies;
+    a view), the other slots' blocks of each row set to zero (a fill, not a multiply: another slot's overflow
+    must not reach this row as inf·0 = NaN), times every slot's B ([out, slots·r]) added into the base output in
+    place: two matmuls and a fill, no copies;
   - rows on different adapters, prefill: A and B gathered per row and applied with batched matmuls (the
     BGMV idea of Punica / S-LoRA).
 So one forward serves a batch whatever adapters its rows name.
@@ -49,11 +50,11 @@ class SlotRows:
         else:
             self.uniform, self.rows = None, torch.tensor(slots, device=device)
 
-    def mask(self, n_slots: int, rank: int) -> torch.Tensor:
-        """[rows, 1, n_slots·rank]: True on each row's own slot block (built once per forward and shape)."""
+    def others(self, n_slots: int, rank: int) -> torch.Tensor:
+        """[rows, n_slots·rank]: True outside each row's own slot block (built once per forward and shape)."""
         if (n_slots, rank) not in self.masks:
             onehot = torch.nn.functional.one_hot(self.rows, n_slots).bool()
-            self.masks[n_slots, rank] = onehot.repeat_interleave(rank, dim=1)[:, None, :]
+            self.masks[n_slots, rank] = ~onehot.repeat_interleave(rank, dim=1)
         return self.masks[n_slots, rank]
 
 
@@ -101,11 +102,15 @@ class MultiLoraLinear(nn.Module):
         if uniform is not None:
             if uniform not in self.filled:  # the base, or an adapter that does not target this layer
                 return y
-            return y + (x @ self.lora_a[uniform].T) @ self.lora_b[:, uniform].T
+            flat = y.view(-1, y.shape[-1])  # y += B·(A·x), accumulated in place: no temporary of y's size
+            flat.addmm_(x.reshape(-1, x.shape[-1]) @ self.lora_a[uniform].T, self.lora_b[:, uniform].T)
+            return y
         n_slots, r, d_in = self.lora_a.shape
         if x.shape[1] == 1:  # decoding: one token a row; every slot's A at once, each row keeps its own block
-            xa = torch.where(self.slot_rows.mask(n_slots, r), x @ self.lora_a.view(n_slots * r, d_in).T, 0.0)
-            return y + xa @ self.lora_b.view(-1, n_slots * r).T
+            xa = x.reshape(-1, d_in) @ self.lora_a.view(n_slots * r, d_in).T  # [rows, slots·r]
+            xa.masked_fill_(self.slot_rows.others(n_slots, r), 0.0)
+            y.view(-1, y.shape[-1]).addmm_(xa, self.lora_b.view(-1, n_slots * r).T)
+            return y
         rows = self.slot_rows.rows  # prefill: many tokens a row; gather each row's own factors
         a, b = self.lora_a[rows], self.lora_b[:, rows].transpose(0, 1)  # [rows, r, in], [rows, out, r]
         return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
