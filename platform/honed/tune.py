@@ -44,7 +44,7 @@ def tune(cfg: TuneConfig) -> dict:
 
     cfg = with_absolute_paths(cfg)
     warn_cpu_budget(cfg)
-    trainable = rt.with_resources(rt.with_parameters(run_trial, settings=cfg), {"CPU": cfg.trial_cpus})
+    trainable = rt.with_resources(rt.with_parameters(run_trial, settings=cfg), trial_resources(cfg))
     path = experiment_dir(cfg)
     if rt.Tuner.can_restore(path):
         print(f"[honed.tune] continuing the experiment at {path}", flush=True)
@@ -95,6 +95,23 @@ def warn_cpu_budget(cfg: TuneConfig) -> None:
               "forever. Lower max_concurrent_trials, train.scaling.cpus_per_worker or trial_cpus.", flush=True)
 
 
+def in_process(cfg: TuneConfig) -> bool:
+    """Whether trials train in their own (reused) process: `trials_in_process`, one worker without DeepSpeed (whose
+    engine sets up a process group of its own), and scaling the search does not vary (a trial's resources are
+    fixed before its sample is known)."""
+    train = cfg.train
+    return (cfg.trials_in_process and train.scaling.num_workers == 1 and not train.method.deepspeed.enabled
+            and not any(key.startswith(("scaling.", "method.deepspeed")) for key in cfg.space))
+
+
+def trial_resources(cfg: TuneConfig) -> dict:
+    """A trial's resources: its driver's CPUs, plus its worker's CPUs (and GPU) when it trains in its own process."""
+    if not in_process(cfg):
+        return {"CPU": cfg.trial_cpus}
+    scaling = cfg.train.scaling
+    return {"CPU": cfg.trial_cpus + scaling.cpus_per_worker} | ({"GPU": 1} if scaling.use_gpu else {})
+
+
 def run_trial(config: dict, settings: TuneConfig) -> None:
     """One trial: `settings.train` with the sampled `config` (dotted keys), trained under output_dir/trials/<trial>
     and validated at every checkpoint; its validations go to Tune. A bad combination raises ConfigError, which
@@ -106,7 +123,23 @@ def run_trial(config: dict, settings: TuneConfig) -> None:
                                 validate_at_checkpoints=True)
     from honed.train.trainer import train
 
-    train(cfg, callbacks=[validation_report(settings.metric), record_placement_group(cfg.output_dir)])
+    if in_process(settings):
+        train(cfg, in_process=True, on_report=validation_to_tune(settings.metric))
+    else:
+        train(cfg, callbacks=[validation_report(settings.metric), record_placement_group(cfg.output_dir)])
+
+
+def validation_to_tune(metric: str):
+    """For a trial trained in its own process: each report holding `metric` (a validation) goes to Tune with its
+    checkpoint's path, as Ray's TuneReportCallback passes it on for a Ray Train run."""
+    from ray import tune as rt
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    def report(metrics: dict, checkpoint) -> None:
+        if metric in metrics:
+            rt.report(metrics | ({CHECKPOINT_PATH_KEY: checkpoint.path} if checkpoint else {}))
+
+    return report
 
 
 def validation_report(metric: str):
@@ -231,7 +264,7 @@ def tune_config(cfg: TuneConfig):
     else:
         scheduler = FIFOScheduler()
     return rt.TuneConfig(metric=cfg.metric, mode=cfg.mode, search_alg=search, scheduler=scheduler,
-                         num_samples=cfg.search.num_samples, max_concurrent_trials=limit,
+                         num_samples=cfg.search.num_samples, max_concurrent_trials=limit, reuse_actors=in_process(cfg),
                          trial_name_creator=trial_name, trial_dirname_creator=trial_name)
 
 

@@ -1,11 +1,12 @@
-"""`honed tune` on a real local Ray: four trials, each a driver function fitting a real 1-worker TorchTrainer on the
-tiny model, under ASHA on val_loss. Two sane learning rates run first (two at a time); two that cannot move the
-loss in 12 steps (1e-7, 1e-6) come after them and trail at the first rung, so ASHA stops them after one validation
-and their Ray Train workers are released. The results table, best_train.yaml, the registered adapter, the reports,
-plots and TensorBoard files are read back; running the finished experiment again restores it and reruns nothing.
+"""`honed tune` on a real local Ray: four trials of one worker on the tiny model, under ASHA on val_loss, run twice:
+trained in the trials' own processes, which Tune reuses (the default), and each fitting a real 1-worker
+TorchTrainer. Two sane learning rates run first (two at a time); two that cannot move the loss in 12 steps (1e-7,
+1e-6) come after them and trail at the first rung, so ASHA stops them after one validation (and a Ray Train run's
+workers are released). The results table, best_train.yaml, the registered adapter, the reports, plots and
+TensorBoard files are read back; running the finished experiment again restores it and reruns nothing.
 
-About 3 minutes on a 2-CPU machine (Ray Train start-up per trial dominates; a step takes ~0.05 s).
-"""
+About 1 minute in process and 3 with Ray Train on a 2-CPU machine (Ray Train's start-up per trial dominates; a
+step takes ~0.05 s)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ LRS = [2e-2, 1e-2, 1e-7, 1e-6]
 """Grid order is run order: the sane rates record the first rung before the hopeless ones reach it."""
 
 
-@pytest.fixture(scope="module")
-def tune_cfg(prepared, tiny_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=["in_process", "ray_train"])
+def tune_cfg(request, prepared, tiny_model, tmp_path_factory):
+    """The search, with trials trained in their own reused process (the default) or each fitting a Ray Train
+    worker group (`trials_in_process: false`, what trials of several workers do)."""
     from honed.config import TuneConfig
 
     out = tmp_path_factory.mktemp("tune")
@@ -42,6 +45,7 @@ def tune_cfg(prepared, tiny_model, tmp_path_factory):
         "search": {"algorithm": "grid", "num_samples": 1},
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         "max_concurrent_trials": 2, "trial_cpus": 0.05,  # 2 x 0.45 CPU: Ray Data keeps one CPU to list the shards
+        "trials_in_process": request.param == "in_process",
         "output_dir": str(out / "tune"), "name": "tiny-tune",
         "register": {"registry": str(out / "registry"), "name": "tiny-best"},
     })
@@ -134,7 +138,7 @@ def test_tune_report_plot_and_tensorboard_files(tuned, tune_cfg):
     assert all(list(p.glob("events.out.tfevents.*")) for p in trial_dirs), "Tune's TBXLoggerCallback wrote no events"
 
 
-def test_stopped_trials_leave_no_train_actors_or_placement_groups(tuned, ray_local):
+def test_stopped_trials_leave_no_train_actors_or_placement_groups(tuned, tune_cfg, ray_local):
     from ray.util import placement_group_table
 
     deadline = time.time() + 60
@@ -150,9 +154,29 @@ def test_stopped_trials_leave_no_train_actors_or_placement_groups(tuned, ray_loc
     assert not live_groups, live_groups
     assert not [name for name in alive if "Train" in name], alive
     assert free_cpus == 2.0, (free_cpus, alive)
-    for row in tuned["rows"]:  # each trial's workers had a placement group of their own, now removed
-        group_id = (Path(row["dir"]) / PG_FILE).read_text().strip()
-        assert placement_group_table()[group_id]["state"] == "REMOVED"
+    for row in tuned["rows"]:  # each Ray Train run had a placement group of its own, now removed
+        record = Path(row["dir"]) / PG_FILE
+        assert record.is_file() != tune_cfg.trials_in_process  # a trial in its own process has no worker group
+        if record.is_file():
+            assert placement_group_table()[record.read_text().strip()]["state"] == "REMOVED"
+
+
+def test_trials_in_process_reuse_warm_processes(tuned, tune_cfg):
+    """Four trials, two at a time, trained in two processes: each process (its imports, its torch) served two
+    trials; each trial's Tune results come from the process it trained in. A Ray Train trial's driver process is
+    fresh for every trial."""
+    from honed.tune import experiment_dir
+
+    pids = {}
+    for trial in Path(experiment_dir(tune_cfg)).glob("trial_*"):
+        results = read_jsonl(trial / "result.json")
+        assert results and len({r["pid"] for r in results}) == 1
+        pids[trial.name] = results[0]["pid"]
+    assert len(pids) == 4
+    if tune_cfg.trials_in_process:
+        assert len(set(pids.values())) == 2, pids
+    else:
+        assert len(set(pids.values())) == 4, pids
 
 
 def test_a_finished_experiment_is_restored_not_rerun(tuned, tune_cfg):

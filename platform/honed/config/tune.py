@@ -183,7 +183,13 @@ class TuneConfig(Section):
     max_concurrent_trials: int = Field(default=1, gt=0)
     """Trials (each a whole Ray Train run with `train.scaling` workers) running at once."""
     trial_cpus: float = Field(default=0.1, gt=0)
-    """CPUs of each trial's driver (it only launches and watches the TorchTrainer); above 0, so that Ray places it."""
+    """CPUs of each trial's driver (it only launches and watches the TorchTrainer); above 0, so that Ray places it.
+    A trial trained in its own process holds these plus its one worker's `train.scaling.cpus_per_worker`."""
+    trials_in_process: bool = True
+    """Trials of one worker (`train.scaling.num_workers: 1`, not searched) train in the trial's own process, which
+    Tune hands to the next trial (`reuse_actors`): imports and Ray Train's start-up are paid once per concurrent
+    trial, not per trial (honed.train.in_process). false, or trials of several workers: each trial fits its own
+    Ray Train worker group."""
     output_dir: str = "runs/tune"
     """Where the trials' runs (trials/<trial>/), the results and best_train.yaml go: a local path or an
     object-storage URI (s3://bucket/tune, gs://...), which every node of a cluster then writes to."""

@@ -88,7 +88,9 @@ def in_ray_train_worker() -> bool:
     """Whether this process runs a Ray Train training function. A Train worker has imported ray.train long before
     it builds a backend; a process that never imported it (the GPU check script, where Ray is not installed) is
     not one, and Ray is not imported to find that out."""
-    if "ray.train" not in sys.modules:
+    from honed.train import session
+
+    if "ray.train" not in sys.modules or session.in_local():  # honed.train.in_process: a run in this process
         return False
     import ray.train
 

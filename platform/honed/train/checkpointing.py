@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from honed.artifacts import PROBE_FILE, PROGRESS_FILE, RNG_DIR, write_efficiency, write_metrics
+from honed.train import session
 from honed.train.backends import artifact_name
 from honed.train.collate import collate
 from honed.train.efficiency import Meter
@@ -50,9 +51,7 @@ class RunState:
 def restore(worker) -> RunState | None:
     """The run state (and model, optimizer and RNG state) of Ray Train's latest checkpoint, which it hands back
     after a worker failure or a rerun of the same run; None when the run starts fresh."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     if not checkpoint:
         return None
     with rank_files(checkpoint, worker.rank, worker.world) as ckpt_dir:
@@ -67,8 +66,6 @@ def restore(worker) -> RunState | None:
 def save_checkpoint(worker, state: RunState, metrics: dict, efficiency: dict | None, final: bool) -> None:
     """Every rank writes its part (its RNG; DeepSpeed partitions) and reports; Ray Train merges the
     directories into one checkpoint in `storage_path`."""
-    import ray.train
-
     # the final checkpoint is exported, and with checkpoint_metric any kept one may be the best
     export = final or bool(worker.cfg.checkpoint_metric)
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +82,7 @@ def save_checkpoint(worker, state: RunState, metrics: dict, efficiency: dict | N
                 write_efficiency(tmp, efficiency)
             if probe:
                 torch.save(probe, Path(tmp, PROBE_FILE))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        session.report(metrics, checkpoint_dir=tmp)
 
 
 PROBE_TOKENS = 32

@@ -29,6 +29,7 @@ import torch
 
 from honed.config import TrainConfig
 from honed.models import load_tokenizer
+from honed.train import session
 from honed.train.attention import use_varlen
 from honed.train.backends import make_backend, model_hidden_size, run_deepspeed_config
 from honed.train.batching import length_grouped
@@ -153,13 +154,9 @@ def setup(cfg: TrainConfig, plan: RunPlan, phases: Phases | None = None) -> Work
     """Threads, seeds, the pad id, the model with its method applied, the backend, the objective and the peak
     FLOP/s that MFU is measured against; each part timed into `phases` as `worker_setup.<part>`."""
     phases = phases or Phases()
-    import ray.train
-    import ray.train.torch
-
     torch.set_num_threads(cfg.scaling.torch_threads)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world = session.rank_and_world()
+    device = session.device()
 
     seed_everything(cfg.seed)  # identical initial weights (LoRA matrices, prefixes) on every rank
     with phases.timed("worker_setup.tokenizer"):  # only for the pad id, when prepare did not record it
@@ -219,9 +216,7 @@ class EarlyStream:
     def __init__(self, plan: RunPlan):
         import threading
 
-        import ray.train
-
-        self.shard, self.batch_size = ray.train.get_dataset_shard("train"), plan.global_micro_batch
+        self.shard, self.batch_size = session.dataset_shard("train"), plan.global_micro_batch
         self.batches, self.first, self.error = self.epoch(), None, None
         self.thread = threading.Thread(target=self._read_first, daemon=True)
         self.thread.start()
@@ -321,7 +316,7 @@ def end_of_step(worker: Worker, state: RunState, window: Window, epoch: int, gra
         progress(format_metrics(metrics, worker.plan.total_steps))
         live_log(worker.plan.live_log, metrics)
     if not save and not early_stop:
-        ray_report(metrics)
+        session.report(metrics)
         return False
     done = last or early_stop
     efficiency = run_efficiency(worker, state) if done else None
@@ -370,10 +365,6 @@ def run_efficiency(worker: Worker, state: RunState) -> dict:
         "worker_phases": worker.phases.report()}
 
 
-def ray_report(metrics: dict) -> None:
-    import ray.train
-
-    ray.train.report(metrics)  # every worker reports: it is a barrier
 
 
 def progress(message: str) -> None:

@@ -48,10 +48,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
-def train(cfg: TrainConfig, callbacks: list | None = None, plan: RunPlan | None = None) -> dict:
+def train(cfg: TrainConfig, callbacks: list | None = None, plan: RunPlan | None = None,
+          in_process: bool = False, on_report=None) -> dict:
     """Fit on the connected Ray cluster; returns the final metrics (with `efficiency` and `export_check`).
     `callbacks` go to the TorchTrainer's RunConfig (honed.tune passes Ray's TuneReportCallback); `plan`: the
-    run's plan when a preflight (`honed train`) already made it, else it is planned here."""
+    run's plan when a preflight (`honed train`) already made it, else it is planned here. `in_process`: a
+    one-worker run trains in this process (honed.train.in_process; a Tune trial's), every report going to
+    `on_report(metrics, checkpoint)` instead of `callbacks`."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -62,10 +65,13 @@ def train(cfg: TrainConfig, callbacks: list | None = None, plan: RunPlan | None 
     shards = join(absolute(cfg.data_dir), "shards")
     val_rows = validation_rows(join(shards, "val"), manifest, cfg.val_max_examples)
     inline = inline_train_rows(join(shards, "train"), cfg.inline_data_mb) if cfg.inline_data_mb else None
+    loop_config = {"cfg": cfg, "plan": plan, "val_rows": val_rows, "train_rows": inline}
+    if in_process:
+        return train_here(cfg, manifest, plan, loop_config, on_report, marks)
     resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "plan": plan, "val_rows": val_rows, "train_rows": inline},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.scaling.placement_strategy),
@@ -89,6 +95,32 @@ def train(cfg: TrainConfig, callbacks: list | None = None, plan: RunPlan | None 
     marks["fit"] = time.time()
     result = trainer.fit()
     marks["fitted"] = time.time()
+    return finish(cfg, manifest, plan, result, marks)
+
+
+def train_here(cfg: TrainConfig, manifest: dict, plan: RunPlan, loop_config: dict, on_report, marks: dict) -> dict:
+    """The run as the only worker in this process (honed.train.in_process): what a Tune trial of one worker does,
+    in the trial's own process, which Tune reuses for the next trial."""
+    from honed.train.in_process import run_in_process
+
+    if cfg.scaling.num_workers != 1:
+        raise ValueError(f"a run in this process has one worker; scaling.num_workers is {cfg.scaling.num_workers}")
+    train_set = None
+    if loop_config["train_rows"] is None:  # streamed by Ray Data here, in the order a Ray Train worker reads it
+        train_set = datasets(cfg)["train"]
+        train_set.context.execution_options.preserve_order = True
+    print(f"[honed.train] {cfg.method.name}: {plan.total_steps} steps in this process (one worker)", flush=True)
+    marks["fit"] = time.time()
+    result = run_in_process(train_loop_per_worker, loop_config, device=task_device(cfg.scaling.use_gpu),
+                            run_dir=join(plan.storage_path, cfg.name), num_to_keep=cfg.keep_checkpoints,
+                            score=cfg.checkpoint_metric, on_report=on_report,
+                            datasets=None if train_set is None else {"train": train_set.iterator()})
+    marks["fitted"] = time.time()
+    return finish(cfg, manifest, plan, result, marks)
+
+
+def finish(cfg: TrainConfig, manifest: dict, plan: RunPlan, result, marks: dict) -> dict:
+    """Export the fitted run's artifact, write its report, register it (`register`), record where the time went."""
     with staged(cfg.output_dir) as out:  # output_dir itself, or a local dir uploaded to its URI at the end
         metrics = export_result(result, cfg, manifest, plan, out)
         marks["exported"] = time.time()
