@@ -3,11 +3,14 @@
 
     honed tune jobs/tune_lora.yaml search.num_samples=8 max_concurrent_trials=2
 
-Each trial is a driver function (`run_trial`, on `trial_cpus` CPUs) that builds its TrainConfig from `train` and its
-sampled values and fits a TorchTrainer through honed.train.trainer.train, whose RunConfig carries a
-`TuneReportCallback`: every validation reaches Tune (one Tune iteration each), where ASHA stops weak trials and
-Optuna learns. A stopped trial's driver actor ends, and with it its Ray Train controller and workers; ReleaseWorkers
-then removes the workers' placement group.
+Each trial is a function (`run_trial`) that builds its TrainConfig from `train` and its sampled values and trains
+through honed.train.trainer.train; every validation reaches Tune (one Tune iteration each), where ASHA stops weak
+trials and Optuna learns. A trial of one worker (`trials_in_process`, the default) trains in the trial's own
+process (honed.train.in_process, on `trial_cpus + cpus_per_worker`), which Tune reuses for the next trial
+(`reuse_actors`): no Ray Train controller, worker start or imports per trial. Any other trial (several workers,
+DeepSpeed) is a driver on `trial_cpus` fitting a TorchTrainer whose RunConfig carries a `TuneReportCallback`; when
+it is stopped its driver actor ends, and with it its Ray Train controller and workers; ReleaseWorkers then removes
+the workers' placement group.
 
 Writes `output_dir/`: trials/<trial>/ (each trial's train output_dir: adapter, metrics.jsonl, report.md, ...),
 results.csv and results.md (one row per trial, sorted by `metric`), best_train.yaml (the best completed trial's

@@ -42,10 +42,12 @@ class PersistedCheckpoints:
         delete_dir(path)  # a partial copy left by a crash before its index entry
         upload_dir(local_dir, path)
         self.kept.append({"name": name, "metrics": metrics})
-        for dropped in self.dropped():
-            delete_dir(join(self.run_dir, dropped["name"]))
-            self.kept.remove(dropped)
+        dropped = self.dropped()
+        self.kept = [c for c in self.kept if c not in dropped]
+        # the index first: a crash in between leaves a stray directory, never an entry without its files
         write_text(join(self.run_dir, INDEX_FILE), json.dumps({"checkpoints": self.kept}, indent=1, default=str))
+        for entry in dropped:
+            delete_dir(join(self.run_dir, entry["name"]))
         return path
 
     def dropped(self) -> list[dict]:
