@@ -326,6 +326,23 @@ def wait_for_quiet() -> float:
     return round(time.perf_counter() - started, 1)
 
 
+def run_honed(command: str, config: str | Path, out: str | Path, env: dict | None = None) -> dict:
+    """`python -m honed.cli COMMAND CONFIG` from an empty `out` (a leftover run would resume), in a fresh process
+    timed from outside, after waiting for a quiet machine: its wall time, the wait and the load before and after.
+    RuntimeError with the output's tail when it fails."""
+    shutil.rmtree(out, ignore_errors=True)
+    waited = wait_for_quiet()
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "honed.cli", command, str(config)], cwd=ROOT,
+                          env=bench_env(1) | (env or {}), capture_output=True, text=True, timeout=3600, check=False)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"honed {command} failed ({done.returncode}): {(done.stdout + done.stderr)[-3000:]}")
+    return {"wall_s": wall, "waited_for_quiet_s": waited,
+            "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
 def free_port() -> int:
     import socket
 

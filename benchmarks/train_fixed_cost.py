@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import yaml
 
-from harness import MODEL, RESULTS, ROOT, WORK, Measured, RunningRay, at_most, bench_env, log, main, wait_for_quiet
+from harness import MODEL, RESULTS, WORK, Measured, RunningRay, at_most, log, main, run_honed
 from train_runs import honed_default_config, prepared_dataset
 
 GOAL_S = 30.0
@@ -76,19 +73,9 @@ def previous_result() -> dict | None:
 
 
 def run_job(config, out, env: dict | None = None) -> dict:
-    """`honed train CONFIG` from an empty output dir (a leftover run would resume), timed from outside."""
-    subprocess.run(["rm", "-rf", str(out)], check=True)
-    waited = wait_for_quiet()
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "honed.cli", "train", str(config)], cwd=ROOT,
-                          env=bench_env(1) | (env or {}), capture_output=True, text=True, timeout=3600, check=False)
-    wall = time.perf_counter() - start
-    if done.returncode:
-        raise RuntimeError(f"honed train failed ({done.returncode}): {done.stderr[-3000:]}")
-    return job_figures(json.loads((out / "efficiency.json").read_text()), wall) | {
-        "waited_for_quiet_s": waited, "loadavg_1min_before_after": [round(load_before, 2),
-                                                                     round(os.getloadavg()[0], 2)]}
+    """`honed train CONFIG` from an empty output dir, timed from outside."""
+    job = run_honed("train", config, out, env)
+    return job_figures(json.loads((out / "efficiency.json").read_text()), job.pop("wall_s")) | job
 
 
 def job_figures(efficiency: dict, wall: float) -> dict:

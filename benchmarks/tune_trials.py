@@ -26,14 +26,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import yaml
 
-from harness import MODEL, ROOT, WORK, Measured, RunningRay, at_most, bench_env, log, main, ratio, wait_for_quiet
+from harness import MODEL, WORK, Measured, RunningRay, at_most, log, main, ratio, run_honed
 from train_runs import LORA, prepared_dataset
 
 CONCURRENT = 2
@@ -92,15 +89,7 @@ def measure(args) -> Measured:
 
 def run_search(config: Path, out: Path, env: dict) -> dict:
     """`honed tune CONFIG` from an empty output dir, timed from outside; each trial's phases read back."""
-    subprocess.run(["rm", "-rf", str(out)], check=True)
-    waited = wait_for_quiet()
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "honed.cli", "tune", str(config)], cwd=ROOT,
-                          env=bench_env(1) | env, capture_output=True, text=True, timeout=3600, check=False)
-    wall = time.perf_counter() - start
-    if done.returncode:
-        raise RuntimeError(f"honed tune failed ({done.returncode}): {(done.stdout + done.stderr)[-3000:]}")
+    search = run_honed("tune", config, out, env)
     trials = {}
     for trial in sorted((out / "trials").glob("trial_*")):
         phases = json.loads((trial / "efficiency.json").read_text())["phases"]
@@ -109,11 +98,11 @@ def run_search(config: Path, out: Path, env: dict) -> dict:
                                                         "training_steps_s", "train_s")}}
     pids = {json.loads(line)["pid"] for result in (out / "bench-tune").glob("trial_*/result.json")
             for line in result.read_text().splitlines() if line.strip()}
+    wall = search.pop("wall_s")
     return {"search_wall_s": round(wall, 2), "wall_per_trial_s": round(wall / max(len(trials), 1), 2),
             "start_up_mean_s": round(statistics.mean(t["start_up_s"] for t in trials.values()), 2),
             "fixed_mean_s": round(statistics.mean(t["fixed_s"] for t in trials.values()), 2),
-            "processes": len(pids), "trials": trials, "waited_for_quiet_s": waited,
-            "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+            "processes": len(pids), "trials": trials, **search}
 
 
 if __name__ == "__main__":
