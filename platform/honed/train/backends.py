@@ -21,12 +21,12 @@ import contextlib
 import copy
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from honed.config import MethodConfig, OptimConfig, TrainConfig
+from honed.train import session
 from honed.train.methods import compute_dtype, make_optimizer, param_groups
 
 STATE_FILE = "state.pt"
@@ -71,7 +71,7 @@ def prepare_module(model, device: torch.device):
     device, DDP over the worker group). Anywhere else (a plain process, torchrun, benchmarks/gpu/gpu_checks.py):
     the same by hand, the model on `device` and in DDP only when a torch.distributed group of more than one rank
     is up. Rotary buffers are constants: skipping DDP's per-step buffer broadcast saves a collective per forward."""
-    if in_ray_train_worker():
+    if session.in_ray_train_worker():
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
@@ -82,23 +82,6 @@ def prepare_module(model, device: torch.device):
         return model
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
-
-
-def in_ray_train_worker() -> bool:
-    """Whether this process runs a Ray Train training function. A Train worker has imported ray.train long before
-    it builds a backend; a process that never imported it (the GPU check script, where Ray is not installed) is
-    not one, and Ray is not imported to find that out."""
-    from honed.train import session
-
-    if "ray.train" not in sys.modules or session.in_local():  # honed.train.in_process: a run in this process
-        return False
-    import ray.train
-
-    try:
-        ray.train.get_context()
-    except RuntimeError:  # "cannot be used outside of a Ray Train training function"
-        return False
-    return True
 
 
 class TorchBackend:

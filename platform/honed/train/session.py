@@ -10,6 +10,7 @@ asks here and never calls ray.train directly.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,8 +42,20 @@ def local(session: Local):
         _local = None
 
 
-def in_local() -> bool:
-    return _local is not None
+def in_ray_train_worker() -> bool:
+    """Whether the loop's answers come from Ray Train: this process runs a Ray Train training function and no
+    `Local` session is set. A Train worker has imported ray.train long before it asks; a process that never
+    imported it (the GPU check script, where Ray is not installed) is not one, and Ray is not imported to find
+    that out."""
+    if _local is not None or "ray.train" not in sys.modules:
+        return False
+    import ray.train
+
+    try:
+        ray.train.get_context()
+    except RuntimeError:  # "cannot be used outside of a Ray Train training function"
+        return False
+    return True
 
 
 def rank_and_world() -> tuple[int, int]:
