@@ -59,3 +59,16 @@ def test_merge_on_the_gpu_in_bf16_within_its_bound(tiny_model, tmp_path):
     print("gpu bf16 merge:", {k: report[k] for k in ("max_abs_logit_diff", "max_abs_logit", "tolerance")})
     assert report["device"] == "cuda" and report["dtype"] == "bfloat16"
     assert report["max_abs_logit_diff"] <= report["tolerance"]
+
+
+def test_the_loops_sums_are_all_reduced_on_the_gpu_under_nccl(process_group):
+    """Ray Train gives GPU workers an NCCL-only process group, which has no CPU transport: the loop's sums (each
+    step's objective share, validation) must be reduced on the GPU."""
+    import torch.distributed as dist
+
+    from honed.train.validation import collective_device
+
+    assert collective_device() == torch.device("cuda", torch.cuda.current_device())
+    sums = torch.tensor([1.5, 2.0], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(sums)
+    assert sums.tolist() == [1.5, 2.0]

@@ -90,9 +90,19 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return t.tolist()
+
+
+def collective_device() -> torch.device:
+    """Where a tensor must be for the process group's collectives: the worker's GPU under NCCL alone (Ray Train's
+    backend for GPU workers, which has no CPU transport: a CPU tensor's all_reduce fails there), else the CPU."""
+    import torch.distributed as dist
+
+    if str(dist.get_backend()) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sums(sums: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
