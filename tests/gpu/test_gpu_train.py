@@ -15,7 +15,7 @@ from honed.train.attention import IMPLEMENTATION, use_varlen
 from honed.train.collate import collate
 from honed.train.dpo import object_column
 from honed.train.efficiency import datasheet_peak_flops, device_peak_flops, measure_peak_flops
-from honed.train.losses import causal_lm_loss
+from honed.train.losses import causal_lm_loss, row_losses
 from honed.train.methods import build_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -80,6 +80,18 @@ def test_padding_free_equals_padded_on_cuda(tiny_model, kernel, dtype, loss_tol,
     flat_loss, flat_grads = loss_and_grads(flat_model, collate(batch, 0, GPU, flat=True), dtype)
     assert flat_loss == pytest.approx(padded_loss, rel=loss_tol)
     assert float(torch.nn.functional.cosine_similarity(flat_grads, padded_grads, dim=0)) > grad_cos
+
+
+def test_validation_scores_each_example_of_a_flattened_row_on_cuda(tiny_model):
+    """A padding-free run validates on flattened rows: per example, on the GPU, the padded batch's figures."""
+    batch = examples([7, 12, 5, 9])
+    with torch.no_grad():
+        padded = row_losses(load(tiny_model, "sdpa"), collate(batch, 0, GPU))
+        flat_model = load(tiny_model, "sdpa")
+        use_varlen(flat_model)
+        flat = row_losses(flat_model, collate(batch, 0, GPU, flat=True))
+    assert [n for _, n in flat] == [n for _, n in padded] == [5, 10, 3, 7]
+    assert [s for s, _ in flat] == pytest.approx([s for s, _ in padded], rel=1e-4)
 
 
 def test_bf16_losses_track_fp32_and_fall(tiny_model):

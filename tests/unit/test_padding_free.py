@@ -136,6 +136,27 @@ def test_varlen_model_without_boundaries_is_sdpa(tiny_model):
         assert [s for s, _ in got] == pytest.approx([s for s, _ in expected], abs=1e-5)
 
 
+def test_flattened_row_scores_each_example_as_its_padded_row(tiny_model):
+    """Validation scores a padding-free run's rows flattened, as it trains: each example's loss sum and labelled
+    tokens are the padded batch's for its row; packed rows (several examples a row) are scored a row each."""
+    from honed.train.losses import lm_row_scores
+
+    sdpa, varlen = load(tiny_model, varlen=False), load(tiny_model, varlen=True)
+    batch = examples([4, 9, 6, 2], seed=3)
+    with torch.no_grad():
+        flat, padded = row_losses(varlen, collate(batch, 0, CPU, flat=True)), row_losses(sdpa, collate(batch, 0, CPU))
+        assert [n for _, n in flat] == [n for _, n in padded] == [2, 7, 4, 0]
+        assert [s for s, _ in flat] == pytest.approx([s for s, _ in padded], abs=1e-5)
+        rows = dict(batch) | {"source": np.array(["a", "b", "a", "c"]), "_weight": np.ones(4)}
+        scores = lm_row_scores(varlen, rows, 0, CPU, flat=True)
+        assert [(src, v["tokens"]) for src, _, v in scores] == [("a", 2), ("b", 7), ("a", 4), ("c", 0)]
+        packed = {"input_ids": np.array([[5, 6, 7, 8, 9, 0], [11, 12, 13, 14, 15, 16]]),
+                  "labels": np.array([[-100, 6, 7, -100, 9, -100], [-100, 12, 13, 14, 15, 16]]),
+                  "position_ids": np.array([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]), "num_tokens": np.array([5, 6]),
+                  "source": np.array(["a", "b"]), "_weight": np.ones(2)}
+        assert [v["tokens"] for _, _, v in lm_row_scores(varlen, packed, 0, CPU, flat=True)] == [3, 5]
+
+
 def test_flattened_row_with_a_lora_adapter(tiny_model):
     from peft import LoraConfig, get_peft_model
 

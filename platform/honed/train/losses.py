@@ -20,7 +20,8 @@ from honed.train.collate import collate
 
 
 def scored_token_losses(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token losses of the labelled positions only, flattened, and the batch row of each.
+    """Next-token losses of the labelled positions only, flattened, and the example each belongs to: its batch
+    row, or in a flattened row (padding-free: `cu_seq_lens_q` given) the example by its boundaries.
 
     The 49k-way vocabulary projection and its softmax are the largest single cost of a small model's step;
     prompts (system + question) and padding carry no loss, so the model is asked for logits at labelled
@@ -42,9 +43,21 @@ def scored_token_losses(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.T
                        use_cache=False, logits_to_keep=keep if boolean_logits_to_keep() else 0, **boundaries).logits
     if hidden.dim() == 3:  # a model without boolean logits_to_keep returned every position
         hidden = hidden[keep]
+    owners = scored_examples(keep, inputs.get("cu_seq_lens_q"))
     if head is None:  # the model post-processes its logits (soft-capping, scaling): they came whole
-        return torch.nn.functional.cross_entropy(hidden.float(), targets, reduction="none"), keep.nonzero()[:, 0]
-    return chunked_cross_entropy(head, hidden, targets), keep.nonzero()[:, 0]
+        return torch.nn.functional.cross_entropy(hidden.float(), targets, reduction="none"), owners
+    return chunked_cross_entropy(head, hidden, targets), owners
+
+
+def scored_examples(keep: torch.Tensor, bounds: torch.Tensor | None) -> torch.Tensor:
+    """The example of each kept position (`keep`: [rows, positions], row-major as the losses come): the row, or
+    within one flattened row the example whose span [bounds[e], bounds[e + 1]) holds the position. A kept
+    position p predicts token p + 1, which is never an example's first token (flatten labels those -100), so p
+    and its target lie in one example."""
+    kept = keep.nonzero()
+    if bounds is None:
+        return kept[:, 0]
+    return torch.searchsorted(bounds[1:].to(kept.device, torch.long), kept[:, 1], right=True)
 
 
 @functools.cache
@@ -109,17 +122,23 @@ def causal_lm_loss(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 
 
 def row_losses(model, inputs: dict[str, torch.Tensor]) -> list[tuple[float, int]]:
-    """(sum of losses, number of labelled tokens) per row, for per-source validation."""
+    """(sum of losses, number of labelled tokens) per example, for per-source validation: per row of a padded
+    batch, per example of a flattened row."""
     losses, rows = scored_token_losses(model, inputs)
-    n_rows = inputs["labels"].shape[0]
-    sums = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, rows, losses.double())
+    bounds = inputs.get("cu_seq_lens_q")
+    n_rows = inputs["labels"].shape[0] if bounds is None else len(bounds) - 1
+    # on the losses' device (a GPU's: a CPU accumulator cannot take CUDA indices), then one copy to the host
+    sums = torch.zeros(n_rows, dtype=torch.float64, device=losses.device).index_add_(0, rows, losses.double())
     counts = torch.bincount(rows, minlength=n_rows)
-    return [(float(s), int(n)) for s, n in zip(sums, counts)]
+    return [(float(s), int(n)) for s, n in zip(sums.tolist(), counts.tolist())]
 
 
-def lm_row_scores(module, rows: dict, pad_id: int, device: torch.device) -> list[tuple[str, float, dict]]:
-    """(source, weight, {loss, tokens}) per row: the summed token loss of each validation row."""
-    losses = row_losses(module, collate(rows, pad_id, device))
+def lm_row_scores(module, rows: dict, pad_id: int, device: torch.device,
+                  flat: bool = False) -> list[tuple[str, float, dict]]:
+    """(source, weight, {loss, tokens}) per row: the summed token loss of each validation row. `flat`: the rows
+    scored as one flattened row (padding-free, as the run trains) unless they are packed, whose examples are not
+    one row each."""
+    losses = row_losses(module, collate(rows, pad_id, device, flat=flat and "position_ids" not in rows))
     return [(str(source), float(weight), {"loss": loss_sum, "tokens": n})
             for source, weight, (loss_sum, n) in zip(rows["source"], rows["_weight"], losses)]
 
@@ -149,4 +168,4 @@ class LMObjective:
 
     @torch.no_grad()
     def row_scores(self, module, rows: dict, pad_id: int, device: torch.device) -> list[tuple[str, float, dict]]:
-        return lm_row_scores(module, rows, pad_id, device)
+        return lm_row_scores(module, rows, pad_id, device, flat=self.flat)
