@@ -43,6 +43,8 @@ from pathlib import Path
 
 from process_sampler import ProcSampler
 
+from honed.runtime import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = Path(os.environ.get("HONED_BENCH_WORK", "/tmp/honed-bench-train"))
@@ -157,16 +159,6 @@ def machine_info() -> dict:
     if done.returncode == 0:
         info["versions"] = json.loads(done.stdout.strip().splitlines()[-1])
     return info
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 # ------------------------------------------------------------------------------- repeats, ratios, goals

@@ -63,3 +63,18 @@ def task_device(use_gpu: bool):
         raise RuntimeError("use_gpu is set but this task sees no CUDA device (CUDA_VISIBLE_DEVICES="
                            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); does the cluster have GPU nodes?")
     return torch.device("cuda" if use_gpu else "cpu")
+
+
+def cpu_model() -> str:
+    """This machine's CPU model (/proc/cpuinfo's "model name", else what `platform` knows): what a measured CPU
+    figure holds for."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

@@ -15,7 +15,7 @@ token. Attention scores (QKᵀ, AV) and activation-checkpoint recomputation are 
 
 The peak (MFU's denominator, per worker) is `efficiency.peak_flops` when given, else the datasheet figure of a
 known GPU (`GPU_DATASHEET`, dense, in the compute dtype), else a large matmul measured on the worker's device
-with its thread count before training starts. An MFU above 100 % means a wrong peak or FLOPs count: it is
+with its thread count: the best figure its node has measured (kept in `HONED_CACHE/peak_flops.json`). An MFU above 100 % means a wrong peak or FLOPs count: it is
 reported as `mfu: null` with `mfu_error` saying why, never as a figure.
 """
 
@@ -139,9 +139,14 @@ def peak_matmul_size(device: torch.device) -> int:
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype, configured: float | None,
-                      before_measuring=lambda: None) -> tuple[float, str]:
+                      before_measuring=lambda: None, everyone=lambda mine: mine) -> tuple[float, str]:
     """(peak FLOP/s of one worker, where it comes from): `configured` (efficiency.peak_flops), else the datasheet
-    of a known GPU, else measured (`before_measuring` runs first: a barrier, so every worker measures at once)."""
+    of a known GPU, else measured: the best this node has measured for this device, dtype, thread count and torch
+    version (`HONED_CACHE/peak_flops.json`). A node measures again while any worker lacks a figure: `everyone`
+    says whether every worker has one (an all-reduce, so all of them measure or none does), and
+    `before_measuring` runs first (a barrier: every worker measures at once, sharing the machine as it will while
+    training). A peak is a maximum: a measurement taken while the machine was busy never lowers the figure, and
+    a job no longer spends its set-up on the matmuls (~1 s a worker on a CPU core)."""
     name = str(dtype).removeprefix("torch.")
     if configured:
         return configured, "config (efficiency.peak_flops)"
@@ -151,10 +156,71 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype, configured: floa
         sheet = datasheet_peak_flops(gpu, dtype, tf32)
         if sheet:
             return sheet, f"datasheet {gpu}, dense {'tf32' if dtype == torch.float32 and tf32 else name}"
-    before_measuring()
     size = peak_matmul_size(device)
     threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
-    return measure_peak_flops(device, dtype, size), f"measured {size}² matmul ({name}{threads}, best of 3)"
+    source = f"measured {size}² matmul ({name}{threads}), the best of this node's runs"
+    key = peak_key(device, dtype)
+    known = remembered_peak(key)
+    if everyone(known is not None):
+        return known, source
+    before_measuring()
+    return remember_peak(key, measure_peak_flops(device, dtype, size)), source
+
+
+PEAK_FILE = "peak_flops.json"
+
+
+def peak_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a measured peak holds for: the device (CPU model and thread count, or GPU name and TF32), the dtype
+    and torch's version."""
+    from honed.runtime import cpu_model
+
+    if device.type == "cuda":
+        what = f"{torch.cuda.get_device_name(device)}, tf32 {torch.backends.cuda.matmul.allow_tf32}"
+    else:
+        what = f"{cpu_model()}, {torch.get_num_threads()} thread(s)"
+    return f"{device.type}: {what}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}"
+
+
+def remembered_peak(key: str) -> float | None:
+    """The best peak this node measured for `key`, or None."""
+    import json
+
+    from honed.storage import cache_home
+
+    try:
+        value = json.loads((cache_home() / PEAK_FILE).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def remember_peak(key: str, flops: float) -> float:
+    """Keep the larger of `flops` and the figure already kept for `key`; returns it. Written to a temporary file
+    and renamed, so workers of a node writing at once never leave a torn file."""
+    import json
+    import os
+    import tempfile
+
+    from honed.storage import cache_home
+
+    best = max(flops, remembered_peak(key) or 0.0)
+    path = cache_home() / PEAK_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            kept = json.loads(path.read_text())
+        except (OSError, ValueError):
+            kept = {}
+        kept = kept if isinstance(kept, dict) else {}
+        kept[key] = best
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=PEAK_FILE)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(kept, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: the figure holds for this run only
+    return best
 
 
 def mfu_or_error(model_flops: float, seconds: float, peak: float, source: str) -> tuple[float | None, str | None]:

@@ -197,15 +197,20 @@ def objective_for(cfg: TrainConfig, model):
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device) -> tuple[float, str]:
-    """MFU's peak for this worker (honed.train.efficiency.device_peak_flops). A measured one is taken by every
-    worker at the same moment, after a barrier: they share the machine then as they will while training."""
+    """MFU's peak for this worker (honed.train.efficiency.device_peak_flops): its node's best measured figure,
+    measured again by every worker at the same moment, after a barrier, when any worker has none."""
     import torch.distributed as dist
 
     def barrier() -> None:
         if dist.is_initialized():
             dist.barrier()
 
-    return device_peak_flops(device, compute_dtype(cfg.model.dtype, device), cfg.efficiency.peak_flops, barrier)
+    def everyone(have: bool) -> bool:
+        (count,) = all_reduce_sum([float(have)])
+        return count == (dist.get_world_size() if dist.is_initialized() else 1)
+
+    return device_peak_flops(device, compute_dtype(cfg.model.dtype, device), cfg.efficiency.peak_flops, barrier,
+                             everyone)
 
 
 class EarlyStream:
