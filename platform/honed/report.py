@@ -41,6 +41,13 @@ def pyplot():
     return plt
 
 
+def preload() -> None:
+    """Import what the report draws and logs with (matplotlib, tensorboardX: ~1 s on a CPU core), so a driver can
+    do it in a thread while it waits for its workers and not after them (honed.train.trainer)."""
+    pyplot()
+    import tensorboardX  # noqa: F401
+
+
 def plot_panels(path: Path, panels: list[tuple[str, str, Series]], xlabel: str = "step",
                 styles: dict[str, dict] | None = None) -> Path:
     """One PNG with a panel per (title, y label, series), side by side; `styles` gives matplotlib keyword

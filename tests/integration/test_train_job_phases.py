@@ -67,3 +67,18 @@ def test_ray_data_streams_the_same_steps_as_the_inline_train_set(trained, tmp_pa
     losses = [json.loads(line)["loss"] for line in Path(tmp_path, "run", "metrics.jsonl").read_text().splitlines()]
     inline = [json.loads(line)["loss"] for line in Path(trained["dir"], "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == len(inline) == 6 and losses == pytest.approx(inline, rel=1e-5)
+
+
+def test_a_rerun_of_the_finished_run_reports_no_phases(trained, tmp_path):
+    """Rerunning a finished run (same name and storage) resumes at its last step and trains nothing: the export
+    is written again, and no phases are made up from the earlier run's workers (they came out negative)."""
+    from honed.train.trainer import train
+
+    cfg = trained["config"]
+    rerun = cfg.model_copy(update={"output_dir": str(tmp_path / "rerun"), "register": None,
+                                   "storage_path": cfg.storage_path or str(Path(trained["dir"], "checkpoints"))})
+    metrics = train(rerun)
+    efficiency = json.loads(Path(tmp_path, "rerun", "efficiency.json").read_text())
+    assert "phases" not in efficiency and "worker_phases" not in efficiency and "phases" not in metrics["efficiency"]
+    assert efficiency["step_time_s"] == trained["final"]["efficiency"]["step_time_s"]  # the run's own figures
+    assert Path(tmp_path, "rerun", "adapter", "adapter_model.safetensors").is_file()
