@@ -79,6 +79,20 @@ def test_concurrent_requests_share_steps_and_get_only_their_events():
     assert batcher.counts["steps"] == 2 and batcher.counts["largest_batch"] == 2 and batcher.counts["requests"] == 3
 
 
+def test_the_batcher_times_the_model_thread_and_its_own_share():
+    """`seconds`: the model thread's adds and steps (each step sleeps 1 ms), and the time the batch held rows,
+    which holds them and the loop's share besides."""
+    async def main():
+        batcher = ContinuousBatcher(CountingDecoder, max_batch_size=8, wait_s=0.0)
+        await texts(batcher, 20)  # one add and 19 steps, then the batch is empty
+        await texts(batcher, 1)  # a new batch: the first one's busy time is counted
+        return batcher
+
+    seconds = asyncio.run(main()).seconds
+    assert seconds["step_s"] >= 19 * 0.001 and seconds["add_s"] > 0
+    assert seconds["busy_s"] >= seconds["step_s"] - 0.001  # the last add of the second batch is not in it yet
+
+
 def test_a_late_request_joins_the_running_batch_and_the_cap_holds():
     async def main():
         batcher = ContinuousBatcher(CountingDecoder, max_batch_size=2, wait_s=0.0)

@@ -88,7 +88,8 @@ class ModelServer:
         """This replica's batching counts (decode steps, rows summed over steps, the largest batch, requests, steps
         mixing models) and resident adapters."""
         loaded = self.adapters.resident()
-        return dict(self.batcher.counts) | {"mixed_steps": self.mixed_steps, "adapters_loaded": loaded}
+        seconds = {k: round(v, 3) for k, v in self.batcher.seconds.items()}
+        return dict(self.batcher.counts) | seconds | {"mixed_steps": self.mixed_steps, "adapters_loaded": loaded}
 
     # ---- requests
     async def complete(self, request: dict) -> dict:

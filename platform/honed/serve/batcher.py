@@ -12,6 +12,7 @@ Decoding runs off the event loop, so streams flow while it works.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -32,6 +33,9 @@ class ContinuousBatcher:
         self.worker: asyncio.Task | None = None
         self.cancelled: set[asyncio.Queue] = set()
         self.counts: Counter = Counter()  # steps, row_steps (rows summed over steps), largest_batch, requests
+        # seconds: the model thread's adds (prefills) and steps, and the loop's share of the time the batch held
+        # rows: handing calls to the model thread, events out to the requests, joins (model_s + loop_s = busy)
+        self.seconds: Counter = Counter()
 
     async def submit(self, job: Any) -> AsyncIterator[Any]:
         """The events of `job` (its row's `(key, event)` events, without the key) until it is done."""
@@ -52,11 +56,14 @@ class ContinuousBatcher:
                 self.cancelled.add(events)
 
     async def _work(self) -> None:
-        decoder = None
+        decoder, busy_since = None, None
         while True:
             if decoder is None or not len(decoder):
+                if busy_since is not None:
+                    self.seconds["busy_s"] += time.perf_counter() - busy_since
                 decoder = self.new_decoder()
                 pending = await self._gather()
+                busy_since = time.perf_counter()
             elif decoder.can_join:
                 pending = self._take(self.max_batch_size - len(decoder))
             else:
@@ -64,7 +71,7 @@ class ContinuousBatcher:
             if pending:
                 self.counts.update(requests=len(pending))
                 outs = [out for _, out in pending]
-                await self._run(decoder.add, [job for job, _ in pending], outs, touched=outs)
+                await self._run(decoder.add, [job for job, _ in pending], outs, touched=outs, kind="add_s")
             if self.cancelled:
                 gone = [key for key in decoder.keys if key in self.cancelled]
                 if gone:
@@ -75,7 +82,7 @@ class ContinuousBatcher:
                 self.counts["largest_batch"] = max(self.counts["largest_batch"], len(decoder))
                 if self.on_step is not None:
                     self.on_step(decoder)
-                if not await self._run(decoder.step, touched=list(decoder.keys)):
+                if not await self._run(decoder.step, touched=list(decoder.keys), kind="step_s"):
                     decoder.drop(list(decoder.keys))
 
     async def _gather(self) -> list:
@@ -100,11 +107,19 @@ class ContinuousBatcher:
             taken.append(self.queue.get_nowait())
         return taken
 
-    async def _run(self, fn: Callable, *args, touched: list) -> bool:
+    async def _run(self, fn: Callable, *args, touched: list, kind: str) -> bool:
         """Run one add or step on the executor and hand out its events; if it fails, the requests it
-        `touched` (their event queues) get the error and end. Whether it succeeded."""
+        `touched` (their event queues) get the error and end. Whether it succeeded. Its seconds on the model
+        thread add to `seconds[kind]`."""
+        def timed(*a):
+            start = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                self.seconds[kind] += time.perf_counter() - start
+
         try:
-            events = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+            events = await asyncio.get_running_loop().run_in_executor(self.executor, timed, *args)
         except Exception as err:  # noqa: BLE001 — the requests of the failed add / step learn why
             for out in touched:
                 out.put_nowait(err)
