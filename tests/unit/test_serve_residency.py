@@ -60,6 +60,26 @@ def placed(residency) -> bool:
     return ADAPTER in residency.lora.slots
 
 
+def test_the_model_thread_sets_the_replicas_torch_thread_count_on_itself(tiny_model, adapter_dir, monkeypatch):
+    """A thread started in a process whose OMP_NUM_THREADS is below torch's count (Ray sets num_cpus there)
+    ran its matmuls at about one thread's speed while torch reported the count (a 2048² matmul at 2 threads:
+    200 vs 110 ms, benchmarked), so the model thread sets the count the replica chose before its first call."""
+    real, calls = torch.set_num_threads, []
+
+    def recorded(n):
+        calls.append((threading.current_thread().name, n))
+        real(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", recorded)
+    chosen = torch.get_num_threads()
+    residency = new_residency(tiny_model, {ADAPTER: adapter_dir})
+    try:
+        drain(residency)
+        assert calls == [("honed-model_0", chosen)]
+    finally:
+        residency.close()
+
+
 def test_a_reload_queued_before_the_last_release_is_not_undone_by_that_release(residency):
     """The interleaving CI met: A decodes with the adapter; the LRU evicts it; B asks for it again, and B's load
     waits on the busy model thread; A ends; B's load runs, then the unload A's end queued. B's request marks

@@ -19,6 +19,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import torch
+
 from honed.artifacts import read_adapter_meta
 from honed.generation import BASE
 from honed.serve.lora import AdapterNotServable, MultiLora
@@ -86,7 +88,11 @@ class AdapterResidency:
         self.adapter_meta: dict[str, dict] = {}  # placed adapter → its honed.json
         # Every call into torch (decode steps, adapter loads and unloads) runs on this one thread: OpenMP gives
         # each calling thread a team of its own, and work hopping between pool threads decoded 40 % slower.
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="honed-model")
+        # The thread sets the replica's torch thread count itself: a thread started in a process whose
+        # OMP_NUM_THREADS is below it (Ray sets num_cpus there: 1 on a 1-CPU replica running 2 torch threads)
+        # ran its matmuls at about one thread's speed, though torch reported 2 (a 2048² matmul 200 vs 110 ms).
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="honed-model",
+                                               initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
 
     async def load(self, model_id: str) -> LoadedAdapter:
         """`place` on the model thread: Serve's multiplexed loader."""
