@@ -17,7 +17,8 @@ many as the load level) sending chat requests (greedy, `max_tokens`), each to th
                `same_answers`), so the work is equal.
   one_adapter  on a fresh batched app, 8 requests from 8 clients all to the base (before any adapter is loaded:
                the base model alone) and then all to one adapter: tokens/s ratio adapter / base (goal ≥ 0.85);
-               and 4 requests from one client each way.
+               and 4 requests from one client each way. Each side is warmed first (4-token requests), so the
+               adapter's cold load is not in its figure (it is `cold_load`'s).
   cold_load    per adapter, the first request (the replica reads it from the registry and injects it) minus the
                same request once it is resident: the cost of a cold adapter, median and max.
 
@@ -183,9 +184,11 @@ def one_round(r: int, registry: Path, names: list[str], args) -> dict:
     on_adapter = [(names[0], q) for _, q in single]
     url = deploy(registry, 8, args.adapters, args.threads, args.port, 8)
     load(url, single, 8, 4)  # warm-up: the first forwards (allocator, threads) are not measured
-    one = {"base": load(url, single, 8, args.max_tokens), "base_one_client": load(url, single[:4], 1, args.max_tokens)}
-    one |= {"adapter": load(url, on_adapter, 8, args.max_tokens),
-            "adapter_one_client": load(url, on_adapter[:4], 1, args.max_tokens)}
+    one = {"base": measured_load(url, single, 8, args.max_tokens),
+           "base_one_client": measured_load(url, single[:4], 1, args.max_tokens)}
+    load(url, on_adapter, 8, 4)  # the adapter warmed as the base was: its cold load is measured below, apart
+    one |= {"adapter": measured_load(url, on_adapter, 8, args.max_tokens),
+            "adapter_one_client": measured_load(url, on_adapter[:4], 1, args.max_tokens)}
     cold = cold_loads(url, names[1:], args.max_tokens)
     serve_deploy.stop()
     mixed = {}
@@ -197,13 +200,19 @@ def one_round(r: int, registry: Path, names: list[str], args) -> dict:
             log(f"round {r + 1}/{args.repeats}: {level} clients, {len(requests)} requests, {mode} app")
             url = deploy(registry, batch, args.adapters, args.threads, args.port, level)
             load(url, [(name, QUESTIONS[0]) for name in names], min(level, len(names)), 4)  # resident, warm
-            before = stats(url)
-            mixed[level][mode] = load(url, requests, level, args.max_tokens)
-            mixed[level][mode]["replica_stats"] = {
-                k: v - before.get(k, 0) if isinstance(v, int) and k != "largest_batch" else v
-                for k, v in stats(url).items()}
+            mixed[level][mode] = measured_load(url, requests, level, args.max_tokens)
             serve_deploy.stop()
     return {"one": one, "cold": cold, "mixed": mixed}
+
+
+def measured_load(url: str, requests: list[tuple[str, str]], concurrency: int, max_tokens: int) -> dict:
+    """`load`, with what the replica counted meanwhile (`replica_stats`: steps, rows, and the model thread's
+    seconds, which tell its compute from HTTP and the event loop)."""
+    before = stats(url)
+    out = load(url, requests, concurrency, max_tokens)
+    out["replica_stats"] = {k: round(v - before.get(k, 0), 3) if isinstance(v, (int, float)) and k != "largest_batch"
+                            else v for k, v in stats(url).items()}
+    return out
 
 
 def mixed_summary(runs: list[dict]) -> dict:
