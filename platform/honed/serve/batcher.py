@@ -33,8 +33,8 @@ class ContinuousBatcher:
         self.worker: asyncio.Task | None = None
         self.cancelled: set[asyncio.Queue] = set()
         self.counts: Counter = Counter()  # steps, row_steps (rows summed over steps), largest_batch, requests
-        # seconds: the model thread's adds (prefills) and steps, and the loop's share of the time the batch held
-        # rows: handing calls to the model thread, events out to the requests, joins (model_s + loop_s = busy)
+        # seconds: the model thread's adds (add_s: prefills) and steps (step_s), and busy_s, the time batches held
+        # rows; busy_s - add_s - step_s is the loop's share (handing calls over, events out to the requests)
         self.seconds: Counter = Counter()
 
     async def submit(self, job: Any) -> AsyncIterator[Any]:

@@ -15,8 +15,9 @@ token. Attention scores (QKᵀ, AV) and activation-checkpoint recomputation are 
 
 The peak (MFU's denominator, per worker) is `efficiency.peak_flops` when given, else the datasheet figure of a
 known GPU (`GPU_DATASHEET`, dense, in the compute dtype), else a large matmul measured on the worker's device
-with its thread count: the best figure its node has measured (kept in `HONED_CACHE/peak_flops.json`). An MFU above 100 % means a wrong peak or FLOPs count: it is
-reported as `mfu: null` with `mfu_error` saying why, never as a figure.
+with its thread count: the best figure its node has measured (kept in `HONED_CACHE/peak_flops.json`). An MFU
+above 100 % means a wrong peak or FLOPs count: it is reported as `mfu: null` with `mfu_error` saying why, never
+as a figure.
 """
 
 from __future__ import annotations
