@@ -1,5 +1,5 @@
-"""DDP's start-up sync is replaced by a broadcast of the trained parameters (honed.train.backends.prepare_module):
-every rank ends with rank 0's trained values, of each dtype, and the frozen weights are never sent (each rank
+"""DDP ignores the frozen parameters (honed.train.backends.prepare_module): its start-up sync still gives
+every rank rank 0's trained values, of each dtype, and the frozen weights are never sent (each rank
 reads them from the same files; sending the demo's 540 MB base took 2.1 s on 2 CPU workers)."""
 
 import os

@@ -66,51 +66,27 @@ def artifact_name(method: MethodConfig) -> str:
     return "model" if method.name == "full" else "adapter"
 
 
-# DDP's own start-up sync broadcasts every parameter and buffer from rank 0: the whole frozen base under LoRA
-# (540 MB for the demo's model, 2.1 s of DDP construction on 2 CPU workers against 0.03 s without it). The frozen
-# weights are read from the same files on every rank and the buffers (rotary constants) are computed alike, so
-# only the trained parameters are broadcast (`sync_trained`).
-DDP_ARGS = {"broadcast_buffers": False, "init_sync": False}
-
-
 def prepare_module(model, device: torch.device):
     """The module the loop runs forwards through. In a Ray Train worker: Ray's `prepare_model` (the worker's
     device, DDP over the worker group). Anywhere else (a plain process, torchrun, benchmarks/gpu/gpu_checks.py):
     the same by hand, the model on `device` and in DDP only when a torch.distributed group of more than one rank
-    is up. Rotary buffers are constants: skipping DDP's per-step buffer broadcast saves a collective per forward."""
-    import torch.distributed as dist
-
+    is up. Rotary buffers are constants: skipping DDP's per-step buffer broadcast saves a collective per forward.
+    Frozen parameters are DDP's to ignore: its start-up sync broadcast every parameter from rank 0, the whole
+    frozen base under LoRA (540 MB for the demo's model: 2.1 s of DDP construction on 2 CPU workers, 0.08 s
+    ignoring them), which every rank reads from the same files; they take no gradient to reduce either."""
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     if session.in_ray_train_worker():
         import ray.train.torch
 
-        module = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_ARGS)
-    else:
-        model = model.to(device)
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return model
-        module = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None, **DDP_ARGS)
-    sync_trained(module)
-    return module
-
-
-def sync_trained(module) -> None:
-    """Rank 0's values of the trained parameters on every rank (what DDP's start-up sync guaranteed): one
-    broadcast per dtype and device, of the parameters laid end to end."""
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     import torch.distributed as dist
 
+    model = model.to(device)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for p in module.parameters():
-        if p.requires_grad:
-            groups.setdefault((p.dtype, p.device), []).append(p)
-    with torch.no_grad():
-        for params in groups.values():
-            flat = torch.cat([p.reshape(-1) for p in params])
-            dist.broadcast(flat, src=0)
-            for p, value in zip(params, flat.split([p.numel() for p in params])):
-                p.copy_(value.view_as(p))
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
 class TorchBackend:
