@@ -183,16 +183,22 @@ def peak_key(device: torch.device, dtype: torch.dtype) -> str:
     return f"{device.type}: {what}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}"
 
 
-def remembered_peak(key: str) -> float | None:
-    """The best peak this node measured for `key`, or None."""
+def kept_peaks() -> dict:
+    """This node's kept peaks by `peak_key` ({} when the file is missing or unreadable)."""
     import json
 
     from honed.storage import cache_home
 
     try:
-        value = json.loads((cache_home() / PEAK_FILE).read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
+        kept = json.loads((cache_home() / PEAK_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return kept if isinstance(kept, dict) else {}
+
+
+def remembered_peak(key: str, kept: dict | None = None) -> float | None:
+    """The best peak this node measured for `key` (in `kept`, else read), or None."""
+    value = (kept_peaks() if kept is None else kept).get(key)
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
@@ -205,19 +211,14 @@ def remember_peak(key: str, flops: float) -> float:
 
     from honed.storage import cache_home
 
-    best = max(flops, remembered_peak(key) or 0.0)
+    kept = kept_peaks()
+    best = max(flops, remembered_peak(key, kept) or 0.0)
     path = cache_home() / PEAK_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            kept = json.loads(path.read_text())
-        except (OSError, ValueError):
-            kept = {}
-        kept = kept if isinstance(kept, dict) else {}
-        kept[key] = best
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=PEAK_FILE)
         with os.fdopen(fd, "w") as fh:
-            json.dump(kept, fh, indent=1, sort_keys=True)
+            json.dump(kept | {key: best}, fh, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache: the figure holds for this run only
