@@ -134,6 +134,7 @@ def test_sixteen_concurrent_clients_over_four_adapters_are_batched_and_each_answ
     # 32 requests of ≤ 10 tokens: decoded several rows a step, in steps mixing adapters
     assert grew["requests"] == 32 and grew["row_steps"] >= 2 * grew["steps"] and grew["mixed_steps"] > 0, grew
     assert after["largest_batch"] >= 4
+    assert after["packed_layers"] == 14  # 2 layers x 7 projections prepacked (honed.serve.packed); the head not
 
 
 def test_streaming_from_a_registered_adapter(served, alone):

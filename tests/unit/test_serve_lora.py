@@ -16,6 +16,15 @@ ADAPTERS = {  # name → LoraConfig kwargs: different ranks, targets, rsLoRA
 }
 
 
+@pytest.fixture
+def two_threads():
+    """Two torch threads, as a replica may run: the adapter products of few rows then drop to one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_model, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
@@ -44,12 +53,16 @@ def peft_logits(base_path: str, adapter_dir: str | None, ids: torch.Tensor) -> t
         return model.eval()(input_ids=ids).logits
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["linear", "packed"])
 @pytest.mark.parametrize("tokens", [7, 1], ids=["prefill", "decode"])
-def test_mixed_rows_match_each_adapter_alone_under_peft(setup, tokens):
+def test_mixed_rows_match_each_adapter_alone_under_peft(setup, tokens, packed, two_threads):
     from honed.models import load_model
+    from honed.serve.packed import pack_linears
 
     base_path, dirs = setup
     model, _ = load_model(base_path, "float32", "cpu")
+    if packed:  # the serving replica's CPU layers (honed.serve.packed)
+        assert pack_linears(model) > 0
     lora = MultiLora(model.eval())
     for name, path in dirs.items():
         lora.load(name, path)
@@ -129,3 +142,29 @@ def test_adapter_of_another_shape_is_refused_before_anything_changes(setup, tmp_
     with pytest.raises(AdapterNotServable, match="does not fit"):
         lora.load("a", str(tmp_path / "a"))
     assert not lora.slots and not lora.layers
+
+
+@pytest.mark.parametrize("rows, tokens, inside", [(8, 1, 1), (32, 256, 2)], ids=["decode", "long-prefill"])
+def test_small_adapter_products_run_on_one_thread_and_the_count_comes_back(setup, two_threads, monkeypatch, rows,
+                                                                          tokens, inside):
+    from honed.models import load_model
+    from honed.serve.lora import MultiLoraLinear
+
+    base_path, dirs = setup
+    model, _ = load_model(base_path, "float32", "cpu")
+    lora = MultiLora(model.eval())
+    lora.load("all8", dirs["all8"])
+    seen = []
+    original = MultiLoraLinear._add_lora
+
+    def spy(self, *args):
+        seen.append(torch.get_num_threads())
+        return original(self, *args)
+
+    monkeypatch.setattr(MultiLoraLinear, "_add_lora", spy)
+    lora.select(["all8"] * rows, "base")
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 400, (rows, tokens)))
+    # 8 rows x 1 token x 64-128 inputs x rank 8: under 10 k multiply-adds; 32 x 256 tokens: over SMALL_PRODUCT
+    assert seen and set(seen) == {inside}
+    assert torch.get_num_threads() == 2

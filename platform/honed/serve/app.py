@@ -45,6 +45,7 @@ from honed.serve.protocol import (APIError, ChatRequest, CompletionRequest, Samp
                                   completion_body, error_response, hash_key, stream_events)
 from honed.serve.feedback import FeedbackRequest, FeedbackStore, completion_record, new_completion_id
 from honed.serve.head import rows_last_head
+from honed.serve.packed import pack_linears
 from honed.serve.residency import AdapterResidency, AdapterStore, LoadedAdapter
 from honed.storage import absolute, is_uri
 
@@ -67,6 +68,7 @@ class ModelServer:
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU replica (num_gpus) decodes on it
         model, self.tokenizer = loader(path, self.cfg.model.dtype, device)
         model.eval()
+        self.packed_layers = pack_linears(model)  # on CPU: weights prepacked for oneDNN (honed.serve.packed)
         rows_last_head(model)  # on CPU: the decode step's vocabulary projection as W·hᵀ (honed.serve.head)
         self.meta = read_meta(path)  # a merged model's training template, if honed wrote it
         self.context_len = getattr(model.config, "max_position_embeddings", 2048)
@@ -89,7 +91,8 @@ class ModelServer:
         mixing models) and resident adapters."""
         loaded = self.adapters.resident()
         seconds = {k: round(v, 3) for k, v in self.batcher.seconds.items()}
-        return dict(self.batcher.counts) | seconds | {"mixed_steps": self.mixed_steps, "adapters_loaded": loaded}
+        return dict(self.batcher.counts) | seconds | {"mixed_steps": self.mixed_steps, "adapters_loaded": loaded,
+                                                      "packed_layers": self.packed_layers}
 
     # ---- requests
     async def complete(self, request: dict) -> dict:
