@@ -168,3 +168,25 @@ def test_small_adapter_products_run_on_one_thread_and_the_count_comes_back(setup
     # 8 rows x 1 token x 64-128 inputs x rank 8: under 10 k multiply-adds; 32 x 256 tokens: over SMALL_PRODUCT
     assert seen and set(seen) == {inside}
     assert torch.get_num_threads() == 2
+
+
+def test_a_slot_reused_after_the_stacks_regrew_decodes_its_new_adapter(setup):
+    """The one-adapter path keeps each slot's transposed views of the stacks; a larger-rank adapter reallocates
+    the stacks, and a slot freed and filled again afterwards must be read from the new ones, not the old."""
+    from honed.models import load_model
+
+    base_path, dirs = setup
+    model, _ = load_model(base_path, "float32", "cpu")
+    lora = MultiLora(model.eval())
+    ids = torch.randint(3, 400, (2, 5))
+    lora.load("qv4", dirs["qv4"])  # slot 1: rank 4 on q and v
+    lora.select(["qv4"] * 2, "base")
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, peft_logits(base_path, dirs["qv4"], ids), atol=1e-5)
+    lora.load("all8", dirs["all8"])  # slot 2, rank 8: q and v's stacks are padded to it, in new tensors
+    lora.unload("qv4")
+    lora.load("all8-again", dirs["all8"])  # slot 1 again
+    assert lora.slots == {"all8": 2, "all8-again": 1}
+    lora.select(["all8-again"] * 2, "base")
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, peft_logits(base_path, dirs["all8"], ids), atol=1e-5)

@@ -79,10 +79,12 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("lora_a", torch.zeros(1, 0, base.in_features, **like), persistent=False)
         self.register_buffer("lora_b", torch.zeros(base.out_features, 1, 0, **like), persistent=False)
         self.filled: set[int] = set()
+        self.transposed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot → (Aᵀ, (B·scaling)ᵀ) views
 
     def reserve(self, slot: int) -> None:
         """Room up to `slot` (zeros), so a batch may address any resident slot in every wrapped layer."""
         if slot >= self.lora_a.shape[0]:
+            self.transposed.clear()  # views of the stacks being replaced
             grow = slot + 1 - self.lora_a.shape[0]
             out, _, r = self.lora_b.shape
             self.lora_a = torch.cat([self.lora_a, self.lora_a.new_zeros(grow, *self.lora_a.shape[1:])])
@@ -92,6 +94,7 @@ class MultiLoraLinear(nn.Module):
         self.reserve(slot)
         r = a.shape[0]
         if r > self.lora_a.shape[1]:  # a larger rank than any so far: zero-pad every slot to it
+            self.transposed.clear()
             grow = r - self.lora_a.shape[1]
             n, _, d_in = self.lora_a.shape
             self.lora_a = torch.cat([self.lora_a, self.lora_a.new_zeros(n, grow, d_in)], 1)
@@ -123,8 +126,11 @@ class MultiLoraLinear(nn.Module):
 
     def _add_lora(self, x: torch.Tensor, y: torch.Tensor, uniform: int | None) -> torch.Tensor:
         if uniform is not None:
+            if uniform not in self.transposed:  # made once per slot, not twice per layer and step
+                self.transposed[uniform] = (self.lora_a[uniform].T, self.lora_b[:, uniform].T)
+            a_t, b_t = self.transposed[uniform]
             flat = y.view(-1, y.shape[-1])  # y += B·(A·x), accumulated in place: no temporary of y's size
-            flat.addmm_(x.reshape(-1, x.shape[-1]) @ self.lora_a[uniform].T, self.lora_b[:, uniform].T)
+            flat.addmm_(torch.mm(x.reshape(-1, x.shape[-1]), a_t), b_t)
             return y
         n_slots, r, d_in = self.lora_a.shape
         if x.shape[1] == 1:  # decoding: one token a row; every slot's A at once, each row keeps its own block
