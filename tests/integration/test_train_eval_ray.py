@@ -48,3 +48,13 @@ def test_training_validation_keeps_every_source_capped(prepared):
     assert sorted(rows["source"]) == sorted(s for s in sources for _ in range(10))  # 10 rows of each source
     lengths = [len(ids) for ids in rows["input_ids"]]
     assert lengths == sorted(lengths, reverse=True) and lengths == list(rows["num_tokens"])  # longest first
+
+
+def test_the_run_started_no_preemption_watcher(trained):
+    """honed turns Ray Train's preemption watcher off (it only serves ray.train.get_preemption_info, unread here):
+    one process fewer started beside the workers' set-up."""
+    import ray._private.state
+
+    classes = {actor["ActorClassName"] for actor in ray._private.state.actors().values()}  # dead ones too
+    assert any("RayTrainWorker" in name for name in classes), classes  # the run's actors are listed
+    assert not any("PreemptionWatcher" in name for name in classes), classes

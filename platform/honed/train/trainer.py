@@ -45,6 +45,7 @@ from honed.train.plan import RunPlan, plan_run
 # mostly hold can still stream them (a 1-CPU read task would wait forever next to two 0.5-CPU workers).
 READ_ARGS = {"num_cpus": 0.25}
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 
@@ -93,6 +94,10 @@ def train(cfg: TrainConfig, callbacks: list | None = None, plan: RunPlan | None 
     # Ray Train's controller looks at its workers every 2 s by default, so a finished run waited ~2 s to be
     # noticed (final_checkpoint 4.8 → 2.0 s on the demo job); a poll is one tiny actor call per worker.
     os.environ.setdefault(HEALTH_CHECK_ENV, "0.5")  # propagated to the controller by fit()
+    # Ray Train's preemption watcher (an actor per run, a fresh process started beside the workers' set-up) only
+    # marks drained nodes for `ray.train.get_preemption_info`, which honed does not read: a restart after a lost
+    # node is Ray Train's failure handling (scaling.max_failures) either way. Set the variable to 1 to keep it.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     # The driver waits through fit(); its report's imports run meanwhile instead of after the workers are done
     threading.Thread(target=preload_report, daemon=True, name="honed-report-imports").start()
     marks["fit"] = time.time()
