@@ -66,8 +66,8 @@ def test_bf16_is_packed_and_other_dtypes_are_not(tiny_model, dtype):
 
 def test_a_product_that_does_not_check_out_leaves_the_model_unpacked(tiny_model, caplog):
     model, _ = load(tiny_model)
-    with torch.no_grad():
-        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")  # NaN never matches; the first layer of each shape is checked
+    with torch.no_grad():  # NaN never matches; the first layer of each shape is the one checked
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     assert check(model.model.layers[0].mlp.down_proj) is not None
     assert pack_linears(model) == 0
     assert not any(isinstance(m, PackedLinear) for m in model.modules())

@@ -207,7 +207,8 @@ class MultiLora:
             if not (a.isfinite().all() and b.isfinite().all()):  # would turn every row of a mixed batch to NaN
                 raise ValueError(f"adapter layer '{module_name}' has NaN or infinite weights (its training "
                                  "diverged): register a version trained with a lower learning rate")
-            if not isinstance(base, (nn.Linear, PackedLinear)) or a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+            linear = isinstance(base, (nn.Linear, PackedLinear))
+            if not linear or a.shape[1] != base.in_features or b.shape[0] != base.out_features:
                 raise AdapterNotServable(f"adapter layer '{module_name}' (A {tuple(a.shape)}, B {tuple(b.shape)}) "
                                          f"does not fit the served base's layer {base}")
             r = a.shape[0]

@@ -6,8 +6,8 @@ torch's `linear` on CPU hands each product to MKL with the weight in its stored 
 decode step MKL re-blocks the weight on every call. oneDNN can block it once, at load
 (`mkldnn._reorder_linear_weight`), and then stream it (`mkldnn._linear_pointwise`). On a 2-core AMD EPYC, 2
 threads, 8 rows: [8 x 576]·[576 x 1536] 185 vs 91 µs, [8 x 1536]·[1536 x 576] 191 vs 95 µs, one row about equal;
-a SmolLM2-135M decode step of 8 rows on the base 93-108 vs 68-73 ms. The products are the same up to float
-rounding (oneDNN sums in another order: ~1e-7 relative in fp32).
+a SmolLM2-135M decode step of 8 rows on the base 93-108 vs 63-65 ms. The products are the same up to float
+rounding (oneDNN sums in another order: ~1e-6 of the largest output in fp32).
 
 A `PackedLinear` holds only the packed weight (the plain one is released) and serves inference only: the packed
 weight takes no gradient, and `state_dict` does not carry it. The output projection is left as it is (it is
