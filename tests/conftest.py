@@ -139,8 +139,12 @@ def trained(prepared, tiny_model, tmp_path_factory) -> dict:
         "register": {"registry": str(out.parent / "registry"), "name": "tuned"},
     })
     metrics = train(cfg)
+    import ray._private.state
+
+    # the actors the run left in the GCS (dead ones too), read now: a later test may restart Ray
+    actor_classes = {actor["ActorClassName"] for actor in ray._private.state.actors().values()}
     return {"dir": str(out), "adapter": str(out / "adapter"), "final": metrics, "config": cfg,
-            "registry": str(out.parent / "registry")}
+            "registry": str(out.parent / "registry"), "actor_classes": actor_classes}
 
 
 class RayNodes:

@@ -53,8 +53,6 @@ def test_training_validation_keeps_every_source_capped(prepared):
 def test_the_run_started_no_preemption_watcher(trained):
     """honed turns Ray Train's preemption watcher off (it only serves ray.train.get_preemption_info, unread here):
     one process fewer started beside the workers' set-up."""
-    import ray._private.state
-
-    classes = {actor["ActorClassName"] for actor in ray._private.state.actors().values()}  # dead ones too
+    classes = trained["actor_classes"]
     assert any("RayTrainWorker" in name for name in classes), classes  # the run's actors are listed
     assert not any("PreemptionWatcher" in name for name in classes), classes
