@@ -65,7 +65,8 @@ def reads_boundaries(kernel: str) -> bool:
 
 def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                 is_causal: bool | None = None, cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
-    """Attention of one flattened row (batch 1) segment by segment, or transformers' SDPA without boundaries.
+    """Attention of one flattened row (batch 1) segment by segment, or transformers' SDPA without boundaries;
+    with `shared_prefix` (validation: honed.train.shared_prefix) some segments also attend to a prefix run once.
 
     query (1, heads, tokens, dim); key/value (1, kv_heads, tokens, dim); returns (1, tokens, heads, dim) as
     every transformers attention function does."""
@@ -81,6 +82,12 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     # split, not slices: the backward of a split is one concatenation, where every slice's backward would
     # write its gradient into a zeroed copy of the whole row (three per example per layer)
     lengths = [hi - lo for lo, hi in pairwise(cu_seq_lens_q.tolist())]
+    prefix = kwargs.get("shared_prefix")  # validation rows continuing a prefix run once (honed.train.shared_prefix)
+    if prefix is not None:
+        from honed.train.shared_prefix import prefixed_attention
+
+        out = prefixed_attention(query, key, value, module.layer_idx, prefix, lengths, scaling, gqa)
+        return out.transpose(1, 2).contiguous(), None
     parts = [torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scaling, dropout_p=dropout if module.training else 0.0, enable_gqa=gqa)
         for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))]

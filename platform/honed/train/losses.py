@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from honed.train.attention import BOUNDARY_KEYS
 from honed.train.collate import collate
+from honed.train.shared_prefix import prefixed_inputs
 
 
 def scored_token_losses(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +37,8 @@ def scored_token_losses(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.T
         # Right padding only: causal attention already keeps every real token from seeing the padding after
         # it, so the mask changes nothing that is scored, and without it SDPA runs its unmasked causal kernel.
         mask = None
-    boundaries = {k: inputs[k] for k in BOUNDARY_KEYS if k in inputs}  # a flattened row's examples
+    # a flattened row's examples, and the prefix some of them continue (validation: honed.train.shared_prefix)
+    boundaries = {k: inputs[k] for k in (*BOUNDARY_KEYS, "shared_prefix") if k in inputs}
     targets = labels[:, 1:][keep[:, :-1]]
     with hidden_states_out(model) as head:  # the decoder's output at the kept positions, the head applied below
         hidden = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs.get("position_ids"),
@@ -137,8 +139,10 @@ def lm_row_scores(module, rows: dict, pad_id: int, device: torch.device,
                   flat: bool = False) -> list[tuple[str, float, dict]]:
     """(source, weight, {loss, tokens}) per row: the summed token loss of each validation row. `flat`: the rows
     scored as one flattened row (padding-free, as the run trains) unless they are packed, whose examples are not
-    one row each."""
-    losses = row_losses(module, collate(rows, pad_id, device, flat=flat and "position_ids" not in rows))
+    one row each; a prefix that several rows open with runs once (honed.train.shared_prefix)."""
+    flat = flat and "position_ids" not in rows
+    inputs = prefixed_inputs(module, rows, device) if flat else None  # a shared prefix run once
+    losses = row_losses(module, inputs if inputs is not None else collate(rows, pad_id, device, flat=flat))
     return [(str(source), float(weight), {"loss": loss_sum, "tokens": n})
             for source, weight, (loss_sum, n) in zip(rows["source"], rows["_weight"], losses)]
 
