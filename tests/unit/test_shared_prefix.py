@@ -90,6 +90,18 @@ def test_no_prefix_when_too_little_is_shared(why, rows):
     assert find_shared_prefix(rows["input_ids"], rows["labels"]) is None, why
 
 
+def test_rows_scored_from_their_first_token_are_left_out():
+    # plain text windows (the forgetting probe's) are labelled from token 0: nothing of theirs can be shared
+    rows = batch()
+    members = find_shared_prefix(rows["input_ids"], rows["labels"]).members
+    rows["labels"][members[0]] = rows["input_ids"][members[0]].copy()
+    prefix = find_shared_prefix(rows["input_ids"], rows["labels"])
+    assert prefix.members == members[1:] and prefix.length == 12
+    for i in members[1:]:
+        rows["labels"][i] = rows["input_ids"][i].copy()
+    assert find_shared_prefix(rows["input_ids"], rows["labels"]) is None
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_row_scores_equal_the_whole_rows(tiny_model, monkeypatch, lora):
     model = load(tiny_model, lora=lora)

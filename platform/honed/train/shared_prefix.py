@@ -44,27 +44,32 @@ class SharedPrefix:
 def find_shared_prefix(input_ids, labels, min_tokens: int = MIN_PREFIX) -> SharedPrefix | None:
     """The largest group of rows opening with the same tokens and their longest common prefix, cut before the
     first labelled token of any member (and its predecessor, whose logit predicts it) so that no scored position
-    falls inside it; None when no two rows share `min_tokens` tokens that way."""
-    heads = Counter(tuple(np.asarray(x[:KEY_TOKENS]).tolist()) for x in input_ids if len(x) > min_tokens)
+    falls inside it; None when no two rows share `min_tokens` tokens that way. Rows scored from earlier on
+    (plain text windows are labelled from their first token) are never members."""
+    caps = [min(len(x) - 1, unscored(y) - 1) for x, y in zip(input_ids, labels)]  # the most a row could share
+    heads = {i: tuple(np.asarray(input_ids[i][:KEY_TOKENS]).tolist()) for i, cap in enumerate(caps)
+             if cap >= min_tokens}
     if not heads:
         return None
-    head, count = heads.most_common(1)[0]
+    head, count = Counter(heads.values()).most_common(1)[0]
     if count < 2:
         return None
-    members = [i for i, x in enumerate(input_ids)
-               if len(x) > min_tokens and tuple(np.asarray(x[:KEY_TOKENS]).tolist()) == head]
+    members = [i for i, h in heads.items() if h == head]
     first = np.asarray(input_ids[members[0]])
-    length = min(len(input_ids[i]) for i in members) - 1  # every member keeps at least one token of its own
-    for i in members:
-        x, y = np.asarray(input_ids[i]), np.asarray(labels[i])
-        differs = np.flatnonzero(x[:length] != first[:length])
-        length = min(length, int(differs[0]) if len(differs) else length)
-        labelled = np.flatnonzero(y != -100)
-        if len(labelled):  # the logit at p predicts p + 1: positions from labelled[0] - 1 on are scored
-            length = min(length, int(labelled[0]) - 1)
+    length = min(caps[i] for i in members)  # every member keeps a token of its own and no scored position
+    for i in members[1:]:
+        differs = np.flatnonzero(np.asarray(input_ids[i])[:length] != first[:length])
+        if len(differs):
+            length = int(differs[0])
     if length < min_tokens:
         return None
     return SharedPrefix(tokens=first[:length].copy(), members=members)
+
+
+def unscored(labels) -> int:
+    """How many tokens open a row before its first labelled one (all of them for a row without labels)."""
+    labelled = np.flatnonzero(np.asarray(labels) != -100)
+    return int(labelled[0]) if len(labelled) else len(labels)
 
 
 @torch.no_grad()
