@@ -129,10 +129,18 @@ def test_packing_takes_the_mixed_corpus_and_refuses_others():
     assert done.returncode == 2 and "invalid choice: 'wiki'" in done.stderr
 
 
-@pytest.mark.parametrize("flags, steps", [([], 8), (["--quick"], 4)])
-def test_train_fixed_cost_resolves_its_settings(flags, steps):
+@pytest.mark.parametrize("flags, steps, repeats", [([], 8, 3), (["--quick"], 4, 1), (["--repeats", "5"], 8, 5)])
+def test_train_fixed_cost_resolves_its_settings(flags, steps, repeats):
     settings, stderr = resolved("train_fixed_cost", *flags)
-    assert settings["steps"] == steps and "torch" not in stderr
+    assert settings["steps"] == steps and settings["repeats"] == repeats and "torch" not in stderr
+
+
+def test_train_fixed_cost_goal_is_the_median_job(benchmarks):
+    import train_fixed_cost
+
+    jobs = [{"fixed_s": s, "id": i} for i, s in enumerate((41.0, 29.5, 33.0, 30.0))]
+    assert train_fixed_cost.median_job(jobs)["id"] == 3  # the lower middle of four: 30.0
+    assert train_fixed_cost.median_job(jobs[:3])["id"] == 2
 
 
 def test_train_fixed_cost_takes_the_steps_out_of_the_whole_job(benchmarks):
