@@ -9,10 +9,11 @@ final validation on `val_max_examples` rows a source, the export check, the repo
 
 Jobs in one invocation: --repeats (3) submitted to a running Ray (a `ray start --head` of the benchmark's own,
 started before the timer, as `ray job submit` finds a cluster: the goal is the median one's, its phases shown)
-and one in a fresh process that starts its own Ray. Repeats because this VM's figures move by ~10 s with its
-memory state: memory the host has taken back (freed pages are reported to it; kdamond pages out what sat idle
-for a minute) costs ~6 s a GB to touch again, against ~0.4 s when it was just freed, and every worker touches
-~1.5 GB (imports, the fp32 model).
+and one in a fresh process that starts its own Ray. Repeats because this VM's single-job figure moved from
+36.1 s (03:08) to 50.2 s (06:05) with the same validation-free code paths: steps 4.4 vs 4.9 s, workers' start
+10.2 vs 19.0 s, model load 5.0 vs 8.2 s. Seen on it, not proven the cause: memory the host has taken back
+(kdamond pages out what sat idle for a minute; freed pages go back to the host) costs ~6 s a GB to touch again,
+~0.4 s when just freed, and every worker touches over a GB (imports, the fp32 model).
 
   whole job        the CLI process's wall time, start to exit
   training steps   `training_steps_s` of the run's efficiency.json `phases` (rank 0's optimizer steps, the first
