@@ -1,7 +1,7 @@
 """The fixed cost of a `honed train` job: the whole job's wall time minus its training steps, by phase.
 
-    .venv/bin/python benchmarks/train_fixed_cost.py            # 8-step jobs: 3 on a running Ray, 1 fresh (~7 min on 2 CPUs)
-    .venv/bin/python benchmarks/train_fixed_cost.py --quick    # 4 steps, one job each
+    .venv/bin/python benchmarks/train_fixed_cost.py          # 8-step jobs: 3 on a running Ray, 1 fresh (~7 min)
+    .venv/bin/python benchmarks/train_fixed_cost.py --quick  # 4 steps, one job each
 
 The job: `python -m honed.cli train` in a fresh process on the prepared demo corpus (jobs/prepare_icd10.yaml),
 at honed's defaults (`train_runs.honed_default_config`: 2 workers x batch 8 x 1 thread, LoRA as jobs/demo.yaml,
