@@ -84,14 +84,35 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     lengths = [hi - lo for lo, hi in pairwise(cu_seq_lens_q.tolist())]
     prefix = kwargs.get("shared_prefix")  # validation rows continuing a prefix run once (honed.train.shared_prefix)
     if prefix is not None:
-        from honed.train.shared_prefix import prefixed_attention
-
-        out = prefixed_attention(query, key, value, module.layer_idx, prefix, lengths, scaling, gqa)
+        out = prefix_attention(query, key, value, prefix.layers[module.layer_idx], prefix.segments, lengths,
+                               scaling, gqa)
         return out.transpose(1, 2).contiguous(), None
     parts = [torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scaling, dropout_p=dropout if module.training else 0.0, enable_gqa=gqa)
         for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def prefix_attention(query, key, value, prefix_kv: tuple[torch.Tensor, torch.Tensor], attends: list[bool],
+                     lengths: list[int], scaling, gqa: bool) -> torch.Tensor:
+    """One flattened row's attention when some segments (`attends`) continue a prefix whose keys and values
+    (`prefix_kv`, this layer's) were computed once (honed.train.shared_prefix): those attend to the prefix then
+    causally to their own tokens; the others causally to their own. Returns (1, heads, tokens, dim) like the
+    per-segment SDPA calls of `varlen_sdpa`."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    prefix_k, prefix_v = prefix_kv
+    size = prefix_k.shape[2]
+    parts = []
+    for continues, q, k, v in zip(attends, query.split(lengths, dim=2), key.split(lengths, dim=2),
+                                  value.split(lengths, dim=2)):
+        if not continues:
+            parts.append(sdpa(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa))
+            continue
+        n = q.shape[2]
+        visible = torch.ones(n, size + n, dtype=torch.bool, device=q.device).tril(diagonal=size)
+        parts.append(sdpa(q, torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2), attn_mask=visible,
+                          scale=scaling, enable_gqa=gqa))
+    return torch.cat(parts, dim=2)
 
 
 def register() -> str:

@@ -8,8 +8,8 @@ validation set's tokens, computed again for every row. Serving engines cache suc
 caching); validation does the same for one batch: the prefix runs once through the model, its keys and values
 are kept per layer, and the rows that share it run only their remainder, with position ids continuing after the
 prefix and attention over the prefix's keys and values then their own (`honed_varlen` reads them:
-honed.train.attention). No scored position lies inside the prefix (it is capped before every member's first
-labelled token), so the row losses are the whole rows' up to float rounding.
+honed.train.attention.prefix_attention). No scored position lies inside the prefix (it is capped before every
+member's first labelled token), so the row losses are the whole rows' up to float rounding.
 
 Used by validation only (no gradients) for padding-free runs whose attention is `honed_varlen`; never with
 prompt-learning methods (prefix tuning's own keys and values), a kernel that reads the boundaries itself, or ZeRO-3.
@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from honed.train.attention import IMPLEMENTATION
+from honed.train.collate import flat_row
 
 MIN_PREFIX = 8  # tokens: below this, the extra forward pass and attention calls cost more than they save
 KEY_TOKENS = 4  # rows are grouped by their first KEY_TOKENS tokens before the common prefix is measured
@@ -110,33 +113,10 @@ def continue_positions(inputs: dict, prefix: SharedPrefix) -> dict:
     return inputs | {"position_ids": positions}
 
 
-def prefixed_attention(query, key, value, layer: int, prefix: SharedPrefix, lengths: list[int], scaling,
-                       gqa: bool) -> torch.Tensor:
-    """`honed_varlen`'s attention of one flattened row when some segments continue a shared prefix: those attend
-    to the prefix's keys and values then causally to their own; the others as usual. Returns (1, heads, tokens,
-    dim) like the per-segment SDPA calls it replaces."""
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    prefix_k, prefix_v = prefix.layers[layer]
-    size = prefix.length
-    parts = []
-    for attends, q, k, v in zip(prefix.segments, query.split(lengths, dim=2), key.split(lengths, dim=2),
-                                value.split(lengths, dim=2)):
-        if not attends:
-            parts.append(sdpa(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa))
-            continue
-        n = q.shape[2]
-        visible = torch.ones(n, size + n, dtype=torch.bool, device=q.device).tril(diagonal=size)
-        parts.append(sdpa(q, torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2), attn_mask=visible,
-                          scale=scaling, enable_gqa=gqa))
-    return torch.cat(parts, dim=2)
-
-
 def prefixed_inputs(model, rows: dict, device: torch.device) -> dict | None:
     """A validation batch flattened (honed.train.collate.flat_row) with the prefix its largest group of rows
     shares run once and stripped from them; None when the model cannot take it (`shares_prefixes`) or no group
     shares `MIN_PREFIX` tokens: then the batch is collated whole."""
-    from honed.train.collate import flat_row
-
     if not shares_prefixes(model):
         return None
     prefix = find_shared_prefix(rows["input_ids"], rows["labels"])
@@ -150,8 +130,6 @@ def shares_prefixes(model) -> bool:
     """Whether `model` (a transformers model, a peft wrapper, or either inside DDP / a DeepSpeed engine) runs its
     attention through `honed_varlen`, the implementation that reads a shared prefix, and no prompt-learning
     method (prefix tuning brings keys and values of its own), and not partitioned by ZeRO-3."""
-    from honed.train.attention import IMPLEMENTATION
-
     inner = unwrapped(model)
     first = next(inner.parameters(), None)
     if first is not None and hasattr(first, "ds_id"):
