@@ -125,6 +125,13 @@ def register() -> str:
     return IMPLEMENTATION
 
 
+def unwrapped(model):
+    """The model inside DDP or a DeepSpeed engine (itself when it is not wrapped)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def use_varlen(model) -> str:
     """Make `model` (a transformers model, or a peft wrapper of one) ready for flattened rows: it keeps a kernel
     that reads the boundaries itself (flash attention) and switches to `honed_varlen` otherwise. Returns the

@@ -15,7 +15,7 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from honed.train.attention import BOUNDARY_KEYS
+from honed.train.attention import BOUNDARY_KEYS, unwrapped
 from honed.train.collate import collate
 from honed.train.shared_prefix import prefixed_inputs
 
@@ -83,9 +83,7 @@ def hidden_states_out(model):
     """While active, `model(...)` returns the final hidden states where it would return logits, and the block
     gets the output head to apply (None, and the model unchanged, for models whose forward transforms the head's
     output: logit soft-capping or scaling)."""
-    inner = model
-    while hasattr(inner, "module"):  # DDP, DeepSpeed engine
-        inner = inner.module
+    inner = unwrapped(model)  # DDP, DeepSpeed engine
     config = getattr(inner, "config", None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) != 1.0:

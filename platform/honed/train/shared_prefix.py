@@ -1,7 +1,7 @@
 """Validation rows that open alike (a chat template's system prompt) score their common prefix once.
 
-    prefix = find_shared_prefix(rows["input_ids"], rows["labels"])      # None when no group shares enough
-    losses = prefixed_row_losses(model, rows, prefix, device)           # as row_losses on the whole rows
+    inputs = prefixed_inputs(model, rows, device)   # a flattened batch with the prefix run once, or None
+    losses = row_losses(model, inputs)              # (honed.train.losses) as on the whole rows
 
 Every ICD-10 validation row of the demo opens with the same 26-token system prompt: a quarter of the
 validation set's tokens, computed again for every row. Serving engines cache such a prefix (vLLM's prefix
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from honed.train.attention import IMPLEMENTATION
+from honed.train.attention import IMPLEMENTATION, unwrapped
 from honed.train.collate import flat_row
 
 MIN_PREFIX = 8  # tokens: below this, the extra forward pass and attention calls cost more than they save
@@ -109,7 +109,8 @@ def continue_positions(inputs: dict, prefix: SharedPrefix) -> dict:
     positions = inputs["position_ids"].clone()
     for i in prefix.members:
         positions[0, bounds[i]:bounds[i + 1]] += prefix.length
-    prefix.segments = [i in set(prefix.members) for i in range(len(bounds) - 1)]
+    members = set(prefix.members)
+    prefix.segments = [i in members for i in range(len(bounds) - 1)]
     return inputs | {"position_ids": positions}
 
 
@@ -142,9 +143,3 @@ def shares_prefixes(model) -> bool:
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     return str(getattr(base.config, "_attn_implementation", "")) == IMPLEMENTATION
 
-
-def unwrapped(model):
-    """The model inside DDP or a DeepSpeed engine."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
