@@ -2,6 +2,8 @@
 worked out by hand on the tiny model, MFU above 100 % reported as a measurement error, the GPU datasheet
 table, the peak's sources in order (config, datasheet, measured) and a measured peak of the right magnitude."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from honed.config import ConfigError, MethodConfig, TrainConfig, load_config
 from honed.train.efficiency import (
     FLOPS_CONVENTIONS, MatmulParams, Meter, datasheet_peak_flops, device_peak_flops, efficiency_report,
     flops_per_token, format_report, matmul_params, measure_peak_flops, peak_key, remember_peak, remembered_peak,
-    tensor_mb,
+    row_cost, tensor_mb,
 )
 from honed.train.methods import build_model, count_params
 
@@ -76,6 +78,27 @@ def test_an_untied_input_embedding_is_a_lookup_not_a_matmul():
     assert params == MatmulParams(body=BODY, body_trained=BODY, head=100 * HIDDEN, head_trained=100 * HIDDEN)
     with pytest.raises(ValueError, match="no FLOPs convention for method 'rlhf'; methods: full, lora"):
         flops_per_token("rlhf", params)
+
+
+def test_row_cost_weighs_the_head_and_causal_attention_against_a_token_through_the_body(tiny_model):
+    """Balancing a global batch across ranks (honed.train.collate.rank_split) by these weights: a labelled token
+    adds the head's FLOPs, an example of n tokens ~n²/2 query-key pairs of 4 FLOPs per attention width (4 heads
+    of 16) and layer forward, 3 times that with the backward."""
+    spec = MethodConfig(name="lora", lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    model = build_model(spec, tiny_model, "auto", CPU)
+    params = counts(model)
+    body, head = flops_per_token("lora", params)
+    pair = 4 * LAYERS * HIDDEN  # attention width 4 x 16 = HIDDEN
+    trained = row_cost(model, "lora", params)
+    assert trained.labelled == pytest.approx(head / body)
+    assert trained.squared == pytest.approx(3 * pair / 2 / body)
+    forward = row_cost(model, "lora", params, training=False)  # validation: forward passes only
+    assert forward.labelled == pytest.approx(params.head / params.body)
+    assert forward.squared == pytest.approx(pair / 2 / (2 * params.body))
+    dpo = row_cost(model, "dpo", params)  # + the reference model's forward
+    assert dpo.squared == pytest.approx(4 * pair / 2 / flops_per_token("dpo", params)[0])
+    no_heads = SimpleNamespace(config=SimpleNamespace(hidden_size=HIDDEN))  # a config naming no layers or heads
+    assert row_cost(no_heads, "lora", params) == (pytest.approx(head / body), 0.0)  # the head's part only
 
 
 def meters(seconds=(3.0, 4.0)):

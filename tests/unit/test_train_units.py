@@ -15,7 +15,7 @@ import torch
 from honed.config import ConfigError, EarlyStopping, MethodConfig, OptimConfig, TrainConfig, load_config
 from honed.train.backends import deep_merge, deepspeed_config, model_hidden_size, zero_buckets
 from honed.train.batching import length_grouped
-from honed.train.collate import collate, rank_rows, row_tokens
+from honed.train.collate import RowCost, collate, rank_rows, row_costs, row_tokens
 from honed.train.losses import causal_lm_loss
 from honed.train.validation import should_stop
 from honed.train.methods import (
@@ -570,6 +570,39 @@ def test_rank_rows_balance_a_mixed_length_batch_that_slices_would_not():
     assert row_tokens(pairs).tolist() == [510, 10]  # a preference pair counts both answers
     packed = {"input_ids": np.zeros((4, 64), dtype=np.int64), "num_tokens": np.array([64, 10, 60, 12])}
     assert [rank_rows(packed, r, 2)["num_tokens"].tolist() for r in range(2)] == [[64, 10], [60, 12]]
+
+
+def test_row_costs_add_labelled_tokens_and_squared_example_lengths():
+    cost = RowCost(labelled=0.5, squared=0.01)
+    labels = [np.r_[-100, -100, 1, 2], np.full(10, -100), np.arange(6)]  # 2, 0 and 5 labelled (the first: never)
+    rows = {"input_ids": ragged([np.zeros(4), np.zeros(10), np.zeros(6)]), "labels": ragged(labels)}
+    assert row_costs(rows).tolist() == row_tokens(rows).tolist() == [4, 10, 6]  # no weights: tokens alone
+    assert row_costs(rows, cost).tolist() == pytest.approx([4 + 1 + 0.16, 10 + 0 + 1.0, 6 + 2.5 + 0.36])
+    pairs = {"input_ids": ragged([np.zeros(10), np.zeros(10)]), "labels": ragged([np.ones(10), np.ones(10)]),
+             "rejected_input_ids": ragged([np.zeros(20), None]), "rejected_labels": ragged([np.ones(20), None])}
+    assert row_costs(pairs, cost).tolist() == pytest.approx([30 + 0.5 * 28 + 0.01 * 500, 10 + 0.5 * 9 + 0.01 * 100])
+    # packed rows: each example the positions restart for, up to num_tokens (the padding tail is no example)
+    packed = {"input_ids": np.zeros((2, 8), dtype=np.int64), "labels": np.full((2, 8), -100),
+              "position_ids": np.array([[0, 1, 2, 0, 1, 0, 0, 0], [0, 1, 2, 3, 4, 5, 0, 0]]),
+              "num_tokens": np.array([5, 6])}
+    assert row_costs(packed, RowCost(squared=1.0)).tolist() == [5 + 9 + 4, 6 + 36]
+
+
+def test_rank_rows_balance_compute_not_just_tokens():
+    """A fully labelled 600-token window costs more than 600 tokens of prompts (the output head at every token,
+    attention's quadratic part): balanced by tokens it shares a rank with a 100-token row, by compute it runs
+    alone beside the three others."""
+    cost = RowCost(labelled=0.25, squared=2.3e-4)
+    lengths = [600, 400, 300, 100]
+    batch = {"input_ids": ragged([np.full(n, i) for i, n in enumerate(lengths)]),
+             "labels": ragged([np.arange(600), *(np.full(n, -100) for n in lengths[1:])])}
+    by_tokens = [rank_rows(batch, r, 2)["input_ids"] for r in range(2)]
+    by_cost = [rank_rows(batch, r, 2, cost)["input_ids"] for r in range(2)]
+    assert [[int(x[0]) for x in part] for part in by_tokens] == [[0, 3], [1, 2]]  # 700 tokens each
+    assert [[int(x[0]) for x in part] for part in by_cost] == [[0], [1, 2, 3]]
+    costs = row_costs(batch, cost)
+    slowest = [max(costs[[int(x[0]) for x in part]].sum() for part in split) for split in (by_tokens, by_cost)]
+    assert slowest[1] < slowest[0] * 0.95  # the step waits for its slowest rank
 
 
 def stream(lengths: list[int], batch: int) -> list[dict]:

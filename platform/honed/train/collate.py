@@ -1,6 +1,6 @@
 """From Ray Data batches (numpy columns of token lists) to model inputs on the device.
 
-    rows = rank_rows(global_batch, rank, world)          # this worker's rows (balanced by tokens), `_weight`
+    rows = rank_rows(global_batch, rank, world, cost)    # this worker's rows (balanced by compute), `_weight`
     inputs = collate(rows, pad_id, device, flat=True)    # padding-free: one row, boundaries as kwargs
 
 Three layouts, one contract (`input_ids`, `labels`, optional `attention_mask` / `position_ids` / boundaries,
@@ -9,6 +9,8 @@ batch back to back in one row (`honed.train.attention.flatten`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,27 +82,72 @@ def row_tokens(batch: dict[str, np.ndarray]) -> np.ndarray:
     return tokens if tokens.any() else np.ones(n, dtype=np.int64)
 
 
-def rank_split(tokens: np.ndarray, world: int) -> list[np.ndarray]:
-    """Row indices of a global batch per rank, balanced by tokens: longest row first to the rank with the fewest
-    tokens so far (ties to the lower rank), each rank's rows kept in batch order. A step waits for its slowest
-    rank, and on a corpus of 20- to 1,024-token examples contiguous slices left one rank with several times the
-    other's tokens. Deterministic, so every rank computes the same split."""
-    load, owner = np.zeros(world, dtype=np.int64), np.empty(len(tokens), dtype=np.int64)
-    for i in np.argsort(-tokens, kind="stable"):
+class RowCost(NamedTuple):
+    """A row's compute beyond its tokens, relative to one token through the model's body
+    (honed.train.efficiency.row_cost): `labelled` per labelled token (the output head runs at those only),
+    `squared` per squared example length (causal attention's query-key pairs). Zeros: tokens alone."""
+
+    labelled: float = 0.0
+    squared: float = 0.0
+
+
+def row_costs(batch: dict[str, np.ndarray], cost: RowCost = RowCost()) -> np.ndarray:
+    """Each row's compute in token units: its tokens (`row_tokens`), plus `cost.labelled` per labelled token and
+    `cost.squared` per squared example length (a packed row: each example it holds; a preference pair: both
+    answers)."""
+    out = row_tokens(batch).astype(np.float64)
+    if cost.labelled:
+        out += cost.labelled * _per_row(batch, "labels", lambda y: int(np.count_nonzero(np.asarray(y)[1:] != -100)))
+    if cost.squared:
+        out += cost.squared * squared_lengths(batch)
+    return out
+
+
+def _per_row(batch: dict[str, np.ndarray], suffix: str, measure) -> np.ndarray:
+    """`measure` of each row summed over the columns named `suffix` or `*_suffix` (a missing answer: 0)."""
+    n = len(next(iter(batch.values())))
+    total = np.zeros(n, dtype=np.float64)
+    for name, column in batch.items():
+        if name == suffix or name.endswith("_" + suffix):
+            total += [0 if x is None else measure(x) for x in column]
+    return total
+
+
+def squared_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Per row, its examples' squared lengths summed: the row itself (both answers of a preference pair), or in
+    a packed row (with `position_ids`) each run its positions restart at 0, up to its `num_tokens`."""
+    if "position_ids" not in batch:
+        return _per_row(batch, "input_ids", lambda x: float(len(x)) ** 2)
+    out = []
+    for positions, n in zip(batch["position_ids"], batch["num_tokens"]):
+        p = np.asarray(positions)[:int(n)]
+        out.append(float(np.square(np.diff(np.append(np.flatnonzero(p == 0), len(p)))).sum()))
+    return np.array(out, dtype=np.float64)
+
+
+def rank_split(costs: np.ndarray, world: int) -> list[np.ndarray]:
+    """Row indices of a global batch per rank, balanced by compute (`row_costs`): costliest row first to the rank
+    with the least so far (ties to the lower rank), each rank's rows kept in batch order. A step waits for its
+    slowest rank, and on a corpus of 20- to 1,024-token examples contiguous slices left one rank with several
+    times the other's tokens; by tokens alone, a rank holding a long, fully labelled window still ran 10-25 %
+    longer than its peer (attention's quadratic part, the output head at every token). Deterministic, so every
+    rank computes the same split."""
+    load, owner = np.zeros(world, dtype=np.float64), np.empty(len(costs), dtype=np.int64)
+    for i in np.argsort(-np.asarray(costs, dtype=np.float64), kind="stable"):
         rank = int(np.argmin(load))
         owner[i] = rank
-        load[rank] += tokens[i]
+        load[rank] += costs[i]
     return [np.flatnonzero(owner == rank) for rank in range(world)]
 
 
-def rank_rows(batch: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
-    """This rank's rows of a global batch (`rank_split`: balanced by tokens), with a `_weight` column; a rank left
+def rank_rows(batch: dict[str, np.ndarray], rank: int, world: int, cost: RowCost = RowCost()) -> dict[str, np.ndarray]:
+    """This rank's rows of a global batch (`rank_split`: balanced by `row_costs`), with a `_weight` column; a rank left
     without rows gets one zero-weight copy of the first row so every rank runs the same number of forwards. The
     objective is normalised over the whole global batch (loop.objective_share), so which rank trains a row
     changes no step's loss or gradient."""
     if world == 1:
         return dict(batch) | {"_weight": np.ones(len(next(iter(batch.values()))))}
-    mine = rank_split(row_tokens(batch), world)[rank]
+    mine = rank_split(row_costs(batch, cost), world)[rank]
     if len(mine) == 0:
         return {k: v[:1] for k, v in batch.items()} | {"_weight": np.zeros(1)}
     return {k: v[mine] for k, v in batch.items()} | {"_weight": np.ones(len(mine))}

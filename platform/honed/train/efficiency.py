@@ -30,6 +30,8 @@ from typing import NamedTuple
 
 import torch
 
+from honed.train.collate import RowCost
+
 # The FLOPs per token of each method, as stated in every report (see the module docstring).
 _COUNTED = ("; N = the model's parameters (an untied input embedding is a lookup, left out), the output head "
             "counted at labelled tokens only, the rest at every non-pad token; attention scores and activation "
@@ -101,6 +103,23 @@ def flops_per_token(method: str, params: MatmulParams) -> tuple[int, int]:
         return 2 * n * forwards + 2 * n + 2 * trained
 
     return cost(params.body, params.body_trained), cost(params.head, params.head_trained)
+
+
+def row_cost(model, method: str, params: MatmulParams, training: bool = True) -> RowCost:
+    """A row's compute beyond its tokens, relative to one token's FLOPs through the body, for splitting a global
+    batch between ranks (honed.train.collate.rank_split): a labelled token adds the output head's FLOPs
+    (`flops_per_token`, or the forward's 2·N when not `training`), and an example of n tokens adds causal
+    attention's ~n²/2 query-key pairs, each 4 FLOPs per attention width and layer forward (scores, then values)
+    and 3 times that with the backward (dpo: the reference model's forward too). A model whose config names no
+    layers or heads gets the head's part only."""
+    body, head = flops_per_token(method, params) if training else (2 * params.body, 2 * params.head)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
+    if not (body and layers and heads):
+        return RowCost(labelled=head / body if body else 0.0)
+    width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    passes = (4 if method == "dpo" else 3) if training else 1
+    return RowCost(labelled=head / body, squared=4 * layers * width * passes / 2 / body)
 
 
 def datasheet_peak_flops(device_name: str, dtype: torch.dtype, tf32: bool = False) -> float | None:

@@ -34,10 +34,10 @@ from honed.train.attention import use_varlen
 from honed.train.backends import make_backend, model_hidden_size, run_deepspeed_config
 from honed.train.batching import length_grouped
 from honed.train.checkpointing import RunState, restore, save_checkpoint, seed_everything
-from honed.train.collate import numpy_batch, rank_rows
+from honed.train.collate import RowCost, numpy_batch, rank_rows
 from honed.train.efficiency import (
     AnonPeak, device_peak_flops, efficiency_report, format_report, held_params, matmul_params, peak_memory_mb,
-    rss_anon_mb, tensor_mb,
+    row_cost, rss_anon_mb, tensor_mb,
 )
 from honed.train.losses import LMObjective
 from honed.train.methods import (
@@ -90,6 +90,9 @@ class Worker:
     zero3: object = None  # transformers' HfDeepSpeedConfig under ZeRO-3: alive as long as the model
     val_rows: dict | None = None  # the capped validation set as columns, read once by the driver
     phases: Phases = dataclasses.field(default_factory=Phases)  # where this worker's time went
+    # what a row costs beyond its tokens, training and validating: how global batches are split between ranks
+    train_cost: RowCost = RowCost()
+    val_cost: RowCost = RowCost()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -182,9 +185,12 @@ def setup(cfg: TrainConfig, plan: RunPlan, phases: Phases | None = None) -> Work
     seed_everything(cfg.seed + rank)  # then one dropout stream per rank
     with phases.timed("worker_setup.peak_flops"):
         peak = peak_flops(cfg, device)
+    params = matmul_params(model, total, trainable)
     return Worker(cfg=cfg, plan=plan, backend=backend, objective=objective_for(cfg, backend.model),
                   pad_id=pad_id, device=device, rank=rank, world=world, trainable_params=trainable,
-                  total_params=total, peak_flops=peak, load=load, zero3=zero3)
+                  total_params=total, peak_flops=peak, load=load, zero3=zero3,
+                  train_cost=row_cost(model, cfg.method.name, params),
+                  val_cost=row_cost(model, cfg.method.name, params, training=False))
 
 
 def objective_for(cfg: TrainConfig, model):
@@ -278,7 +284,7 @@ def optimizer_steps(worker: Worker, state: RunState, stream: EarlyStream | Inlin
                 continue
             if i >= plan.micro_batches_per_epoch:
                 break
-            step.append(rank_rows(global_batch, worker.rank, worker.world))
+            step.append(rank_rows(global_batch, worker.rank, worker.world, worker.train_cost))
             if len(step) == optim.grad_accum_steps:
                 yield epoch, step
                 step = []

@@ -27,7 +27,7 @@ def validate(worker) -> dict:
     backend.train(False)
     sums: dict[str, dict[str, float]] = {}
     for global_batch in global_batches(worker.val_rows, worker.plan.val_batch_size * worker.world):
-        rows = rank_rows(global_batch, worker.rank, worker.world)
+        rows = rank_rows(global_batch, worker.rank, worker.world, worker.val_cost)
         with backend.autocast():
             scored = worker.objective.row_scores(backend.module, rows, worker.pad_id, worker.device)
         for source, weight, values in scored:
