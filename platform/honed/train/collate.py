@@ -129,9 +129,9 @@ def rank_split(costs: np.ndarray, world: int) -> list[np.ndarray]:
     """Row indices of a global batch per rank, balanced by compute (`row_costs`): costliest row first to the rank
     with the least so far (ties to the lower rank), each rank's rows kept in batch order. A step waits for its
     slowest rank, and on a corpus of 20- to 1,024-token examples contiguous slices left one rank with several
-    times the other's tokens; by tokens alone, a rank holding a long, fully labelled window still ran 10-25 %
-    longer than its peer (attention's quadratic part, the output head at every token). Deterministic, so every
-    rank computes the same split."""
+    times the other's tokens. Tokens alone are not the cost either: on a CPU (SmolLM2-135M, LoRA) one fully
+    labelled 1,024-token window took 11.6 s forward and backward, eight 128-token ones 8.1 s, and 1,024 tokens
+    labelled at 5 % 9.1 s. Deterministic, so every rank computes the same split."""
     load, owner = np.zeros(world, dtype=np.float64), np.empty(len(costs), dtype=np.int64)
     for i in np.argsort(-np.asarray(costs, dtype=np.float64), kind="stable"):
         rank = int(np.argmin(load))
