@@ -144,6 +144,13 @@ def use_varlen(model) -> str:
     return IMPLEMENTATION
 
 
+def packed_spans(positions, n: int) -> list[tuple[int, int]]:
+    """The examples of a packed row as (start, end) spans over its first `n` (non-pad) positions: a new one
+    wherever the position ids restart at 0 (a row whose ids never do is one example)."""
+    starts = np.flatnonzero(np.asarray(positions)[:n] == 0).tolist() or [0]
+    return list(zip(starts, starts[1:] + [n]))
+
+
 def flatten(input_ids: list, labels: list, position_ids: list | None = None, lengths: list[int] | None = None):
     """The examples of a batch in one row: (input_ids, labels, position_ids, boundaries), each (1, tokens).
 
@@ -159,8 +166,7 @@ def flatten(input_ids: list, labels: list, position_ids: list | None = None, len
         else:
             n = int(lengths[row]) if lengths is not None else len(x)
             x, y, p = x[:n], y[:n], np.asarray(position_ids[row])[:n]
-            starts = np.flatnonzero(p == 0).tolist() or [0]
-            segments = list(zip(starts, starts[1:] + [n]))
+            segments = packed_spans(p, n)
         for lo, hi in segments:
             if hi > lo:
                 y[lo] = -100

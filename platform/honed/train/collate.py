@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from honed.train.attention import flatten
+from honed.train.attention import flatten, packed_spans
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device, flat: bool = False) -> dict:
@@ -69,17 +69,22 @@ def row_tokens(batch: dict[str, np.ndarray]) -> np.ndarray:
     summed lengths of the token-id columns (a preference pair counts both answers), else 1 per row."""
     if "num_tokens" in batch:
         return np.asarray(batch["num_tokens"], dtype=np.int64)
-    n = len(next(iter(batch.values())))
-    tokens = np.zeros(n, dtype=np.int64)
+    tokens = _per_row(batch, "input_ids", len).astype(np.int64)
+    return tokens if tokens.any() else np.ones(len(tokens), dtype=np.int64)
+
+
+def _per_row(batch: dict[str, np.ndarray], suffix: str, measure) -> np.ndarray:
+    """`measure` of each row's token list, summed over the columns named `suffix` or `*_suffix`: ragged rows (a
+    missing rejected answer counts 0) or rows of one length, as Ray Data stacks them; a column of scalars holds
+    no token lists and counts 0."""
+    total = np.zeros(len(next(iter(batch.values()))), dtype=np.float64)
     for name, column in batch.items():
-        if not name.endswith("input_ids"):
+        if name != suffix and not name.endswith("_" + suffix):
             continue
         column = np.asarray(column)
-        if column.dtype == object:  # ragged rows (a missing rejected answer is None)
-            tokens += [0 if x is None else len(x) for x in column]
-        elif column.ndim == 2:  # rows of one length, as Ray Data stacks them
-            tokens += column.shape[1]
-    return tokens if tokens.any() else np.ones(n, dtype=np.int64)
+        if column.dtype == object or column.ndim == 2:
+            total += [0 if x is None else measure(x) for x in column]
+    return total
 
 
 class RowCost(NamedTuple):
@@ -103,26 +108,13 @@ def row_costs(batch: dict[str, np.ndarray], cost: RowCost = RowCost()) -> np.nda
     return out
 
 
-def _per_row(batch: dict[str, np.ndarray], suffix: str, measure) -> np.ndarray:
-    """`measure` of each row summed over the columns named `suffix` or `*_suffix` (a missing answer: 0)."""
-    n = len(next(iter(batch.values())))
-    total = np.zeros(n, dtype=np.float64)
-    for name, column in batch.items():
-        if name == suffix or name.endswith("_" + suffix):
-            total += [0 if x is None else measure(x) for x in column]
-    return total
-
-
 def squared_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
     """Per row, its examples' squared lengths summed: the row itself (both answers of a preference pair), or in
     a packed row (with `position_ids`) each run its positions restart at 0, up to its `num_tokens`."""
     if "position_ids" not in batch:
         return _per_row(batch, "input_ids", lambda x: float(len(x)) ** 2)
-    out = []
-    for positions, n in zip(batch["position_ids"], batch["num_tokens"]):
-        p = np.asarray(positions)[:int(n)]
-        out.append(float(np.square(np.diff(np.append(np.flatnonzero(p == 0), len(p)))).sum()))
-    return np.array(out, dtype=np.float64)
+    return np.array([float(sum((hi - lo) ** 2 for lo, hi in packed_spans(positions, int(n))))
+                     for positions, n in zip(batch["position_ids"], batch["num_tokens"])], dtype=np.float64)
 
 
 def rank_split(costs: np.ndarray, world: int) -> list[np.ndarray]:
