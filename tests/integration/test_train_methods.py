@@ -214,6 +214,8 @@ def test_method_trains_and_exports_what_it_trained(case, runs, tiny_model):
     assert "mfu_error" not in eff and eff["mfu"] > 0, eff.get("mfu_error")
     assert eff["measured_steps"] == STEPS - 2  # two warm-up steps are excluded from the rates
     assert len(eff["workers"]) == 2 and {w["rank"] for w in eff["workers"]} == {0, 1}
+    # a Ray Train worker loads bitsandbytes only for a run that uses it (honed.train.methods.needs_bitsandbytes)
+    assert [w["load"]["bitsandbytes_loaded"] for w in eff["workers"]] == [name == "qlora"] * 2
     if cfg.method.deepspeed.enabled:
         assert (ckpt / "deepspeed" / "state").is_dir()
 

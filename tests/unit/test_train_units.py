@@ -744,3 +744,41 @@ def test_a_dataset_without_validation_rows_is_refused_before_training(tmp_path):
     cfg = TrainConfig.model_validate({"data_dir": str(tmp_path), "output_dir": str(tmp_path / "run")})
     with pytest.raises(ValueError, match="has no validation rows.*data.val_fraction"):
         plan_run(cfg)
+
+
+# ----------------------------------------------------------------------------------------- bitsandbytes kept out
+def test_needs_bitsandbytes_for_a_4bit_base_or_a_bitsandbytes_optimizer():
+    from honed.train.methods import needs_bitsandbytes
+
+    for name in ("full", "lora", "dpo", "prefix", "ia3"):
+        assert not needs_bitsandbytes(MethodConfig(name=name), OptimConfig())
+        assert needs_bitsandbytes(MethodConfig(name=name), OptimConfig(optimizer="paged_adamw_8bit"))
+    assert needs_bitsandbytes(MethodConfig(name="qlora"), OptimConfig())
+
+
+BUILD_LORA = """
+import sys, torch
+from honed.config import MethodConfig
+from honed.train.methods import bitsandbytes_loaded, build_model, keep_bitsandbytes_out
+if sys.argv[2] == "keep_out":
+    keep_bitsandbytes_out()
+model = build_model(MethodConfig(name="lora"), sys.argv[1], "auto", torch.device("cpu"))
+from peft.import_utils import is_bnb_available
+trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+print(bitsandbytes_loaded(), is_bnb_available(), trainable > 0)
+"""
+
+
+def test_a_lora_model_builds_without_bitsandbytes_once_it_is_kept_out(tiny_model):
+    """A fresh process each: peft imports bitsandbytes when installed (the control), unless it was kept out; the
+    LoRA model builds either way, with trainable adapter weights."""
+    import subprocess
+
+    def run(mode: str) -> str:
+        done = subprocess.run([sys.executable, "-c", BUILD_LORA, tiny_model, mode], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.split()[-3:]
+
+    assert run("as_installed") == ["True", "True", "True"]
+    assert run("keep_out") == ["False", "False", "True"]

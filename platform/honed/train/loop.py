@@ -41,7 +41,8 @@ from honed.train.efficiency import (
 )
 from honed.train.losses import LMObjective
 from honed.train.methods import (
-    big_allocations_mapped, build_model, compile_decoder, compute_dtype, count_params, sharded_loading,
+    big_allocations_mapped, bitsandbytes_loaded, build_model, compile_decoder, compute_dtype, count_params,
+    keep_bitsandbytes_out, needs_bitsandbytes, sharded_loading,
 )
 from honed.train.plan import RunPlan
 from honed.train.validation import all_reduce_sum, should_stop, validate
@@ -98,6 +99,8 @@ class Worker:
 def train_loop_per_worker(config: dict) -> None:
     cfg, plan = config["cfg"], config["plan"]
     phases = Phases()
+    if session.in_ray_train_worker() and not needs_bitsandbytes(cfg.method, cfg.optim):
+        keep_bitsandbytes_out()  # before peft is imported: its import would pull bitsandbytes in (~1 s a worker)
     # Ray Data starts the train stream while the model loads; a small train set came with the config
     stream = EarlyStream(plan) if config.get("train_rows") is None else InlineStream(config["train_rows"], plan)
     with phases.timed("worker_setup"):
@@ -172,7 +175,7 @@ def setup(cfg: TrainConfig, plan: RunPlan, phases: Phases | None = None) -> Work
     trainable, total = count_params(model)
     load = {"baseline_anon_mb": round(loading.baseline_mb, 1), "peak_anon_mb": round(loading.peak_mb, 1),
             "params_held": held_params(model), "params_total": total, "fp32_model_mb": round(total * 4 / 2**20, 1),
-            "zero3": zero3 is not None}
+            "zero3": zero3 is not None, "bitsandbytes_loaded": bitsandbytes_loaded()}
     progress(f"rank {rank} loaded {load['params_held']:,} of {total:,} parameter values; anonymous memory "
              f"{load['baseline_anon_mb']:.0f} → peak {load['peak_anon_mb']:.0f} MB (fp32 model: "
              f"{load['fp32_model_mb']:.0f} MB)")

@@ -15,12 +15,37 @@ weights in fp32 (peft casts adapters up), `qlora` stores the base in 4 bits and 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
 from honed.config import MethodConfig, OptimConfig, QuantSettings
 from honed.models import device_dtype
 from honed.train.attention import attention_kernel
+
+
+def needs_bitsandbytes(method: MethodConfig, optim: OptimConfig) -> bool:
+    """Whether a run uses bitsandbytes: a 4-bit base (qlora), or an optimizer other than torch's AdamW (every
+    other choice is bitsandbytes': `make_optimizer`)."""
+    return method.name == "qlora" or optim.optimizer != "adamw"
+
+
+def keep_bitsandbytes_out() -> None:
+    """Mark bitsandbytes absent in this process, so that peft takes it for not installed.
+
+    peft imports bitsandbytes whenever it is installed (to register its quantized LoRA layers), and that import
+    wraps its kernels in torch.compile and asks a kernel hub for CPU kernels: 0.75 s of a core per process on the
+    demo's CPU, in every worker of every run, twice that while the workers' imports contend. `find_spec` answers
+    None for a module whose `sys.modules` entry is None, which is how peft and transformers ask.
+
+    Only for a process that ends with its run and runs nothing else: a Ray Train worker (its actor is killed with
+    the worker group) of a run that does not need it (`needs_bitsandbytes`). Never in a Tune trial's process,
+    which may run a qlora trial next. A module already imported stays."""
+    sys.modules.setdefault("bitsandbytes", None)
+
+
+def bitsandbytes_loaded() -> bool:
+    return sys.modules.get("bitsandbytes") is not None
 
 
 def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
