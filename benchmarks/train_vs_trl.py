@@ -2,7 +2,7 @@
 state non-pad tokens/s, whole-job wall time, and the loss curves overlaid.
 
     .venv/bin/pip install -e ".[bench]"                   # trl==1.16.0: benchmark-only, never a runtime need
-    .venv/bin/python benchmarks/train_vs_trl.py           # demo 24 + 80 steps, mixed 8 steps (~60 min on 2 CPUs)
+    .venv/bin/python benchmarks/train_vs_trl.py           # demo 24 + 80 steps, mixed 8 steps x 3 (~75 min, 2 CPUs)
     .venv/bin/python benchmarks/train_vs_trl.py --quick   # demo 6 steps, mixed 4 (a smoke run)
     .venv/bin/python benchmarks/train_vs_trl.py --long-steps 0 --sides honed,trl   # skip the 80-step job and HF
 
@@ -28,7 +28,9 @@ shard order: TRL and HF use a sequential sampler), fused AdamW lr 2e-3, 10 warm-
 
 Jobs: the demo corpus (jobs/prepare_icd10.yaml, ~66 tokens an example) for `--short-steps` and
 `--long-steps` steps; the mixed-length corpus (`train_runs.mixed_corpus_config`: ICD-10 pairs and KJV text
-windows, 20 to 1,024 tokens, random order) for `--mixed-steps`. Each run is a fresh process, sides in
+windows, 20 to 1,024 tokens, random order) for `--mixed-steps`, `--mixed-repeats` times a side (3): on this
+2-core VM one 8-step run a side gave 1.96 in one invocation and 2.79 in another, the sides moving 10-30 %
+between runs, so its ratios are the medians over back-to-back pairs. Each run is a fresh process, sides in
 alternating order. Figures:
   steady state  non-pad tokens/s over the steps after the first 2: honed's own meter (efficiency.json: each
                 worker's step from the batch fetch to the optimizer step; the slowest worker), TRL's and HF's
@@ -44,6 +46,7 @@ Writes `benchmarks/results/train_vs_trl.json`.
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,6 +76,9 @@ def options(parser) -> None:
     parser.add_argument("--sides", default="honed,trl,hf", help="sides of the short demo job")
     parser.add_argument("--long-sides", default="honed,trl", help="sides of the long demo job")
     parser.add_argument("--mixed-sides", default="honed,trl", help="sides of the mixed-corpus job")
+    parser.add_argument("--mixed-repeats", type=int, default=3,
+                        help="runs a side of the mixed-corpus job, sides in alternating order; its ratios are the "
+                             "medians over the repeats (each a back-to-back pair)")
     parser.add_argument("--honed-ray", choices=("running", "fresh"), default="running",
                         help="honed's jobs go to a Ray started before them (as `ray job submit` finds a cluster) "
                              "or each starts its own in its process")
@@ -81,12 +87,13 @@ def options(parser) -> None:
                                                               "2 workers x 1)")
 
 
-def jobs(args) -> list[tuple[str, str, int, list[str]]]:
-    """(name, corpus, steps, sides) of every job to run."""
-    out = [(f"demo_{args.short_steps}", "demo", args.short_steps, args.sides),
-           (f"demo_{args.long_steps}", "demo", args.long_steps, args.long_sides),
-           (f"mixed_{args.mixed_steps}", "mixed", args.mixed_steps, args.mixed_sides)]
-    return [(name, corpus, steps, sides.split(",")) for name, corpus, steps, sides in out if steps > 0]
+def jobs(args) -> list[tuple[str, str, int, list[str], int]]:
+    """(name, corpus, steps, sides, repeats) of every job to run."""
+    out = [(f"demo_{args.short_steps}", "demo", args.short_steps, args.sides, 1),
+           (f"demo_{args.long_steps}", "demo", args.long_steps, args.long_sides, 1),
+           (f"mixed_{args.mixed_steps}", "mixed", args.mixed_steps, args.mixed_sides, args.mixed_repeats)]
+    return [(name, corpus, steps, sides.split(","), repeats) for name, corpus, steps, sides, repeats in out
+            if steps > 0 and repeats > 0]
 
 
 def measure(args) -> Measured:
@@ -103,15 +110,19 @@ def measure(args) -> Measured:
 
 def measure_jobs(args) -> Measured:
     results = {}
-    for name, corpus, steps, sides in jobs(args):
+    for name, corpus, steps, sides, repeats in jobs(args):
         data = prepared_dataset(corpus=corpus)
         tokens = step_token_counts(data, args.batch_size, steps)
-        log(f"job {name}: {steps} steps of {args.batch_size} on the {corpus} corpus, sides {sides}")
-        runs = next(alternating(1, sides, lambda kind, r: run_side(kind, f"vs-trl-{name}-{kind}", data, steps,
-                                                                   args, corpus)))[1]
-        results[name] = job_figures(runs, tokens) | {
-            "corpus": corpus, "steps": steps, "order": sides,
-            "length_profile": length_profile(data, args.batch_size, steps)}
+        log(f"job {name}: {steps} steps of {args.batch_size} on the {corpus} corpus, sides {sides}, "
+            f"{repeats} repeat(s)")
+
+        def side_run(kind: str, r: int) -> dict:
+            tag = f"vs-trl-{name}-{kind}" + (f"-r{r + 1}" if repeats > 1 else "")
+            return run_side(kind, tag, data, steps, args, corpus)
+
+        rounds = [(order, job_figures(runs, tokens)) for order, runs in alternating(repeats, sides, side_run)]
+        results[name] = over_repeats(rounds) | {
+            "corpus": corpus, "steps": steps, "length_profile": length_profile(data, args.batch_size, steps)}
         log(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in results[name]["ratios"].items()) + "; " + ", ".join(
             f"{side} {figures['nonpad_tokens_per_s']} tok/s" for side, figures in results[name]["sides"].items()))
     plot = plot_losses(results, (ROOT / args.out).with_suffix("") if args.out else RESULTS / "train_vs_trl")
@@ -163,6 +174,29 @@ def job_figures(runs: dict, tokens: list[dict]) -> dict:
     return {"sides": sides, "ratios": ratios}
 
 
+def over_repeats(rounds: list[tuple[list[str], dict]]) -> dict:
+    """A job's figures from its repeats ((order, `job_figures`) each): one repeat's as they are; over several,
+    each ratio's median over the repeats (each ratio compares runs made back to back), the sides of the repeat
+    whose steady-state ratio over TRL is the median one (its loss curves are the ones plotted), and every
+    repeat's order, ratios and rates."""
+    if len(rounds) == 1:
+        order, figures = rounds[0]
+        return figures | {"order": order}
+    keys = sorted({key for _, figures in rounds for key in figures["ratios"]})
+    ratios = {}
+    for key in keys:
+        values = [figures["ratios"][key] for _, figures in rounds if figures["ratios"].get(key)]
+        if values:
+            ratios[key] = round(statistics.median(values), 4)
+    steady = [figures["ratios"].get("steady_honed_over_trl") or 0.0 for _, figures in rounds]
+    middle = sorted(range(len(rounds)), key=lambda i: steady[i])[(len(rounds) - 1) // 2]
+    by_repeat = [{"order": order, "ratios": figures["ratios"],
+                  **{key: {kind: side.get(key) for kind, side in figures["sides"].items()}
+                     for key in ("nonpad_tokens_per_s", "process_wall_s")}} for order, figures in rounds]
+    return {"sides": rounds[middle][1]["sides"], "sides_of_repeat": middle + 1, "ratios": ratios,
+            "repeats": by_repeat, "order": rounds[0][0]}
+
+
 def goals(results: dict, args) -> list[dict]:
     """The issue's goals from the jobs that ran (a goal whose job did not run is reported unmet, value None):
     steady state on the demo corpus (its longest job) and the mixed corpus; whole-job wall time of the short
@@ -195,7 +229,7 @@ def config(args) -> dict:
             "trl": {"version": "1.16.0", "settings": TRL_SETTINGS, "settings_by_corpus": TRL_BY_CORPUS,
                     "threads": args.threads, "processes": 1},
             "hf": {"threads": args.threads, "processes": 1, "collator": "DataCollatorForSeq2Seq"},
-            "mixed_corpus": MIXED, "jobs": [j[:3] for j in jobs(args)]}
+            "mixed_corpus": MIXED, "jobs": [(*j[:3], j[4]) for j in jobs(args)]}
 
 
 def plot_losses(results: dict, stem: Path) -> Path:
@@ -225,4 +259,4 @@ def plot_losses(results: dict, stem: Path) -> Path:
 
 if __name__ == "__main__":
     main("train_vs_trl", __doc__, measure, options=options,
-         quick={"short_steps": 6, "long_steps": 0, "mixed_steps": 4, "sides": "honed,trl"})
+         quick={"short_steps": 6, "long_steps": 0, "mixed_steps": 4, "sides": "honed,trl", "mixed_repeats": 1})

@@ -49,9 +49,10 @@ def test_serving_benchmark_resolves_its_settings(flags, expect):
 
 
 @pytest.mark.parametrize("flags, expect", [([], {"short_steps": 24, "long_steps": 80, "mixed_steps": 8,
-                                                 "sides": "honed,trl,hf", "batch_size": 16, "threads": 2}),
+                                                 "mixed_repeats": 3, "sides": "honed,trl,hf", "batch_size": 16,
+                                                 "threads": 2}),
                                            (["--quick"], {"short_steps": 6, "long_steps": 0, "mixed_steps": 4,
-                                                          "sides": "honed,trl"})])
+                                                          "mixed_repeats": 1, "sides": "honed,trl"})])
 def test_train_vs_trl_resolves_its_settings(flags, expect):
     settings, stderr = resolved("train_vs_trl", *flags)
     assert {k: settings[k] for k in expect} == expect
@@ -96,6 +97,30 @@ def test_train_vs_trl_states_the_issues_goals_from_its_jobs(benchmarks):
     only_long = train_vs_trl.goals({"demo_80": results["demo_80"]}, SimpleNamespace(short_steps=0, long_steps=80,
                                                                                     mixed_steps=0))
     assert [g["value"] for g in only_long] == [1.2, None, None, 1.2]  # the long job never stands in for the short
+
+
+def test_train_vs_trl_takes_a_repeated_jobs_ratios_as_medians_of_back_to_back_pairs(benchmarks):
+    import train_vs_trl
+
+    tokens = [{"nonpad": n} for n in (10, 12)]
+
+    def repeat(order, honed_rate, trl_rate, trl_wall):
+        honed = side(honed_rate, 100.0, []) | {"_run": {"live_times": []}, "live_times": []}
+        trl = side(trl_rate, trl_wall, [10, 12])
+        return order, train_vs_trl.job_figures({"honed": honed, "trl": trl}, tokens)
+
+    rounds = [repeat(["honed", "trl"], 200.0, 100.0, 130.0), repeat(["trl", "honed"], 180.0, 60.0, 150.0),
+              repeat(["honed", "trl"], 250.0, 100.0, 110.0)]
+    job = train_vs_trl.over_repeats(rounds)
+    assert job["ratios"] == {"steady_honed_over_trl": 2.5, "wall_trl_over_honed": 1.3}  # medians of 2, 3, 2.5 / ...
+    assert job["sides_of_repeat"] == 3 and job["sides"]["trl"]["nonpad_tokens_per_s"] == 100.0  # the 2.5 repeat's
+    assert [r["order"] for r in job["repeats"]] == [["honed", "trl"], ["trl", "honed"], ["honed", "trl"]]
+    assert [r["nonpad_tokens_per_s"]["trl"] for r in job["repeats"]] == [100.0, 60.0, 100.0]
+    one = train_vs_trl.over_repeats(rounds[:1])
+    assert one["ratios"] == {"steady_honed_over_trl": 2.0, "wall_trl_over_honed": 1.3} and "repeats" not in one
+    failed = train_vs_trl.over_repeats([rounds[0], (["trl", "honed"], train_vs_trl.job_figures(
+        {"honed": rounds[0][1]["sides"]["honed"] | {"_run": {"live_times": []}}, "trl": {"error": "killed"}}, tokens))])
+    assert failed["ratios"]["steady_honed_over_trl"] == 2.0  # a failed repeat has no ratio to count
 
 
 def test_length_profile_reports_the_padding_of_padded_batches(benchmarks, tmp_path):
