@@ -337,8 +337,9 @@ def plain_model(spec: dict, device):
 
 
 # ------------------------------------------------------------------ the HF Trainer and TRL comparisons
-# TRL's SFTTrainer at its fastest on a CPU (benchmarks/train_vs_trl.py says why): fp32 as honed (bf16 autocast
-# is slower on CPUs without AMX), no gradient checkpointing (its default on; memory is no constraint here),
+# TRL's SFTTrainer at its fastest on a CPU in honed's numerics (benchmarks/train_vs_trl.py says why): fp32 as
+# honed trains on CPU (TRL's bf16 autocast is faster where the CPU has bf16 matmuls: 1.3x on the EPYC VM),
+# no gradient checkpointing (its default on; memory is no constraint here),
 # padded batches (padding_free on CPU runs SDPA with a block-diagonal mask: 163 vs 175 tok/s measured).
 TRL_SETTINGS = {"gradient_checkpointing": False, "max_length": None, "padding_free": False}
 
@@ -448,7 +449,7 @@ def trl_trainer(spec: dict, model, tokenizer, rows: list[dict], args: dict, mixi
     from trl import SFTConfig, SFTTrainer
 
     dataset = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
-    config = SFTConfig(**args, **(TRL_SETTINGS | spec.get("trl", {})))
+    config = SFTConfig(**(args | TRL_SETTINGS | spec.get("trl", {})))  # SPEC `trl` overrides the common args too
     return mixin(SFTTrainer)(model=model, args=config, train_dataset=dataset, processing_class=tokenizer), None
 
 
