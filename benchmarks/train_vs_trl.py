@@ -78,6 +78,9 @@ def options(parser) -> None:
     parser.add_argument("--sides", default="honed,trl,hf", help="sides of the short demo job")
     parser.add_argument("--long-sides", default="honed,trl", help="sides of the long demo job")
     parser.add_argument("--mixed-sides", default="honed,trl", help="sides of the mixed-corpus job")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="numerics of both sides: fp32 (honed's default on CPU), or bf16 autocast (honed "
+                             "model.dtype bfloat16, TRL bf16=True; honed and TRL sides only)")
     parser.add_argument("--mixed-repeats", type=int, default=3,
                         help="runs a side of the mixed-corpus job, sides in alternating order; its ratios are the "
                              "medians over the repeats (each a back-to-back pair)")
@@ -99,6 +102,8 @@ def jobs(args) -> list[tuple[str, str, int, list[str], int]]:
 
 
 def measure(args) -> Measured:
+    if args.precision == "bf16" and any("hf" in sides for _, _, _, sides, _ in jobs(args)):
+        raise SystemExit("--precision bf16 runs the honed and TRL sides only: drop hf from --sides")
     ray = RunningRay(os.cpu_count() or 1) if args.honed_ray == "running" else None
     try:
         if ray:
@@ -147,12 +152,15 @@ def run_side(kind: str, tag: str, data: Path, steps: int, args, corpus: str) -> 
 
 def run_one(kind: str, tag: str, data: Path, steps: int, args, corpus: str) -> dict:
     if kind == "honed":
-        run = start("honed", {"config": honed_default_config(data, WORK / "runs" / tag, steps), "threads": 1,
-                              "ray_address": getattr(args, "ray_address", None)}, tag)
+        config = honed_default_config(data, WORK / "runs" / tag, steps)
+        if args.precision == "bf16":
+            config["model"]["dtype"] = "bfloat16"
+        run = start("honed", {"config": config, "threads": 1, "ray_address": getattr(args, "ray_address", None)}, tag)
         return public(run) | {"nonpad_tokens_per_s": run["efficiency"]["nonpad_tokens_per_s"],
                               "step_time_s": run["efficiency"]["step_time_s"], "_run": run}
     job = SimpleNamespace(steps=steps, batch_size=args.batch_size, threads=args.threads, gpu=False)
-    trl = {"trl": TRL_BY_CORPUS.get(corpus, {})} if kind == "trl" else {}
+    trl = {"trl": TRL_BY_CORPUS.get(corpus, {}) | ({"bf16": True} if args.precision == "bf16" else {})} \
+        if kind == "trl" else {}
     return public(run_loop(kind, tag, data, job, lr=2e-3, variant_repeats=0, **trl))
 
 
@@ -231,7 +239,7 @@ def config(args) -> dict:
             "trl": {"version": "1.16.0", "settings": TRL_SETTINGS, "settings_by_corpus": TRL_BY_CORPUS,
                     "threads": args.threads, "processes": 1},
             "hf": {"threads": args.threads, "processes": 1, "collator": "DataCollatorForSeq2Seq"},
-            "mixed_corpus": MIXED, "jobs": [(*j[:3], j[4]) for j in jobs(args)]}
+            "precision": args.precision, "mixed_corpus": MIXED, "jobs": [(*j[:3], j[4]) for j in jobs(args)]}
 
 
 def plot_losses(results: dict, stem: Path) -> Path:
