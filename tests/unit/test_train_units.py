@@ -718,11 +718,15 @@ print(json.dumps({"added": held - before, "returned": returned}))
 """
 
 
+def in_fresh_process(code: str, *args: str, timeout: float = 120) -> str:
+    """`python -c CODE ARGS` in a process of its own: the last line it printed."""
+    run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.strip().splitlines()[-1]
+
+
 def big_allocations(mapped: str) -> dict:
-    run = subprocess.run([sys.executable, "-c", BIG_ALLOCATIONS, mapped], capture_output=True, text=True,
-                         timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(in_fresh_process(BIG_ALLOCATIONS, mapped))
 
 
 def test_big_allocations_go_back_to_the_os_when_freed_while_a_model_loads():
@@ -772,13 +776,5 @@ print(bitsandbytes_loaded(), is_bnb_available(), trainable > 0)
 def test_a_lora_model_builds_without_bitsandbytes_once_it_is_kept_out(tiny_model):
     """A fresh process each: peft imports bitsandbytes when installed (the control), unless it was kept out; the
     LoRA model builds either way, with trainable adapter weights."""
-    import subprocess
-
-    def run(mode: str) -> str:
-        done = subprocess.run([sys.executable, "-c", BUILD_LORA, tiny_model, mode], capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout.split()[-3:]
-
-    assert run("as_installed") == ["True", "True", "True"]
-    assert run("keep_out") == ["False", "False", "True"]
+    assert in_fresh_process(BUILD_LORA, tiny_model, "as_installed", timeout=300).split() == ["True", "True", "True"]
+    assert in_fresh_process(BUILD_LORA, tiny_model, "keep_out", timeout=300).split() == ["False", "False", "True"]
