@@ -125,7 +125,7 @@ def prepared(ray_local, tiny_model, corpus_with_bad_records, tmp_path_factory) -
 
 
 @pytest.fixture(scope="session")
-def trained(prepared, tiny_model, tmp_path_factory) -> dict:
+def trained(prepared, tiny_model, tmp_path_factory, actors_started) -> dict:
     """A 2-worker LoRA run on the tiny model (real TorchTrainer.fit), its adapter registered as `tuned`."""
     from honed.config import TrainConfig
     from honed.train.trainer import train
@@ -138,13 +138,32 @@ def trained(prepared, tiny_model, tmp_path_factory) -> dict:
         "log_every": 6, "checkpoint_every": 18,
         "register": {"registry": str(out.parent / "registry"), "name": "tuned"},
     })
-    metrics = train(cfg)
-    import ray._private.state
-
-    # the actors the run left in the GCS (dead ones too), read now: a later test may restart Ray
-    actor_classes = {actor["ActorClassName"] for actor in ray._private.state.actors().values()}
+    run = {}
+    # the actors the run started, read now: a later test may restart Ray
+    actor_classes = actors_started(lambda: run.update(metrics=train(cfg)))
+    metrics = run["metrics"]
     return {"dir": str(out), "adapter": str(out / "adapter"), "final": metrics, "config": cfg,
             "registry": str(out.parent / "registry"), "actor_classes": actor_classes}
+
+
+@pytest.fixture(scope="session")
+def actors_started():
+    """A function running `work()` and returning the class names of the actors it started on the connected Ray
+    (each once; ones that died already count: the GCS keeps them)."""
+
+    def started(work) -> set[str]:
+        before = set(gcs_actor_classes())
+        work()
+        return {name for actor, name in gcs_actor_classes().items() if actor not in before}
+
+    return started
+
+
+def gcs_actor_classes() -> dict[str, str]:
+    """Every actor the connected Ray's GCS knows (dead ones too): its class name by actor id."""
+    import ray._private.state
+
+    return {actor_id: actor["ActorClassName"] for actor_id, actor in ray._private.state.actors().items()}
 
 
 class RayNodes:

@@ -55,15 +55,20 @@ def test_a_tampered_adapter_fails_the_export_check(trained, tmp_path):
         refuse_mismatch(check, str(tampered))
 
 
-def test_ray_data_streams_the_same_steps_as_the_inline_train_set(trained, tmp_path):
+def test_ray_data_streams_the_same_steps_as_the_inline_train_set(trained, tmp_path, actors_started):
     """The session's run read its small train set on the driver (`inline_data_mb`); the same run streamed
-    through Ray Data (`inline_data_mb: 0`) trains on the same global batches: the same loss curve."""
+    through Ray Data (`inline_data_mb: 0`) trains on the same global batches: the same loss curve. Only the
+    streamed run starts Ray Train's dataset machinery (its DatasetManager actor): the inline run's trainer
+    leaves it out (honed.train.trainer.trainer_class)."""
     from honed.train.trainer import inline_train_rows, train
 
     cfg = trained["config"].model_copy(update={"output_dir": str(tmp_path / "run"), "inline_data_mb": 0,
                                                "register": None})
     assert inline_train_rows(Path(cfg.data_dir, "shards", "train"), trained["config"].inline_data_mb) is not None
-    train(cfg)
+    streamed = actors_started(lambda: train(cfg))
+    assert "DatasetManager" in streamed, streamed
+    assert any("RayTrainWorker" in name for name in trained["actor_classes"]), trained["actor_classes"]
+    assert "DatasetManager" not in trained["actor_classes"], trained["actor_classes"]
     losses = [json.loads(line)["loss"] for line in Path(tmp_path, "run", "metrics.jsonl").read_text().splitlines()]
     inline = [json.loads(line)["loss"] for line in Path(trained["dir"], "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == len(inline) == 6 and losses == pytest.approx(inline, rel=1e-5)

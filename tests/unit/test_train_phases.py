@@ -1,5 +1,6 @@
 """The fixed cost of a training job, and what cut it: the capped validation set read once by the driver (local
-path and a real S3-compatible server), cut into global batches in the worker, and the run's `phases`."""
+path and a real S3-compatible server), cut into global batches in the worker, a small train set read inline
+without Ray Train's dataset machinery, and the run's `phases`."""
 
 from __future__ import annotations
 
@@ -111,6 +112,28 @@ def test_a_small_train_set_is_read_whole_in_ray_datas_order(tmp_path):
     batches = list(InlineStream(table, plan).epoch())
     assert [list(b["num_tokens"]) for b in batches] == [[1, 2, 3], [4, 5, 6]]  # the short last batch dropped
     assert batches[0]["input_ids"].dtype == object and list(batches[1]["input_ids"][2]) == list(range(6))
+
+
+def test_a_run_with_its_train_set_inline_leaves_out_ray_trains_dataset_callback():
+    """Ray Train V2 builds its datasets callback (a DatasetManager actor, Ray Data's context sent to every worker)
+    for every run; a run whose train set the driver hands over inline gets a trainer without it, and otherwise
+    the same callbacks in the same order. A Ray that moved the callback fails the import here."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from honed.train.trainer import trainer_class
+
+    def callbacks(cls) -> list[type]:
+        trainer = cls(lambda config: None, scaling_config=ScalingConfig(num_workers=2))
+        return [type(c) for c in trainer._create_default_callbacks()]
+
+    assert trainer_class(streams_data=True) is TorchTrainer
+    inline = trainer_class(streams_data=False)
+    assert issubclass(inline, TorchTrainer) and trainer_class(streams_data=False) is inline
+    stock = callbacks(TorchTrainer)
+    assert DatasetsCallback in stock
+    assert callbacks(inline) == [c for c in stock if c is not DatasetsCallback]
 
 
 def test_workers_take_the_pad_id_prepare_recorded_for_the_same_model_only():
