@@ -284,7 +284,7 @@ def run(command: str, cfg, detach: bool = False, plan=None) -> int | None:
         from honed.train.backends import artifact_name
         from honed.train.trainer import train
 
-        train(cfg, plan=plan)
+        train(cfg, plan=plan, sole_run=True)  # the command's job ends with the run
         print(f"[honed.train] {artifact_name(cfg.method)} → {cfg.output_dir}/{artifact_name(cfg.method)}", flush=True)
     elif command == "tune":
         from honed.tune import tune

@@ -1,5 +1,6 @@
 """Ray Train resilience: a training worker SIGKILLed mid-run (the run restarts from its last checkpoint and
-finishes), and a 2-worker run placed STRICT_SPREAD over a 2-node local Ray cluster."""
+finishes), the `honed train` command's controller SIGKILLed (its placement group freed with the job), and a
+2-worker run placed STRICT_SPREAD over a 2-node local Ray cluster."""
 
 import json
 import os
@@ -21,8 +22,13 @@ TOTAL_STEPS, CHECKPOINT_EVERY = 15, 3
 
 
 def train_workers() -> list[psutil.Process]:
-    """This session's live Ray Train worker actors (`ray::RayTrainWorker...`, not the TrainController): children
-    of the raylet that `ray_local` started under this process, so no other Ray on the machine is touched."""
+    """This session's live Ray Train worker actors (`ray::RayTrainWorker...`, not the TrainController)."""
+    return actor_processes("RayTrainWorker")
+
+
+def actor_processes(title_part: str) -> list[psutil.Process]:
+    """This session's live actor processes whose title holds `title_part`: children of the raylet that
+    `ray_local` started under this process, so no other Ray on the machine is touched."""
     found = []
     for raylet in psutil.Process().children():
         try:
@@ -30,7 +36,7 @@ def train_workers() -> list[psutil.Process]:
                 continue
             for proc in raylet.children():
                 title = " ".join(proc.cmdline()) or proc.name()
-                if "RayTrainWorker" in title and proc.status() != psutil.STATUS_ZOMBIE:
+                if title_part in title and proc.status() != psutil.STATUS_ZOMBIE:
                     found.append(proc)
         except psutil.Error:
             pass
@@ -117,6 +123,55 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, prepared, tiny_mo
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     print(f"\n[resilience] killed pid {victim.pid} at step {before_kill[-1]}, {killed_at:.0f}s in; resumed at "
           f"{resume_step}; redone {redone}; {elapsed:.0f}s in all")
+
+
+def test_the_train_command_frees_its_placement_group_when_its_controller_dies(ray_local, prepared, tiny_model, tmp_path,
+                                                                             actors_started):
+    """`honed train` runs without Ray Train's placement-group cleaner (honed.train.trainer.unneeded_callbacks):
+    the command's driver is its job. Its controller SIGKILLed mid-run, the command fails and Ray frees the
+    workers' placement group with the job, which is what the cleaner is there to do."""
+    import ray
+    import yaml
+    from ray.util import placement_group_table
+
+    out = tmp_path / "run"
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name_or_path": tiny_model}, "data_dir": prepared["dir"], "output_dir": str(out),
+        "optim": {"lr": 2e-2, "max_steps": 500, "batch_size": 8}, "method": {"lora": {"r": 8, "alpha": 16}},
+        "log_every": 1, "checkpoint_every": 500, "name": "controller-dies"}))
+    before = set(placement_group_table())
+    outcome = {}
+
+    def run_command() -> None:
+        with open(tmp_path / "cli.log", "w") as log:
+            cli = subprocess.Popen([sys.executable, "-m", "honed.cli", "train", str(config),
+                                    "--address", ray.get_runtime_context().gcs_address],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+            outcome["cli"] = cli
+            deadline = time.monotonic() + 240
+            while not logged_steps(read_jsonl(out / "progress.jsonl")) and cli.poll() is None:
+                assert time.monotonic() < deadline, "the run logged no step"
+                time.sleep(0.2)
+            outcome["groups"] = {pg: placement_group_table()[pg] for pg in set(placement_group_table()) - before}
+            (controller,) = actor_processes("TrainController")
+            controller.kill()
+            outcome["status"] = cli.wait(timeout=120)
+
+    try:
+        started = actors_started(run_command)
+    finally:
+        if outcome.get("cli") and outcome["cli"].poll() is None:
+            outcome["cli"].kill()
+    log = (tmp_path / "cli.log").read_text()
+    assert outcome["status"] != 0 and "ActorDiedError" in log, log[-2000:]
+    assert "PlacementGroupCleaner" not in started and any("RayTrainWorker" in name for name in started), started
+    groups = outcome["groups"]
+    assert len(groups) == 1 and next(iter(groups.values()))["state"] == "CREATED", groups
+    deadline = time.monotonic() + 60
+    while (state := placement_group_table()[next(iter(groups))]["state"]) != "REMOVED":
+        assert time.monotonic() < deadline, f"the run's placement group is still {state} after the command exited"
+        time.sleep(0.5)
 
 
 def kill_between_checkpoints(thread, live: Path, snapshot: Path, outcome: dict):

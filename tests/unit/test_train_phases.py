@@ -1,6 +1,6 @@
 """The fixed cost of a training job, and what cut it: the capped validation set read once by the driver (local
-path and a real S3-compatible server), cut into global batches in the worker, a small train set read inline
-without Ray Train's dataset machinery, and the run's `phases`."""
+path and a real S3-compatible server), cut into global batches in the worker, a small train set read inline,
+the Ray Train callbacks a run has no use for left out, and the run's `phases`."""
 
 from __future__ import annotations
 
@@ -114,13 +114,18 @@ def test_a_small_train_set_is_read_whole_in_ray_datas_order(tmp_path):
     assert batches[0]["input_ids"].dtype == object and list(batches[1]["input_ids"][2]) == list(range(6))
 
 
-def test_a_run_with_its_train_set_inline_leaves_out_ray_trains_dataset_callback():
+@pytest.mark.parametrize("streams_data, sole_run, left_out", [
+    (True, False, set()), (False, False, {"DatasetsCallback"}), (True, True, {"PlacementGroupCleanerCallback"}),
+    (False, True, {"DatasetsCallback", "PlacementGroupCleanerCallback"})])
+def test_a_run_leaves_out_only_the_ray_train_callbacks_it_has_no_use_for(streams_data, sole_run, left_out):
     """Ray Train V2 builds its datasets callback (a DatasetManager actor, Ray Data's context sent to every worker)
-    for every run; a run whose train set the driver hands over inline gets a trainer without it, and otherwise
-    the same callbacks in the same order. A Ray that moved the callback fails the import here."""
+    and its placement-group cleaner (a detached actor) for every run. A run whose train set the driver hands over
+    inline gets a trainer without the first; a run whose driver ends with it (`honed train`) without the second.
+    Every other callback stays, in its order. A Ray that moved either callback fails the import here."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     from honed.train.trainer import trainer_class
 
@@ -128,12 +133,12 @@ def test_a_run_with_its_train_set_inline_leaves_out_ray_trains_dataset_callback(
         trainer = cls(lambda config: None, scaling_config=ScalingConfig(num_workers=2))
         return [type(c) for c in trainer._create_default_callbacks()]
 
-    assert trainer_class(streams_data=True) is TorchTrainer
-    inline = trainer_class(streams_data=False)
-    assert issubclass(inline, TorchTrainer) and trainer_class(streams_data=False) is inline
     stock = callbacks(TorchTrainer)
-    assert DatasetsCallback in stock
-    assert callbacks(inline) == [c for c in stock if c is not DatasetsCallback]
+    assert {DatasetsCallback, PlacementGroupCleanerCallback} <= set(stock)
+    lean = trainer_class(streams_data=streams_data, sole_run=sole_run)
+    assert issubclass(lean, TorchTrainer) and trainer_class(streams_data=streams_data, sole_run=sole_run) is lean
+    assert (lean is TorchTrainer) == (not left_out)
+    assert callbacks(lean) == [c for c in stock if c.__name__ not in left_out]
 
 
 def test_workers_take_the_pad_id_prepare_recorded_for_the_same_model_only():

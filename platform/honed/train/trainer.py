@@ -16,6 +16,7 @@ node, the driver exports into a local staging dir and uploads it (honed.storage.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -52,12 +53,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def train(cfg: TrainConfig, callbacks: list | None = None, plan: RunPlan | None = None,
-          in_process: bool = False, on_report=None) -> dict:
+          in_process: bool = False, on_report=None, sole_run: bool = False) -> dict:
     """Fit on the connected Ray cluster; returns the final metrics (with `efficiency` and `export_check`).
     `callbacks` go to the TorchTrainer's RunConfig (honed.tune passes Ray's TuneReportCallback); `plan`: the
     run's plan when a preflight (`honed train`) already made it, else it is planned here. `in_process`: a
     one-worker run trains in this process (honed.train.in_process; a Tune trial's), every report going to
-    `on_report(metrics, checkpoint)` instead of `callbacks`."""
+    `on_report(metrics, checkpoint)` instead of `callbacks`. `sole_run`: the driver ends when the run does (the
+    `honed train` command), so Ray frees the run's resources with the job (`unneeded_callbacks`)."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -71,7 +73,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, plan: RunPlan | None 
     if in_process:
         return train_here(cfg, manifest, plan, loop_config, on_report, marks)
     resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {})
-    trainer = trainer_class(streams_data=inline is None)(
+    trainer = trainer_class(streams_data=inline is None, sole_run=sole_run)(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -107,30 +109,51 @@ def train(cfg: TrainConfig, callbacks: list | None = None, plan: RunPlan | None 
 
 
 @functools.cache
-def trainer_class(streams_data: bool) -> type:
-    """Ray Train's `TorchTrainer`; for a run without Ray Datasets (its train set read by the driver and handed to
-    the workers inline, as `inline_data_mb` allows) one that leaves out Ray Train's datasets callback.
-
-    Ray Train V2 builds that callback for every run, `datasets` or not: it starts a DatasetManager actor (a fresh
-    process importing Ray Train and Ray Data) and sends every worker Ray Data's context (a `ray.data` import each).
-    The demo job on 2 CPUs spent ~3.4 s of its fixed cost on that: 28.95 s against 32.34 s, the medians of 4
-    alternating pairs of 2-step jobs on one running Ray. The callback serves only `ray.train.get_dataset_shard`,
-    which such a run never calls. Where Ray's trainer is built otherwise (Ray Train V1, the callback moved or
-    renamed), the stock trainer runs as it is."""
+def trainer_class(streams_data: bool, sole_run: bool = False) -> type:
+    """Ray Train's `TorchTrainer`, less the default callbacks that cost this run start-up time and serve it nothing
+    (`unneeded_callbacks`); the stock trainer where there are none."""
     from ray.train.torch import TorchTrainer
 
-    if streams_data or not hasattr(TorchTrainer, "_create_default_callbacks"):
-        return TorchTrainer
-    try:
-        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    except ImportError:
+    unneeded = unneeded_callbacks(streams_data, sole_run)
+    if not unneeded or not hasattr(TorchTrainer, "_create_default_callbacks"):
         return TorchTrainer
 
-    class InlineDataTrainer(TorchTrainer):
+    class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
 
-    return InlineDataTrainer
+    return LeanTorchTrainer
+
+
+def unneeded_callbacks(streams_data: bool, sole_run: bool) -> tuple[type, ...]:
+    """The Ray Train V2 default callbacks a run can do without; each starts a process of its own for every run.
+
+    - The datasets callback, for a run without Ray Datasets (`streams_data` False: the driver read the train set
+      and hands it to the workers inline, as `inline_data_mb` allows). It starts a DatasetManager actor (a fresh
+      process importing Ray Train and Ray Data) and sends every worker Ray Data's context (a `ray.data` import
+      each), datasets or not, to serve `ray.train.get_dataset_shard`, which such a run never calls. Demo job on
+      2 CPUs: fixed cost 32.34 → 28.95 s (medians of 4 alternating pairs of 2-step jobs on one running Ray).
+    - The placement-group cleaner, for a run whose driver ends with it (`sole_run`: the `honed train` command,
+      alone or as a `ray job submit` entrypoint). The cleaner is a detached actor that frees the workers' group
+      if the controller dies while its driver lives on (a Tune sweep, a notebook). The controller waits for its
+      process to start before the workers train, it asks the dashboard every second whether the controller
+      lives, and the shutdown waits for it to stop. When the command's controller dies, `fit()` raises, the
+      command exits and Ray frees the group with the job (tests/integration/test_train_resilience.py).
+      31.4 → 28.9 s, measured as above on top of the first.
+
+    A callback this Ray does not have where honed looks for it (Ray Train V1, a callback moved or renamed) stays."""
+    unneeded = []
+    if not streams_data:
+        with contextlib.suppress(ImportError):
+            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+            unneeded.append(DatasetsCallback)
+    if sole_run:
+        with contextlib.suppress(ImportError):
+            from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+            unneeded.append(PlacementGroupCleanerCallback)
+    return tuple(unneeded)
 
 
 def train_here(cfg: TrainConfig, manifest: dict, plan: RunPlan, loop_config: dict, on_report, marks: dict) -> dict:
