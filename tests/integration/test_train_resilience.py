@@ -144,6 +144,7 @@ def test_the_train_command_frees_its_placement_group_when_its_controller_dies(ra
     outcome = {}
 
     def run_command() -> None:
+        launched = time.time()  # the command's controller starts seconds later
         with open(tmp_path / "cli.log", "w") as log:
             cli = subprocess.Popen([sys.executable, "-m", "honed.cli", "train", str(config),
                                     "--address", ray.get_runtime_context().gcs_address],
@@ -154,7 +155,8 @@ def test_the_train_command_frees_its_placement_group_when_its_controller_dies(ra
                 assert time.monotonic() < deadline, "the run logged no step"
                 time.sleep(0.2)
             outcome["groups"] = {pg: placement_group_table()[pg] for pg in set(placement_group_table()) - before}
-            (controller,) = actor_processes("TrainController")
+            # the command's controller: an earlier run's may still be exiting
+            (controller,) = [p for p in actor_processes("TrainController") if p.create_time() >= launched]
             controller.kill()
             outcome["status"] = cli.wait(timeout=120)
 
