@@ -9,11 +9,16 @@ final validation on `val_max_examples` rows a source, the export check, the repo
 
 Jobs in one invocation: --repeats (3) submitted to a running Ray (a `ray start --head` of the benchmark's own,
 started before the timer, as `ray job submit` finds a cluster: the goal is the median one's, its phases shown)
-and one in a fresh process that starts its own Ray. Repeats because this VM's single-job figure moved from
-36.1 s (03:08) to 50.2 s (06:05) with the same validation-free code paths: steps 4.4 vs 4.9 s, workers' start
-10.2 vs 19.0 s, model load 5.0 vs 8.2 s. Seen on it, not proven the cause: memory the host has taken back
-(kdamond pages out what sat idle for a minute; freed pages go back to the host) costs ~6 s a GB to touch again,
-~0.4 s when just freed, and every worker touches over a GB (imports, the fp32 model).
+and one in a fresh process that starts its own Ray. Issue 22.2 asks for the fixed cost with each part reported
+and names reusing an already running Ray as one way there: the goal is the job on a running Ray. The fresh
+process is reported beside it, with `ray_start_stop_s`: its time outside `train()` less the median job's, i.e.
+what starting and stopping a local Ray added (until 2026-12-05 it was listed as a second <= 30 s goal).
+
+Repeats because this VM's single-job figure moved from 36.1 s (03:08) to 50.2 s (06:05) with the same
+validation-free code paths: steps 4.4 vs 4.9 s, workers' start 10.2 vs 19.0 s, model load 5.0 vs 8.2 s. Seen on
+it, not proven the cause: memory the host has taken back (kdamond pages out what sat idle for a minute; freed pages
+go back to the host) costs ~6 s a GB to touch again, ~0.4 s when just freed, and every worker touches over a GB
+(imports, the fp32 model).
 
   whole job        the CLI process's wall time, start to exit
   training steps   `training_steps_s` of the run's efficiency.json `phases` (rank 0's optimizer steps, the first
@@ -59,7 +64,9 @@ def measure(args) -> Measured:
                           "job": "honed_default_config: 2 workers x batch 8 x 1 thread, padding-free, LoRA"},
                "job": cluster, "fixed_s_by_repeat": [j["fixed_s"] for j in jobs],
                "fixed_s": spread([j["fixed_s"] for j in jobs]),
-               "job_fresh_process": fresh, "previous_result": previous_result()}
+               "job_fresh_process": fresh,
+               "ray_start_stop_s": round(fresh["outside_train_s"] - cluster["outside_train_s"], 2),
+               "previous_result": previous_result()}
     for name, job in (("running Ray", cluster), ("fresh process", fresh)):
         log(f"{name}: whole job {job['job_wall_s']} s, training steps {job['training_steps_s']} s, "
             f"fixed {job['fixed_s']} s")
@@ -67,8 +74,7 @@ def measure(args) -> Measured:
                     "by phase — submitted to a running Ray (as `ray job submit` finds a cluster) and in a fresh "
                     "process that starts its own", figures,
                     [at_most("fixed cost, job on a running Ray: whole-job wall - training-step time (s)",
-                             cluster["fixed_s"], GOAL_S),
-                     at_most("fixed cost, fresh process starting its own Ray (s)", fresh["fixed_s"], GOAL_S)])
+                             cluster["fixed_s"], GOAL_S)])
 
 
 def median_job(jobs: list[dict]) -> dict:
