@@ -22,7 +22,8 @@ shard order: TRL and HF use a sequential sampler), fused AdamW lr 2e-3, 10 warm-
          checkpointing (TRL's default is on; memory is no constraint), fp32: honed trains fp32 on CPU, and every
          side keeps the same numerics. TRL's bf16 autocast is faster where the CPU has bf16 matmuls: on the EPYC
          VM (avx512_bf16) 113 vs 86 tok/s, 10 demo steps (2026-12-05); honed in bf16 (`model.dtype: bf16`) was
-         not compared. TRL's chunked LM head stays on (its default).
+         not compared. `--trl-precision bf16` runs TRL under bf16 autocast while honed stays at its defaults (fp32):
+         TRL at its fastest on such a CPU against honed as users run it. TRL's chunked LM head stays on (its default).
          On the mixed corpus `padding_free=True` (TRL_BY_CORPUS): padded batches of 16 rows up to 1,024 tokens
          without gradient checkpointing were killed for memory at 23.6 GB on this 24 GB machine, and
          padding-free, which drops the corpus's ~80 % padding, is TRL's fastest setting that fits
@@ -81,6 +82,9 @@ def options(parser) -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="numerics of both sides: fp32 (honed's default on CPU), or bf16 autocast (honed "
                              "model.dtype bfloat16, TRL bf16=True; honed and TRL sides only)")
+    parser.add_argument("--trl-precision", choices=("same", "bf16"), default="same",
+                        help="TRL's numerics: the same as honed's (--precision), or bf16 autocast, TRL's fastest "
+                             "setting on a CPU with bf16 matmuls, while honed stays at --precision")
     parser.add_argument("--mixed-repeats", type=int, default=3,
                         help="runs a side of the mixed-corpus job, sides in alternating order; its ratios are the "
                              "medians over the repeats (each a back-to-back pair)")
@@ -159,8 +163,8 @@ def run_one(kind: str, tag: str, data: Path, steps: int, args, corpus: str) -> d
         return public(run) | {"nonpad_tokens_per_s": run["efficiency"]["nonpad_tokens_per_s"],
                               "step_time_s": run["efficiency"]["step_time_s"], "_run": run}
     job = SimpleNamespace(steps=steps, batch_size=args.batch_size, threads=args.threads, gpu=False)
-    trl = {"trl": TRL_BY_CORPUS.get(corpus, {}) | ({"bf16": True} if args.precision == "bf16" else {})} \
-        if kind == "trl" else {}
+    bf16 = args.precision == "bf16" or args.trl_precision == "bf16"
+    trl = {"trl": TRL_BY_CORPUS.get(corpus, {}) | ({"bf16": True} if bf16 else {})} if kind == "trl" else {}
     return public(run_loop(kind, tag, data, job, lr=2e-3, variant_repeats=0, **trl))
 
 
@@ -239,7 +243,9 @@ def config(args) -> dict:
             "trl": {"version": "1.16.0", "settings": TRL_SETTINGS, "settings_by_corpus": TRL_BY_CORPUS,
                     "threads": args.threads, "processes": 1},
             "hf": {"threads": args.threads, "processes": 1, "collator": "DataCollatorForSeq2Seq"},
-            "precision": args.precision, "mixed_corpus": MIXED, "jobs": [(*j[:3], j[4]) for j in jobs(args)]}
+            "precision": args.precision,
+            "trl_precision": args.precision if args.trl_precision == "same" else args.trl_precision,
+            "mixed_corpus": MIXED, "jobs": [(*j[:3], j[4]) for j in jobs(args)]}
 
 
 def plot_losses(results: dict, stem: Path) -> Path:

@@ -52,7 +52,9 @@ def test_serving_benchmark_resolves_its_settings(flags, expect):
                                                  "mixed_repeats": 3, "sides": "honed,trl,hf", "batch_size": 16,
                                                  "threads": 2}),
                                            (["--quick"], {"short_steps": 6, "long_steps": 0, "mixed_steps": 4,
-                                                          "mixed_repeats": 1, "sides": "honed,trl"})])
+                                                          "mixed_repeats": 1, "sides": "honed,trl"}),
+                                           (["--trl-precision", "bf16"], {"precision": "fp32",
+                                                                          "trl_precision": "bf16"})])
 def test_train_vs_trl_resolves_its_settings(flags, expect):
     settings, stderr = resolved("train_vs_trl", *flags)
     assert {k: settings[k] for k in expect} == expect
