@@ -163,9 +163,14 @@ def run_one(kind: str, tag: str, data: Path, steps: int, args, corpus: str) -> d
         return public(run) | {"nonpad_tokens_per_s": run["efficiency"]["nonpad_tokens_per_s"],
                               "step_time_s": run["efficiency"]["step_time_s"], "_run": run}
     job = SimpleNamespace(steps=steps, batch_size=args.batch_size, threads=args.threads, gpu=False)
-    bf16 = args.precision == "bf16" or args.trl_precision == "bf16"
-    trl = {"trl": TRL_BY_CORPUS.get(corpus, {}) | ({"bf16": True} if bf16 else {})} if kind == "trl" else {}
+    bf16 = {"bf16": True} if trl_precision(args) == "bf16" else {}
+    trl = {"trl": TRL_BY_CORPUS.get(corpus, {}) | bf16} if kind == "trl" else {}
     return public(run_loop(kind, tag, data, job, lr=2e-3, variant_repeats=0, **trl))
+
+
+def trl_precision(args) -> str:
+    """TRL's numerics: `--trl-precision`, or honed's `--precision` where it is `same`."""
+    return args.precision if args.trl_precision == "same" else args.trl_precision
 
 
 def job_figures(runs: dict, tokens: list[dict]) -> dict:
@@ -244,7 +249,7 @@ def config(args) -> dict:
                     "threads": args.threads, "processes": 1},
             "hf": {"threads": args.threads, "processes": 1, "collator": "DataCollatorForSeq2Seq"},
             "precision": args.precision,
-            "trl_precision": args.precision if args.trl_precision == "same" else args.trl_precision,
+            "trl_precision": trl_precision(args),
             "mixed_corpus": MIXED, "jobs": [(*j[:3], j[4]) for j in jobs(args)]}
 
 

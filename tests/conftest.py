@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random-init model, a local Ray, the prepared/trained artifacts of the integration
 chain (prepare → train → eval/merge/serve), each built once per session, and `ray start` clusters of a test's own."""
 
+import contextlib
 import json
 import os
 import re
@@ -138,23 +139,23 @@ def trained(prepared, tiny_model, tmp_path_factory, actors_started) -> dict:
         "log_every": 6, "checkpoint_every": 18,
         "register": {"registry": str(out.parent / "registry"), "name": "tuned"},
     })
-    run = {}
-    # the actors the run started, read now: a later test may restart Ray
-    actor_classes = actors_started(lambda: run.update(metrics=train(cfg)))
-    metrics = run["metrics"]
+    with actors_started() as actor_classes:  # read now: a later test may restart Ray
+        metrics = train(cfg)
     return {"dir": str(out), "adapter": str(out / "adapter"), "final": metrics, "config": cfg,
             "registry": str(out.parent / "registry"), "actor_classes": actor_classes}
 
 
 @pytest.fixture(scope="session")
 def actors_started():
-    """A function running `work()` and returning the class names of the actors it started on the connected Ray
-    (each once; ones that died already count: the GCS keeps them)."""
+    """`with actors_started() as started:` fills the set `started`, when the block ends, with the class names of
+    the actors the block started on the connected Ray (ones that died already count: the GCS keeps them)."""
 
-    def started(work) -> set[str]:
+    @contextlib.contextmanager
+    def started():
         before = set(gcs_actor_classes())
-        work()
-        return {name for actor, name in gcs_actor_classes().items() if actor not in before}
+        names: set[str] = set()
+        yield names
+        names.update(name for actor, name in gcs_actor_classes().items() if actor not in before)
 
     return started
 

@@ -65,7 +65,8 @@ def test_ray_data_streams_the_same_steps_as_the_inline_train_set(trained, tmp_pa
     cfg = trained["config"].model_copy(update={"output_dir": str(tmp_path / "run"), "inline_data_mb": 0,
                                                "register": None})
     assert inline_train_rows(Path(cfg.data_dir, "shards", "train"), trained["config"].inline_data_mb) is not None
-    streamed = actors_started(lambda: train(cfg))
+    with actors_started() as streamed:
+        train(cfg)
     assert "DatasetManager" in streamed, streamed
     assert any("RayTrainWorker" in name for name in trained["actor_classes"]), trained["actor_classes"]
     assert "DatasetManager" not in trained["actor_classes"], trained["actor_classes"]

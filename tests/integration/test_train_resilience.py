@@ -141,37 +141,32 @@ def test_the_train_command_frees_its_placement_group_when_its_controller_dies(ra
         "optim": {"lr": 2e-2, "max_steps": 500, "batch_size": 8}, "method": {"lora": {"r": 8, "alpha": 16}},
         "log_every": 1, "checkpoint_every": 500, "name": "controller-dies"}))
     before = set(placement_group_table())
-    outcome = {}
-
-    def run_command() -> None:
-        launched = time.time()  # the command's controller starts seconds later
-        with open(tmp_path / "cli.log", "w") as log:
-            cli = subprocess.Popen([sys.executable, "-m", "honed.cli", "train", str(config),
-                                    "--address", ray.get_runtime_context().gcs_address],
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-            outcome["cli"] = cli
+    launched = time.time()  # the command's controller starts seconds later
+    with open(tmp_path / "cli.log", "w") as log, actors_started() as started:
+        cli = subprocess.Popen([sys.executable, "-m", "honed.cli", "train", str(config),
+                                "--address", ray.get_runtime_context().gcs_address],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
             deadline = time.monotonic() + 240
             while not logged_steps(read_jsonl(out / "progress.jsonl")) and cli.poll() is None:
                 assert time.monotonic() < deadline, "the run logged no step"
                 time.sleep(0.2)
-            outcome["groups"] = {pg: placement_group_table()[pg] for pg in set(placement_group_table()) - before}
+            table = placement_group_table()
+            groups = {pg: table[pg] for pg in table.keys() - before}
             # the command's controller: an earlier run's may still be exiting
             (controller,) = [p for p in actor_processes("TrainController") if p.create_time() >= launched]
             controller.kill()
-            outcome["status"] = cli.wait(timeout=120)
-
-    try:
-        started = actors_started(run_command)
-    finally:
-        if outcome.get("cli") and outcome["cli"].poll() is None:
-            outcome["cli"].kill()
-    log = (tmp_path / "cli.log").read_text()
-    assert outcome["status"] != 0 and "ActorDiedError" in log, log[-2000:]
+            status = cli.wait(timeout=120)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+    output = (tmp_path / "cli.log").read_text()
+    assert status != 0 and "ActorDiedError" in output, output[-2000:]
     assert "PlacementGroupCleaner" not in started and any("RayTrainWorker" in name for name in started), started
-    groups = outcome["groups"]
     assert len(groups) == 1 and next(iter(groups.values()))["state"] == "CREATED", groups
+    (group,) = groups
     deadline = time.monotonic() + 60
-    while (state := placement_group_table()[next(iter(groups))]["state"]) != "REMOVED":
+    while (state := placement_group_table()[group]["state"]) != "REMOVED":
         assert time.monotonic() < deadline, f"the run's placement group is still {state} after the command exited"
         time.sleep(0.5)
 
